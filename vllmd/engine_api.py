@@ -1,0 +1,89 @@
+"""The engine's HTTP surface, as vllmd uses it: health, warm-up, sleep/wake, metrics.
+
+One `httpx.AsyncClient` per running engine, made once when the engine is spawned and shared by
+the health checks and the gateway's proxying (no per-request client or connection set-up).
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from vllmd.engine import EngineAddress
+
+
+def make_client(address: EngineAddress, *, connect_timeout: float, max_connections: int) -> httpx.AsyncClient:
+    """The pooled client for one engine; read timeouts are left to each call (streams are long)."""
+    transport = httpx.AsyncHTTPTransport(
+        uds=str(address.uds) if address.uds is not None else None,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+        retries=0,
+    )
+    headers = {"Authorization": f"Bearer {address.api_key}"} if address.api_key else {}
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url=address.base_url,
+        headers=headers,
+        timeout=httpx.Timeout(None, connect=connect_timeout),
+    )
+
+
+class EngineAPI:
+    """Calls on one engine's control and probe routes."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        """True when GET /health answers 200; refused connections (still starting) are False."""
+        try:
+            response = await self.client.get("/health", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def warm_up(self, served_name: str, timeout: float = 120.0) -> bool:
+        """One 1-token inference so the first user request does not pay the engine's first-run
+        cost. Generative models take a completion; pooling models refuse it and take an
+        embedding instead. Returns whether either succeeded (a failed warm-up is not fatal)."""
+        attempts = (
+            ("/v1/completions", {"model": served_name, "prompt": "hi", "max_tokens": 1}),
+            ("/v1/embeddings", {"model": served_name, "input": "hi"}),
+        )
+        for path, body in attempts:
+            try:
+                response = await self.client.post(path, json=body, timeout=timeout)
+            except httpx.HTTPError:
+                return False
+            if response.status_code == 200:
+                return True
+        return False
+
+    async def sleep(self, level: int, timeout: float = 120.0) -> None:
+        response = await self.client.post("/sleep", params={"level": level}, timeout=timeout)
+        response.raise_for_status()
+
+    async def is_sleeping(self, timeout: float = 10.0) -> bool:
+        response = await self.client.get("/is_sleeping", timeout=timeout)
+        response.raise_for_status()
+        return bool(response.json().get("is_sleeping"))
+
+    async def wake_up(self, level: int, timeout: float = 300.0) -> None:
+        """Level 1: weights are in host RAM. Level 2: weights were discarded and are reloaded
+        from disk before the KV cache is re-allocated, then the stale prefix cache is reset."""
+        if level == 2:
+            steps: list[tuple[str, dict[str, object]]] = [
+                ("/wake_up", {"params": {"tags": "weights"}}),
+                ("/collective_rpc", {"json": {"method": "reload_weights"}}),
+                ("/wake_up", {"params": {"tags": "kv_cache"}}),
+                ("/reset_prefix_cache", {}),
+            ]
+        else:
+            steps = [("/wake_up", {})]
+        for path, kwargs in steps:
+            response = await self.client.post(path, timeout=timeout, **kwargs)  # type: ignore[arg-type]
+            response.raise_for_status()
+
+    async def metrics(self, timeout: float = 2.0) -> str:
+        response = await self.client.get("/metrics", timeout=timeout)
+        response.raise_for_status()
+        return response.text

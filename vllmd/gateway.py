@@ -1,0 +1,330 @@
+"""The OpenAI-compatible gateway: a plain ASGI app served by uvicorn.
+
+It only asks and forwards: the model named by the request is resolved, a ready instance is
+leased from the supervisor (which starts it if needed), and the bytes are proxied unbuffered
+to the engine over its pooled client. While a request is queued or streaming, the client's
+disconnect is watched: it cancels the wait or the upstream request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from vllmd.config import Config
+from vllmd.errors import (
+    ModelNotFound,
+    ModelUnavailable,
+    StartFailed,
+    VllmdError,
+)
+from vllmd.metrics import Metrics
+from vllmd.supervisor import Supervisor
+from vllmd.views import model_view
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = structlog.get_logger("vllmd.gateway")
+
+# Recorded (never sent) when the client left first, as nginx does.
+CLIENT_CLOSED = 499
+
+# Routes that carry a `model` in their JSON body and go to that model's engine.
+MODEL_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/rerank",
+        "/v1/score",
+        "/tokenize",
+        "/detokenize",
+    }
+)
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"authorization",
+    }
+)
+RESPONSE_DROP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 405: "invalid_request_error"}
+
+
+class HTTPError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+class Gateway:
+    def __init__(self, config: Config, supervisor: Supervisor, metrics: Metrics) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.metrics = metrics
+        self.started = int(time.time())
+        self._keys = tuple(k.encode() for k in config.gateway.api_keys)
+        self._max_body = config.gateway.max_body
+        self.ready = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are not served
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            if method == "POST" and path in MODEL_ROUTES:
+                self._authorize(scope)
+                await self._proxy(scope, receive, send, path, None)
+            elif path.startswith("/models/"):
+                self._authorize(scope)
+                name, _, rest = path[len("/models/") :].partition("/")
+                if not rest.startswith("v1/") or method != "POST":
+                    raise HTTPError(404, "not_found", f"no route {method} {path}")
+                route = "/" + rest
+                await self._proxy(scope, receive, send, route, name)
+            elif method == "GET":
+                await self._get(scope, send, path)
+            else:
+                raise HTTPError(404, "not_found", f"no route {method} {path}")
+        except HTTPError as exc:
+            await send_error(send, exc)
+
+    # --- GET routes ------------------------------------------------------------------------
+
+    async def _get(self, scope: Scope, send: Send, path: str) -> None:
+        if path == "/health":
+            await send_json(send, 200, {"status": "ok"})
+        elif path == "/ready":
+            status = 200 if self.ready else 503
+            await send_json(send, status, {"ready": self.ready})
+        elif path == "/metrics":
+            body, content_type = self.metrics.exposition()
+            await send_bytes(send, 200, body, content_type)
+        elif path == "/v1/models":
+            self._authorize(scope)
+            data = [model_view(i, self.started) for i in self.supervisor.instances.values()]
+            await send_json(send, 200, {"object": "list", "data": data})
+        elif path.startswith("/v1/models/"):
+            self._authorize(scope)
+            name = path[len("/v1/models/") :]
+            try:
+                instance = self.supervisor.get(name)
+            except ModelNotFound as exc:
+                raise HTTPError(404, "model_not_found", str(exc)) from None
+            await send_json(send, 200, model_view(instance, self.started))
+        else:
+            raise HTTPError(404, "not_found", f"no route GET {path}")
+
+    def _authorize(self, scope: Scope) -> None:
+        if not self._keys:
+            return
+        for key, value in scope["headers"]:
+            if key == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+                if any(hmac.compare_digest(token, k) for k in self._keys):
+                    return
+        self.metrics.rejected("", "unauthorized")
+        raise HTTPError(401, "invalid_api_key", "Incorrect or missing API key.")
+
+    # --- proxying ---------------------------------------------------------------------------
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, route: str, path_model: str | None) -> None:
+        started = time.perf_counter()
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        model_label = ""
+        status = 500
+        try:
+            body = await self._read_body(scope, receive)
+            name, body = _model_from_body(body, path_model)
+            try:
+                instance = self.supervisor.get(name)
+            except ModelNotFound as exc:
+                raise HTTPError(404, "model_not_found", str(exc)) from None
+            model_label = instance.name
+            # From here the client may leave: its disconnect cancels the queue wait or the
+            # upstream request (which makes vLLM abort the generation).
+            status = CLIENT_CLOSED
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                status = await self._forward(scope, send, route, body, instance, request_id, started)
+                tg.cancel_scope.cancel()
+        except ClientGone:
+            status = CLIENT_CLOSED
+        except HTTPError as exc:
+            status = exc.status
+            exc_headers = [(b"x-request-id", request_id.encode())]
+            await send_error(send, exc, exc_headers)
+        finally:
+            self.metrics.request(model_label, route, status, time.perf_counter() - started)
+            log.info("request", request_id=request_id, model=model_label, route=route, status=status,
+                     seconds=round(time.perf_counter() - started, 4))
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            self.metrics.rejected("", "body_too_large")
+            raise HTTPError(413, "body_too_large", f"request body over {self._max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                self.metrics.rejected("", "body_too_large")
+                raise HTTPError(413, "body_too_large", f"request body over {self._max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _forward(self, scope: Scope, send: Send, route: str, body: bytes, instance: Any,
+                       request_id: str, started: float) -> int:
+        try:
+            queued = time.perf_counter()
+            async with self.supervisor.lease(instance) as inst:
+                self.metrics.queued(inst.name, time.perf_counter() - queued)
+                client = inst.client
+                assert client is not None
+                headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+                headers.append((b"x-request-id", request_id.encode()))
+                request = client.build_request("POST", route, content=body, headers=headers)
+                sent = time.perf_counter()
+                try:
+                    response = await client.send(request, stream=True)
+                except httpx.HTTPError as exc:
+                    raise HTTPError(502, "engine_unavailable",
+                                    f"the engine of model {inst.name} did not answer ({type(exc).__name__})") from None
+                try:
+                    return await self._relay(send, response, request_id, inst.name, sent)
+                finally:
+                    await response.aclose()
+        except ModelUnavailable as exc:
+            self.metrics.rejected(instance.name, exc.code)
+            raise HTTPError(503, exc.code, str(exc), exc.retry_after) from None
+        except StartFailed as exc:
+            raise HTTPError(502, exc.code, str(exc)) from None
+        except VllmdError as exc:
+            raise HTTPError(500, exc.code, str(exc)) from None
+
+    async def _relay(self, send: Send, response: httpx.Response, request_id: str, model: str, sent: float) -> int:
+        headers = [(k.encode(), v.encode()) for k, v in response.headers.items()
+                   if k not in RESPONSE_DROP]
+        headers.append((b"x-request-id", request_id.encode()))
+        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+        if not streaming:
+            data = await response.aread()
+            self.metrics.first_byte(model, time.perf_counter() - sent)
+            headers.append((b"content-length", str(len(data)).encode()))
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+            return response.status_code
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        first = True
+        try:
+            async for chunk in response.aiter_raw():
+                if first:
+                    self.metrics.first_byte(model, time.perf_counter() - sent)
+                    first = False
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            # Headers are gone already: the error travels as one last SSE event.
+            error = {"error": {"message": f"the engine of model {model} broke off the stream "
+                                          f"({type(exc).__name__})", "type": "server_error",
+                               "code": "engine_unavailable"}}
+            await send({"type": "http.response.body",
+                        "body": b"data: " + json.dumps(error).encode() + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return response.status_code
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _model_from_body(body: bytes, path_model: str | None) -> tuple[str, bytes]:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise HTTPError(400, "invalid_request", "the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
+    if path_model is not None:
+        # The engine serves every name of the model: the path's name is one of them.
+        if payload.get("model") != path_model:
+            payload["model"] = path_model
+            body = json.dumps(payload).encode()
+        return path_model, body
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise HTTPError(400, "invalid_request", "the request body has no `model`")
+    return model, body
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def send_bytes(send: Send, status: int, body: bytes, content_type: str,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers += extra
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Send, status: int, payload: object,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send_bytes(send, status, json.dumps(payload).encode(), "application/json", extra)
+
+
+async def send_error(send: Send, exc: HTTPError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = list(extra or [])
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    body = {"error": {"message": exc.message, "type": ERROR_TYPES.get(exc.status, "server_error"),
+                      "code": exc.code}}
+    await send_json(send, exc.status, body, headers)

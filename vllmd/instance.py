@@ -1,0 +1,375 @@
+"""One model's engine instance: its state machine and the supervision of its processes.
+
+An `Instance` is an actor: `run()` lives in the daemon's task group for the daemon's whole life
+and carries out what is asked of it (`want_up`, `want_down`) one transition at a time. Every
+wait is on an event (process exit, health answer, a new wish); the one poll is the health
+check of a starting engine, every ~100 ms, so readiness is seen within ~0.1 s of the engine's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import httpx
+import structlog
+from anyio.abc import TaskStatus
+
+from vllmd.config import EngineConfig, ModelConfig
+from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, weights_bytes
+from vllmd.engine_api import EngineAPI, make_client
+from vllmd.errors import ConfigError, ModelFailed, StartFailed
+from vllmd.events import EventBus
+from vllmd.process import EngineProcess
+from vllmd.states import HOLDS_RESERVATION, InstanceState, check_transition
+
+S = InstanceState
+Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
+ReadyPoll = 0.1
+BACKOFF_MAX = 300.0
+OUTPUT_LINES = 2000
+
+Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """What every instance shares: where engine sockets live and how to reach engines."""
+
+    runtime_dir: Path
+    connect_timeout: float = 5.0
+    max_connections: int = 1024
+
+
+class Instance:
+    def __init__(
+        self,
+        model: ModelConfig,
+        engine: EngineConfig,
+        *,
+        options: RuntimeOptions,
+        events: EventBus,
+        spawner: Spawner,
+        base_env: Mapping[str, str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.engine = engine
+        self.name = model.name
+        self._options = options
+        self._events = events
+        self._spawn = spawner
+        self._base_env = base_env
+        self.clock = clock
+        self.log = structlog.get_logger("vllmd.instance").bind(model=model.name)
+
+        self.state = S.STOPPED
+        self.placement: tuple[PlacedDevice, ...] = ()
+        self.process: EngineProcess | None = None
+        self.address: EngineAddress | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
+
+        self.in_flight = 0
+        self.queue_depth = 0
+        self.last_used = 0.0  # clock time; 0 = never
+        self.ready_since: float | None = None
+        self.state_since = clock()
+        self.last_error: str | None = None
+        self.restarts: deque[float] = deque()
+        self.start_failures = 0  # counter waiters compare against, see wait_ready()
+        self.starts = 0
+
+        self._want_up = False
+        self._changed = anyio.Event()
+
+    # --- what others ask -------------------------------------------------------------------
+
+    def want_up(self) -> None:
+        """Start the engine (or keep it running). Clears `failed`: a deliberate ask."""
+        if not self._want_up:
+            self._want_up = True
+            self._notify()
+
+    def want_down(self) -> None:
+        if self._want_up or self.state is S.FAILED:
+            self._want_up = False
+            self._notify()
+
+    @property
+    def wanted_up(self) -> bool:
+        return self._want_up
+
+    async def wait_ready(self) -> None:
+        """Wait until READY. Raises ModelFailed when the model is `failed`, StartFailed when a
+        start attempt ends in failure while we wait (the next attempt is left to others)."""
+        failures_seen = self.start_failures
+        while self.state is not S.READY:
+            if self.state is S.FAILED:
+                raise ModelFailed(f"model {self.name} failed: {self.last_error}")
+            if self.start_failures != failures_seen:
+                raise StartFailed(f"{self.last_error}; see `vllmctl logs {self.name}`")
+            await self._changed.wait()
+
+    async def wait_state(self, *states: InstanceState) -> None:
+        while self.state not in states:
+            await self._changed.wait()
+
+    def begin_request(self) -> None:
+        self.in_flight += 1
+        self.last_used = self.clock()
+
+    def end_request(self) -> None:
+        self.in_flight -= 1
+        self.last_used = self.clock()
+        if self.in_flight == 0:
+            self._notify()
+
+    @property
+    def holds_reservation(self) -> bool:
+        return self.state in HOLDS_RESERVATION
+
+    # --- the actor ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Supervise this model for the daemon's life: start when wanted, restart crashes with
+        backoff, stop when no longer wanted."""
+        task_status.started()
+        try:
+            while True:
+                await self._until(lambda: self._want_up)
+                if self.state in (S.STOPPED, S.FAILED, S.BACKOFF):
+                    self._transition(S.STARTING)
+                outcome = await self._run_engine()
+                if outcome == "stopped":
+                    continue
+                if not await self._backoff(outcome):
+                    continue
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+
+    async def _backoff(self, outcome: Outcome) -> bool:
+        """Count a restart; FAILED past max_restarts in restart_window, else BACKOFF and wait.
+        Returns True when the loop should start again."""
+        now = self.clock()
+        self.restarts.append(now)
+        while self.restarts and self.restarts[0] < now - self.model.restart_window:
+            self.restarts.popleft()
+        if len(self.restarts) > self.model.max_restarts:
+            self._want_up = False
+            self._transition(S.FAILED, reason=outcome, error=self.last_error)  # -> FAILED
+            self._events.emit("model_failed", self.name, restarts=len(self.restarts))
+            return False
+        delay = min(2.0 ** (len(self.restarts) - 1), BACKOFF_MAX)
+        self._transition(S.BACKOFF, reason=outcome, delay=delay)  # -> BACKOFF
+        with anyio.move_on_after(delay):
+            await self._until(lambda: not self._want_up)
+        if not self._want_up:
+            self._transition(S.STOPPED)  # BACKOFF -> STOPPED
+        return True
+
+    async def _run_engine(self) -> Outcome:
+        """One engine process from spawn to its end. Entered in STARTING; returns with no
+        process left and the state at BACKOFF-to-be (crash) or STOPPED."""
+        try:
+            launch = self._launch()
+            proc = await self._spawn(launch.argv, launch.env)
+        except (ConfigError, OSError) as exc:
+            self.last_error = f"engine for {self.name} could not be spawned: {exc}"
+            self._start_failed()
+            return "start_failed"
+        self.process = proc
+        self.starts += 1
+        assert self.address is not None
+        self.client = make_client(
+            self.address,
+            connect_timeout=self._options.connect_timeout,
+            max_connections=self._options.max_connections,
+        )
+        api = EngineAPI(self.client)
+        exited = anyio.Event()
+        self._events.emit("spawned", self.name, pid=proc.pid, address=self.address.describe())
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump_output, proc)
+                tg.start_soon(self._watch_exit, proc, exited)
+                outcome = await self._supervise(proc, api, exited)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_process()
+        if outcome == "stopped":
+            self._transition(S.STOPPED)  # STOPPING -> STOPPED
+        return outcome
+
+    async def _supervise(self, proc: EngineProcess, api: EngineAPI, exited: anyio.Event) -> Outcome:
+        ready = await self._await_ready(api, exited)
+        if ready != "ready":
+            if ready == "stop":
+                self._transition(S.STOPPING)  # STARTING -> STOPPING
+                await proc.terminate(self.engine.stop_timeout)
+                return "stopped"
+            if ready == "timeout":
+                self.last_error = (
+                    f"engine for {self.name} not ready within {self.engine.startup_timeout:g}s"
+                )
+                await proc.kill()
+            else:
+                await proc.kill()  # the leader is gone; its group may not be
+                self.last_error = f"engine for {self.name} exited with {_status(proc.returncode)} while starting"
+            self._start_failed()
+            return "start_failed"
+
+        await proc.remember_descendants()
+        await api.warm_up(self.model.served_names[0])
+        self.ready_since = self.clock()
+        self._transition(S.READY)  # STARTING -> READY
+
+        outcome = await self._serve(api, exited)
+        if outcome == "stopped":
+            self._transition(S.DRAINING)  # READY -> DRAINING
+            with anyio.move_on_after(self.engine.drain_timeout):
+                await self._until(lambda: self.in_flight == 0 or exited.is_set())
+            self._transition(S.STOPPING)  # DRAINING -> STOPPING
+            await proc.terminate(self.engine.stop_timeout)
+            return "stopped"
+        if outcome == "unhealthy":
+            self.last_error = f"engine for {self.name} failed {self.engine.health_failures} health checks"
+            await proc.terminate(self.engine.stop_timeout)
+        else:
+            await proc.kill()
+            reason = "oom" if proc.killed_by_oom() else "crash"
+            self.last_error = f"engine for {self.name} exited with {_status(proc.returncode)}"
+            self._events.emit("crashed", self.name, reason=reason, status=_status(proc.returncode))
+        return outcome
+
+    async def _await_ready(self, api: EngineAPI, exited: anyio.Event) -> Literal["ready", "exited", "timeout", "stop"]:
+        with anyio.move_on_after(self.engine.startup_timeout):
+            while True:
+                if exited.is_set():
+                    return "exited"
+                if not self._want_up:
+                    return "stop"
+                if await api.healthy(timeout=1.0):
+                    return "ready"
+                with anyio.move_on_after(ReadyPoll):
+                    await self._until(lambda: exited.is_set() or not self._want_up)
+        return "timeout"
+
+    async def _serve(self, api: EngineAPI, exited: anyio.Event) -> Outcome:
+        """READY: liveness checks until the engine exits, fails its checks, or is unwanted."""
+        failures = 0
+        while True:
+            with anyio.move_on_after(self.engine.health_interval):
+                await self._until(lambda: exited.is_set() or not self._want_up)
+            if exited.is_set():
+                return "crashed"
+            if not self._want_up:
+                return "stopped"
+            # A busy engine may answer slowly: never restart one while tokens are flowing.
+            if await api.healthy(timeout=max(1.0, self.engine.health_interval)) or self.in_flight:
+                failures = 0
+                continue
+            if exited.is_set():
+                return "crashed"
+            failures += 1
+            self.log.warning("health_check_failed", failures=failures)
+            if failures >= self.engine.health_failures:
+                return "unhealthy"
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _launch(self) -> Launch:
+        self.address = self._new_address()
+        return build_launch(
+            self.model,
+            self.engine,
+            self.address,
+            self.placement,
+            self._base_env,
+            weights=weights_bytes(self.model.model),
+        )
+
+    def _new_address(self) -> EngineAddress:
+        if self.engine.transport == "uds":
+            # A fresh private 0700 directory per start: no stale socket, nobody else connects.
+            directory = self._options.runtime_dir / f"{self.name}-{secrets.token_hex(4)}"
+            directory.mkdir(mode=0o700, parents=True)
+            return EngineAddress(uds=directory / "engine.sock")
+        return EngineAddress.tcp("127.0.0.1", _free_port(*self.engine.port_range))
+
+    def _start_failed(self) -> None:
+        self.start_failures += 1
+        self._events.emit("start_failed", self.name, error=self.last_error)
+        self._notify()
+
+    async def _pump_output(self, proc: EngineProcess) -> None:
+        async for line in proc.lines():
+            self.output.append(line)
+            self.log.info("engine_output", line=line)
+
+    async def _watch_exit(self, proc: EngineProcess, exited: anyio.Event) -> None:
+        await proc.wait()
+        exited.set()
+        self._notify()
+
+    async def _release_process(self) -> None:
+        """Make sure no process of this engine is left, then forget its address."""
+        if self.process is not None:
+            await self.process.kill()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.address is not None and self.address.uds is not None:
+            shutil.rmtree(self.address.uds.parent, ignore_errors=True)
+        self.process = None
+        self.client = None
+        self.ready_since = None
+
+    async def _cleanup(self) -> None:
+        if self.process is not None:
+            await self.process.terminate(min(self.engine.stop_timeout, 5.0))
+        await self._release_process()
+
+    def _transition(self, new: InstanceState, **fields: object) -> None:
+        old = self.state
+        check_transition(old, new)
+        self.state = new
+        self.state_since = self.clock()
+        self._events.emit("state", self.name, old=str(old), new=str(new), **fields)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._changed.wait()
+
+
+def _status(returncode: int | None) -> str:
+    if returncode is None:
+        return "no status"
+    if returncode < 0:
+        return f"signal {-returncode}"
+    return f"status {returncode}"
+
+
+def _free_port(low: int, high: int) -> int:
+    for port in range(low, high + 1):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {low}-{high}")

@@ -1,0 +1,121 @@
+"""vllmd's own Prometheus metrics (prefix `vllmd_`, base units).
+
+Counters and histograms are updated on the hot path through label children cached once per
+label set; everything that is state (model states, in-flight, queue depth) is read at scrape
+time by a collector, so nothing has to remember to update it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from vllmd import __version__
+from vllmd.states import InstanceState
+
+if TYPE_CHECKING:
+    from vllmd.instance import Instance
+
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        Gauge("vllmd_build_info", "vllmd build.", ["version"], registry=r).labels(__version__).set(1)
+        self._requests = Counter(
+            "vllmd_requests", "Gateway requests by model, route and status code.",
+            ["model", "endpoint", "code"], registry=r,
+        )
+        self._duration = Histogram(
+            "vllmd_request_duration_seconds", "Gateway request duration, queue included.",
+            ["model", "endpoint"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self._queue = Histogram(
+            "vllmd_request_queue_seconds", "Time requests waited for their model to be ready.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self._ttfb = Histogram(
+            "vllmd_time_to_first_byte_seconds", "Engine time to first byte, queue excluded.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self._rejected = Counter(
+            "vllmd_requests_rejected", "Requests refused before reaching an engine.",
+            ["model", "reason"], registry=r,
+        )
+        self.loads = Counter(
+            "vllmd_model_loads", "Engine starts by result.", ["model", "result"], registry=r
+        )
+        self.load_duration = Histogram(
+            "vllmd_model_load_duration_seconds", "Seconds from spawn to ready.",
+            ["model"], buckets=LOAD_BUCKETS, registry=r,
+        )
+        self.restarts = Counter(
+            "vllmd_model_restarts", "Engine restarts by reason.", ["model", "reason"], registry=r
+        )
+        self.evictions = Counter(
+            "vllmd_model_evictions", "Evictions by reason and action.",
+            ["model", "reason", "action"], registry=r,
+        )
+        self._children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
+
+    def request(self, model: str, endpoint: str, code: int, seconds: float) -> None:
+        key = (model, endpoint, str(code))
+        pair = self._children.get(key)
+        if pair is None:
+            pair = (self._requests.labels(*key), self._duration.labels(model, endpoint))
+            self._children[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def queued(self, model: str, seconds: float) -> None:
+        self._queue.labels(model).observe(seconds)
+
+    def first_byte(self, model: str, seconds: float) -> None:
+        self._ttfb.labels(model).observe(seconds)
+
+    def rejected(self, model: str, reason: str) -> None:
+        self._rejected.labels(model, reason).inc()
+
+    def watch_instances(self, instances: Callable[[], Iterable[Instance]]) -> None:
+        self.registry.register(_InstanceCollector(instances))
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _InstanceCollector(Collector):
+    """Model state read at scrape time."""
+
+    def __init__(self, instances: Callable[[], Iterable[Instance]]) -> None:
+        self._instances = instances
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "vllmd_model_state", "1 for the state the model is in.", labels=["model", "state"]
+        )
+        in_flight = GaugeMetricFamily(
+            "vllmd_model_in_flight_requests", "Requests being served.", labels=["model"]
+        )
+        queue = GaugeMetricFamily(
+            "vllmd_model_queue_depth", "Requests waiting for the model.", labels=["model"]
+        )
+        reserved = GaugeMetricFamily(
+            "vllmd_model_reserved_bytes", "Memory reserved per device.", labels=["model", "device"]
+        )
+        for inst in self._instances():
+            for s in InstanceState:
+                state.add_metric([inst.name, s.value], 1.0 if inst.state is s else 0.0)
+            in_flight.add_metric([inst.name], inst.in_flight)
+            queue.add_metric([inst.name], inst.queue_depth)
+            held = inst.model.memory if inst.holds_reservation else 0
+            for device in inst.model.devices:
+                reserved.add_metric([inst.name, device], held)
+        yield from (state, in_flight, queue, reserved)

@@ -1,0 +1,57 @@
+"""The closed set of instance states and the one table of legal transitions."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class InstanceState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+S = InstanceState
+
+TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    # STOPPED -> STARTING: a request, a load, a preload.
+    S.STOPPED: frozenset({S.STARTING}),
+    # STARTING -> READY (health 200 + warm-up), -> STOPPING (stop asked mid-start),
+    # -> BACKOFF (exited or timed out; retried), -> FAILED (too many restarts).
+    S.STARTING: frozenset({S.READY, S.STOPPING, S.BACKOFF, S.FAILED}),
+    # READY -> DRAINING (stop/sleep asked), -> BACKOFF (crash, unhealthy), -> FAILED.
+    S.READY: frozenset({S.DRAINING, S.BACKOFF, S.FAILED}),
+    # DRAINING -> STOPPING / SLEEPING once in-flight requests are done (or drain_timeout),
+    # -> BACKOFF / FAILED if the engine dies meanwhile.
+    S.DRAINING: frozenset({S.STOPPING, S.SLEEPING, S.BACKOFF, S.FAILED}),
+    S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.BACKOFF, S.FAILED}),
+    # WAKING -> READY, -> STOPPING (a failed wake restarts the engine), -> BACKOFF (crash).
+    S.WAKING: frozenset({S.READY, S.STOPPING, S.BACKOFF, S.FAILED}),
+    S.STOPPING: frozenset({S.STOPPED, S.BACKOFF}),
+    # BACKOFF -> STARTING after the delay, -> STOPPED (stop asked), -> FAILED.
+    S.BACKOFF: frozenset({S.STARTING, S.STOPPED, S.FAILED}),
+    # FAILED is left only on purpose: load/restart/reload (-> STARTING) or unload (-> STOPPED).
+    S.FAILED: frozenset({S.STARTING, S.STOPPED}),
+}
+
+# States in which an instance holds its full reservation on each of its devices.
+HOLDS_RESERVATION = frozenset({S.STARTING, S.READY, S.DRAINING, S.WAKING, S.STOPPING})
+# States in which engine processes may exist.
+HAS_PROCESS = HOLDS_RESERVATION | {S.SLEEPING}
+# States from which a request can be served without any load.
+SERVING = frozenset({S.READY})
+
+
+class IllegalTransition(RuntimeError):
+    """A transition outside TRANSITIONS: always a bug in vllmd."""
+
+
+def check_transition(old: InstanceState, new: InstanceState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"illegal transition {old} -> {new}")

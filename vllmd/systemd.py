@@ -1,0 +1,46 @@
+"""systemd's notify protocol: READY, STATUS, STOPPING, WATCHDOG, RELOADING.
+
+sdnotify does nothing when NOTIFY_SOCKET is unset, so the daemon calls these unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import sdnotify
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self._notifier = sdnotify.SystemdNotifier()
+
+    def _send(self, *lines: str) -> None:
+        self._notifier.notify("\n".join(lines))
+
+    def ready(self, status: str) -> None:
+        self._send("READY=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self._send(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1", "STATUS=stopping: draining requests, stopping engines")
+
+    def extend_timeout(self, seconds: float) -> None:
+        self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+    def reloading(self) -> None:
+        self._send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+    def watchdog(self) -> None:
+        self._send("WATCHDOG=1")
+
+    @staticmethod
+    def watchdog_interval() -> float | None:
+        """Half of systemd's WatchdogSec, when the watchdog is on for this process."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2_000_000

@@ -1,0 +1,40 @@
+"""How a model looks from outside: the one JSON shape shared by the gateway and control API."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllmd.instance import Instance
+
+
+def wall_time(instance: Instance, clock_value: float) -> float | None:
+    """A clock reading of the instance, as unix time (None for 'never')."""
+    if not clock_value:
+        return None
+    return time.time() - (instance.clock() - clock_value)
+
+
+def model_view(instance: Instance, created: int) -> dict[str, Any]:
+    """OpenAI's model object, with vllmd's own fields under `vllmd`."""
+    model = instance.model
+    reserved = model.memory if instance.holds_reservation else 0
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllmd",
+        "max_model_len": model.max_model_len,
+        "vllmd": {
+            "state": str(instance.state),
+            "aliases": list(model.aliases),
+            "devices": list(model.devices),
+            "reserved_bytes": {device: reserved for device in model.devices},
+            "last_used": wall_time(instance, instance.last_used),
+            "in_flight": instance.in_flight,
+            "queue_depth": instance.queue_depth,
+            "pinned": model.pinned,
+            "restarts": len(instance.restarts),
+            "error": instance.last_error,
+        },
+    }
