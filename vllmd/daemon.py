@@ -13,21 +13,21 @@ deterministically; the CLI passes one fed by SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import structlog
 import uvicorn
+from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen, ModelConfig
-from vllmd.devices import CompositeProbe, DeviceProbe, DeviceSnapshot
+from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, DeviceSnapshot, NvmlProbe
 from vllmd.engine import PlacedDevice
 from vllmd.events import EventBus
 from vllmd.gateway import Gateway
@@ -40,12 +40,17 @@ from vllmd.systemd import Notifier
 log = structlog.get_logger("vllmd.daemon")
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: the daemon owns signals and shutdown."""
+async def _start_server(server: uvicorn.Server, sock: socket.socket) -> None:
+    """uvicorn's startup without `serve()`, whose signal handlers would fight the daemon's:
+    returns once the socket accepts connections."""
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
+    await server.startup(sockets=[sock])
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> AsyncIterator[None]:  # type: ignore[override]
-        yield
+
+async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
+    await server.main_loop()
+    await server.shutdown(sockets=[sock])
 
 
 @dataclass
@@ -69,7 +74,9 @@ def bind(listen: Listen) -> socket.socket:
     return sock
 
 
-def make_placer(config: Config, devices: Mapping[str, DeviceSnapshot]) -> Callable[[ModelConfig], tuple[PlacedDevice, ...]]:
+def make_placer(
+    config: Config, devices: Mapping[str, DeviceSnapshot]
+) -> Callable[[ModelConfig], tuple[PlacedDevice, ...]]:
     def place(model: ModelConfig) -> tuple[PlacedDevice, ...]:
         placed = []
         for name in model.devices:
@@ -94,19 +101,38 @@ def status_line(supervisor: Supervisor) -> str:
     return f"{len(supervisor.instances)} models: {parts}"
 
 
-async def serve(config: Config, shutdown: Callable[[], Awaitable[None]], seams: Seams | None = None,
-                *, force: Callable[[], Awaitable[None]] | None = None) -> None:
+@dataclass(frozen=True)
+class Running:
+    """What `serve()` reports once READY: for tests and tools in the same process."""
+
+    gateway_url: str
+    supervisor: Supervisor
+    events: EventBus
+    metrics: Metrics
+
+
+async def serve(
+    config: Config,
+    shutdown: Callable[[], Awaitable[None]],
+    seams: Seams | None = None,
+    *,
+    force: Callable[[], Awaitable[None]] | None = None,
+    task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the daemon until `shutdown()` returns, then stop cleanly. `force()` returning
     skips the drain: every engine is killed at once."""
     seams = seams or Seams()
     events = EventBus()
     metrics = Metrics()
-    probe = seams.probe or CompositeProbe(config.devices)
+    probe = seams.probe or CompositeProbe(NvmlProbe(), DeclaredProbe(config.devices))
     if become_subreaper():
         log.debug("child_subreaper")
     runtime_dir = Path(tempfile.mkdtemp(prefix="vllmd-", dir=os.environ.get("RUNTIME_DIRECTORY")))
     devices = await probe.snapshot()
-    log.info("devices", devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()})
+    log.info(
+        "devices",
+        devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()},
+    )
 
     supervisor = Supervisor(
         config,
@@ -123,7 +149,7 @@ async def serve(config: Config, shutdown: Callable[[], Awaitable[None]], seams: 
     metrics.watch_instances(lambda: supervisor.instances.values())
     gateway = Gateway(config, supervisor, metrics)
     sock = bind(config.gateway.listen)
-    server = _Server(
+    server = uvicorn.Server(
         uvicorn.Config(
             gateway,
             lifespan="off",
@@ -139,13 +165,17 @@ async def serve(config: Config, shutdown: Callable[[], Awaitable[None]], seams: 
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(supervisor.run)
-            tg.start_soon(server.serve, [sock])
-            while not server.started:  # uvicorn has no started event; this waits a tick or two
-                await anyio.sleep(0.01)
+            await _start_server(server, sock)
+            tg.start_soon(_run_server, server, sock)
             gateway.ready = any(d.up for d in devices.values()) or not devices
             notifier.ready(status_line(supervisor))
-            log.info("ready", gateway=f"{config.gateway.listen.host}:{config.gateway.listen.port}",
-                     models=sorted(supervisor.instances))
+            log.info(
+                "ready",
+                gateway=f"{config.gateway.listen.host}:{config.gateway.listen.port}",
+                models=sorted(supervisor.instances),
+            )
+            host, port = sock.getsockname()[:2]
+            task_status.started(Running(f"http://{host}:{port}", supervisor, events, metrics))
             tg.start_soon(_report_status, events, supervisor, notifier)
             tg.start_soon(_watchdog, notifier)
 

@@ -81,7 +81,9 @@ def weights_bytes(model: str) -> int:
     )
 
 
-def sleep_mode_enabled(model: ModelConfig, engine: EngineConfig, placement: tuple[PlacedDevice, ...]) -> bool:
+def sleep_mode_enabled(
+    model: ModelConfig, engine: EngineConfig, placement: tuple[PlacedDevice, ...]
+) -> bool:
     """vLLM's sleep routes are unauthenticated dev-mode routes and exist on CUDA/ROCm only."""
     return (
         model.sleep_level > 0
@@ -91,7 +93,9 @@ def sleep_mode_enabled(model: ModelConfig, engine: EngineConfig, placement: tupl
     )
 
 
-def memory_flags(model: ModelConfig, placement: tuple[PlacedDevice, ...], weights: int) -> list[str]:
+def memory_flags(
+    model: ModelConfig, placement: tuple[PlacedDevice, ...], weights: int
+) -> list[str]:
     """The flags that keep the engine inside its reservation.
 
     GPU: vLLM takes `--gpu-memory-utilization` x the device's TOTAL memory, so the fraction is

@@ -11,7 +11,9 @@ import httpx
 from vllmd.engine import EngineAddress
 
 
-def make_client(address: EngineAddress, *, connect_timeout: float, max_connections: int) -> httpx.AsyncClient:
+def make_client(
+    address: EngineAddress, *, connect_timeout: float, max_connections: int
+) -> httpx.AsyncClient:
     """The pooled client for one engine; read timeouts are left to each call (streams are long)."""
     transport = httpx.AsyncHTTPTransport(
         uds=str(address.uds) if address.uds is not None else None,

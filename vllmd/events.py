@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 log = structlog.get_logger("vllmd.events")
 
@@ -31,13 +31,19 @@ class Event:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "time": self.time, "kind": self.kind, "model": self.model, **self.fields}
+        return {
+            "id": self.id,
+            "time": self.time,
+            "kind": self.kind,
+            "model": self.model,
+            **self.fields,
+        }
 
 
 class EventBus:
     def __init__(self, history: int = 1000) -> None:
         self._ids = itertools.count(1)
-        self._subscribers: list[ObjectSendStream[Event]] = []
+        self._subscribers: list[MemoryObjectSendStream[Event]] = []
         self.history: deque[Event] = deque(maxlen=history)
         self.dropped = 0
 
@@ -55,7 +61,7 @@ class EventBus:
         return event
 
     @contextmanager
-    def subscribe(self, buffer: int = 1000) -> Iterator[ObjectReceiveStream[Event]]:
+    def subscribe(self, buffer: int = 1000) -> Iterator[MemoryObjectReceiveStream[Event]]:
         send, receive = anyio.create_memory_object_stream[Event](buffer)
         self._subscribers.append(send)
         try:

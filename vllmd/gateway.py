@@ -71,14 +71,21 @@ HOP_BY_HOP = frozenset(
 RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 )
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 405: "invalid_request_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    405: "invalid_request_error",
+}
 
 
 class HTTPError(Exception):
     """An error answered to the client in OpenAI's shape."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -162,7 +169,9 @@ class Gateway:
 
     # --- proxying ---------------------------------------------------------------------------
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send, route: str, path_model: str | None) -> None:
+    async def _proxy(
+        self, scope: Scope, receive: Receive, send: Send, route: str, path_model: str | None
+    ) -> None:
         started = time.perf_counter()
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
         model_label = ""
@@ -180,7 +189,9 @@ class Gateway:
             status = CLIENT_CLOSED
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                status = await self._forward(scope, send, route, body, instance, request_id, started)
+                status = await self._forward(
+                    scope, send, route, body, instance, request_id, started
+                )
                 tg.cancel_scope.cancel()
         except ClientGone:
             status = CLIENT_CLOSED
@@ -190,8 +201,14 @@ class Gateway:
             await send_error(send, exc, exc_headers)
         finally:
             self.metrics.request(model_label, route, status, time.perf_counter() - started)
-            log.info("request", request_id=request_id, model=model_label, route=route, status=status,
-                     seconds=round(time.perf_counter() - started, 4))
+            log.info(
+                "request",
+                request_id=request_id,
+                model=model_label,
+                route=route,
+                status=status,
+                seconds=round(time.perf_counter() - started, 4),
+            )
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         length = _header(scope, b"content-length")
@@ -213,8 +230,16 @@ class Gateway:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _forward(self, scope: Scope, send: Send, route: str, body: bytes, instance: Any,
-                       request_id: str, started: float) -> int:
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        route: str,
+        body: bytes,
+        instance: Any,
+        request_id: str,
+        started: float,
+    ) -> int:
         try:
             queued = time.perf_counter()
             async with self.supervisor.lease(instance) as inst:
@@ -228,8 +253,11 @@ class Gateway:
                 try:
                     response = await client.send(request, stream=True)
                 except httpx.HTTPError as exc:
-                    raise HTTPError(502, "engine_unavailable",
-                                    f"the engine of model {inst.name} did not answer ({type(exc).__name__})") from None
+                    raise HTTPError(
+                        502,
+                        "engine_unavailable",
+                        f"the engine of model {inst.name} did not answer ({type(exc).__name__})",
+                    ) from None
                 try:
                     return await self._relay(send, response, request_id, inst.name, sent)
                 finally:
@@ -242,19 +270,26 @@ class Gateway:
         except VllmdError as exc:
             raise HTTPError(500, exc.code, str(exc)) from None
 
-    async def _relay(self, send: Send, response: httpx.Response, request_id: str, model: str, sent: float) -> int:
-        headers = [(k.encode(), v.encode()) for k, v in response.headers.items()
-                   if k not in RESPONSE_DROP]
+    async def _relay(
+        self, send: Send, response: httpx.Response, request_id: str, model: str, sent: float
+    ) -> int:
+        headers = [
+            (k.encode(), v.encode()) for k, v in response.headers.items() if k not in RESPONSE_DROP
+        ]
         headers.append((b"x-request-id", request_id.encode()))
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         if not streaming:
             data = await response.aread()
             self.metrics.first_byte(model, time.perf_counter() - sent)
             headers.append((b"content-length", str(len(data)).encode()))
-            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            await send(
+                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            )
             await send({"type": "http.response.body", "body": data})
             return response.status_code
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
         first = True
         try:
             async for chunk in response.aiter_raw():
@@ -264,11 +299,21 @@ class Gateway:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             # Headers are gone already: the error travels as one last SSE event.
-            error = {"error": {"message": f"the engine of model {model} broke off the stream "
-                                          f"({type(exc).__name__})", "type": "server_error",
-                               "code": "engine_unavailable"}}
-            await send({"type": "http.response.body",
-                        "body": b"data: " + json.dumps(error).encode() + b"\n\n", "more_body": True})
+            error = {
+                "error": {
+                    "message": f"the engine of model {model} broke off the stream "
+                    f"({type(exc).__name__})",
+                    "type": "server_error",
+                    "code": "engine_unavailable",
+                }
+            }
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + json.dumps(error).encode() + b"\n\n",
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b""})
         return response.status_code
 
@@ -307,24 +352,40 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def send_bytes(send: Send, status: int, body: bytes, content_type: str,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
     if extra:
         headers += extra
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send: Send, status: int, payload: object,
-                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send, status: int, payload: object, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send_bytes(send, status, json.dumps(payload).encode(), "application/json", extra)
 
 
-async def send_error(send: Send, exc: HTTPError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(
+    send: Send, exc: HTTPError, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     headers = list(extra or [])
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
-    body = {"error": {"message": exc.message, "type": ERROR_TYPES.get(exc.status, "server_error"),
-                      "code": exc.code}}
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": ERROR_TYPES.get(exc.status, "server_error"),
+            "code": exc.code,
+        }
+    }
     await send_json(send, exc.status, body, headers)

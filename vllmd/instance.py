@@ -225,7 +225,9 @@ class Instance:
                 await proc.kill()
             else:
                 await proc.kill()  # the leader is gone; its group may not be
-                self.last_error = f"engine for {self.name} exited with {_status(proc.returncode)} while starting"
+                self.last_error = (
+                    f"engine for {self.name} exited with {_status(proc.returncode)} while starting"
+                )
             self._start_failed()
             return "start_failed"
 
@@ -243,7 +245,9 @@ class Instance:
             await proc.terminate(self.engine.stop_timeout)
             return "stopped"
         if outcome == "unhealthy":
-            self.last_error = f"engine for {self.name} failed {self.engine.health_failures} health checks"
+            self.last_error = (
+                f"engine for {self.name} failed {self.engine.health_failures} health checks"
+            )
             await proc.terminate(self.engine.stop_timeout)
         else:
             await proc.kill()
@@ -252,7 +256,9 @@ class Instance:
             self._events.emit("crashed", self.name, reason=reason, status=_status(proc.returncode))
         return outcome
 
-    async def _await_ready(self, api: EngineAPI, exited: anyio.Event) -> Literal["ready", "exited", "timeout", "stop"]:
+    async def _await_ready(
+        self, api: EngineAPI, exited: anyio.Event
+    ) -> Literal["ready", "exited", "timeout", "stop"]:
         with anyio.move_on_after(self.engine.startup_timeout):
             while True:
                 if exited.is_set():

