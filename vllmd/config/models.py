@@ -1,0 +1,214 @@
+"""[devices.X] and [models.X]: each table on its own, then the checks across them."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, cast
+
+from vllmd.config.reader import Table
+from vllmd.config.schema import DeviceConfig, EngineConfig, ModelConfig
+from vllmd.config.sections import resolve_path
+from vllmd.units import format_size
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# Aliases may be HF ids ("Qwen/Qwen2.5-7B-Instruct"), so they also take "/" and, unlike names,
+# upper case: clients send the id exactly as the hub spells it.
+ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+
+# Flags vllmd sets on every engine; a second copy in `args` would fight it. "--model" (and
+# engine.model_flag) is the model argument; "-tp" is vLLM's short form of the TP size.
+ENGINE_OWNED_FLAGS = frozenset(
+    {
+        "--model",
+        "--served-model-name",
+        "--uds",
+        "--host",
+        "--port",
+        "--gpu-memory-utilization",
+        "--kv-cache-memory-bytes",
+        "--max-model-len",
+        "--tensor-parallel-size",
+        "-tp",
+        "--enable-sleep-mode",
+        "--api-key",
+    }
+)
+
+
+def is_gpu_index(name: str) -> bool:
+    """True for a device named by its NVML index ("0", "1", ...), which needs no declaration."""
+    return name.isdigit()
+
+
+def parse_devices(container: Table | None) -> dict[str, DeviceConfig]:
+    devices: dict[str, DeviceConfig] = {}
+    if container is None:
+        return devices
+    for name in container.data:
+        table = container.table(name)
+        if table is None:
+            continue
+        if not NAME_RE.fullmatch(name):
+            container.problem(name, f"{json.dumps(name)} is not a valid device name")
+        device = _parse_device(name, table)
+        table.finish()
+        devices[name] = device
+    return devices
+
+
+def _parse_device(name: str, table: Table) -> DeviceConfig:
+    kind = cast(Literal["cpu", "gpu"], table.choice("kind", "gpu", ("cpu", "gpu")))
+    # -1 marks a bad value, already reported, so "must be more than 0" is said only for 0.
+    memory = table.size("memory", -1) if table.has("memory") else None
+    uuid = table.text("uuid", "") or None
+    if memory == 0:
+        table.problem("memory", "must be more than 0")
+    if kind == "cpu" and memory is None:
+        table.problem("memory", "missing (required for a cpu device: it cannot be measured)")
+    if kind == "cpu" and uuid is not None:
+        table.problem("uuid", "only GPUs have a uuid")
+    if kind == "gpu" and uuid is None and not is_gpu_index(name):
+        table.problem("uuid", 'missing (a GPU is named by its NVML index, "0", "1", ... or uuid)')
+    return DeviceConfig(name=name, kind=kind, memory=memory, uuid=uuid)
+
+
+def parse_models(
+    container: Table | None, base_dir: Path, engine: EngineConfig
+) -> dict[str, ModelConfig]:
+    models: dict[str, ModelConfig] = {}
+    if container is None:
+        return models
+    for name in container.data:
+        table = container.table(name)
+        if table is None:
+            continue
+        if not NAME_RE.fullmatch(name):
+            container.problem(
+                name,
+                f"{json.dumps(name)} is not a valid model name (lower-case letters, digits, "
+                '".", "_", "-"; starts with a letter or digit; at most 63 characters)',
+            )
+        model = _parse_model(name, table, base_dir, engine)
+        table.finish()
+        if model is not None:
+            models[name] = model
+    return models
+
+
+def _parse_model(
+    name: str, table: Table, base_dir: Path, engine: EngineConfig
+) -> ModelConfig | None:
+    has_model, has_memory = table.require("model"), table.require("memory")
+    model = table.text("model", "")
+    if has_model and not model:
+        table.problem("model", "must not be empty")
+    memory = table.size("memory", -1)  # -1: missing or bad, already reported
+    if has_memory and memory == 0:
+        table.problem("memory", "must be more than 0")
+    aliases = table.strings("aliases")
+    for alias in aliases:
+        if not ALIAS_RE.fullmatch(alias):
+            table.problem("aliases", f"{json.dumps(alias)} is not a valid alias")
+    devices = table.strings("devices", ("0",))
+    if not devices:
+        table.problem("devices", "must name at least one device")
+    for device in {d for d in devices if devices.count(d) > 1}:
+        table.problem("devices", f"{json.dumps(device)} is listed twice")
+    args = table.strings("args")
+    for flag in owned_flags(args, engine.model_flag):
+        table.problem("args", f"{json.dumps(flag)} is set by vllmd; remove it from args")
+    max_model_len = (
+        table.integer("max_model_len", 0, minimum=1) if table.has("max_model_len") else None
+    )
+    idle_ttl = table.duration("idle_ttl", 0.0) if table.has("idle_ttl") else None
+    sleep_level = table.integer("sleep_level", 1)
+    if sleep_level not in (0, 1, 2):
+        table.problem("sleep_level", f"must be 0, 1 or 2, got {sleep_level}")
+    return ModelConfig(
+        name=name,
+        model=resolve_model(model, base_dir),
+        memory=memory,
+        aliases=aliases,
+        devices=devices,
+        max_model_len=max_model_len,
+        dtype=table.text("dtype", "auto"),
+        args=args,
+        env=table.mapping("env", secret=True),
+        pinned=table.flag("pinned", False),
+        preload=table.flag("preload", False),
+        priority=table.integer("priority", 0),
+        idle_ttl=idle_ttl,
+        sleep_level=sleep_level,
+        max_restarts=table.integer("max_restarts", 5, minimum=0),
+        restart_window=table.duration("restart_window", 600.0),
+    )
+
+
+def resolve_model(value: str, base_dir: Path) -> str:
+    """A local model directory as an absolute path; anything else stays an HF id."""
+    if value.startswith(("./", "../", "/", "~")) or (value and (base_dir / value).exists()):
+        return str(resolve_path(value, base_dir))
+    return value
+
+
+def owned_flags(args: tuple[str, ...], model_flag: str = "") -> list[str]:
+    """The flags in `args` that vllmd sets itself, as written (without any "=value")."""
+    owned = ENGINE_OWNED_FLAGS | ({model_flag} if model_flag else set())
+    found = []
+    for arg in args:
+        if not arg.startswith("-"):
+            continue
+        flag = arg.split("=", 1)[0]
+        # vLLM's parser takes "--max_model_len" and "--no-enable-sleep-mode" too.
+        normal = flag.replace("_", "-")
+        if normal.startswith("--no-"):
+            normal = "--" + normal[len("--no-") :]
+        if normal in owned or flag in owned:
+            found.append(flag)
+    return found
+
+
+def check_models(
+    models: Mapping[str, ModelConfig],
+    devices: Mapping[str, DeviceConfig],
+    headroom: int,
+    problems: list[str],
+) -> None:
+    """Checks across tables: unique served names, known devices, and that every model fits."""
+    served = {name: name for name in models}
+    for model in models.values():
+        for alias in model.aliases:
+            owner = served.get(alias)
+            if owner is None:
+                served[alias] = model.name
+            else:
+                problems.append(
+                    f"models.{model.name}.aliases: {json.dumps(alias)} is already served by "
+                    f"models.{owner}"
+                )
+        kinds = set()
+        for name in model.devices:
+            device = devices.get(name)
+            if device is None and not is_gpu_index(name):
+                problems.append(
+                    f"models.{model.name}.devices: {json.dumps(name)} is neither declared "
+                    f"([devices.{name}]) nor a GPU index"
+                )
+                continue
+            kinds.add(device.kind if device else "gpu")
+            if device and device.memory and _never_fits(model.memory, device.memory, headroom):
+                problems.append(
+                    f"models.{model.name}.memory: {format_size(model.memory)} can never fit on "
+                    f'device "{name}" ({format_size(device.memory)} - headroom '
+                    f"{format_size(headroom)})"
+                )
+        if len(kinds) > 1:
+            problems.append(f"models.{model.name}.devices: mixes cpu and gpu devices")
+
+
+def _never_fits(need: int, total: int, headroom: int) -> bool:
+    # A size of -1 is a bad value that was reported already; do not pile a second problem on it.
+    return need > 0 and total > 0 and need > total - headroom
