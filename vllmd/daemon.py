@@ -203,6 +203,8 @@ async def serve(
                 await supervisor.stop_all()
             tg.cancel_scope.cancel()
     finally:
+        sock.close()
+        notifier.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
         log.info("stopped")
 

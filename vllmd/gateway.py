@@ -53,7 +53,7 @@ MODEL_ROUTES = frozenset(
         "/detokenize",
     }
 )
-HOP_BY_HOP = frozenset(
+REQUEST_DROP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -66,10 +66,19 @@ HOP_BY_HOP = frozenset(
         b"host",
         b"content-length",
         b"authorization",
+        b"x-request-id",  # set once by the gateway
     }
 )
 RESPONSE_DROP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "date",
+        "server",
+        "x-request-id",
+    }
 )
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -187,12 +196,16 @@ class Gateway:
             # From here the client may leave: its disconnect cancels the queue wait or the
             # upstream request (which makes vLLM abort the generation).
             status = CLIENT_CLOSED
+            error: HTTPError | None = None
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                status = await self._forward(
-                    scope, send, route, body, instance, request_id, started
-                )
+                try:
+                    status = await self._forward(scope, send, route, body, instance, request_id)
+                except HTTPError as exc:  # raised out of a task group it would come grouped
+                    error = exc
                 tg.cancel_scope.cancel()
+            if error is not None:
+                raise error
         except ClientGone:
             status = CLIENT_CLOSED
         except HTTPError as exc:
@@ -238,7 +251,6 @@ class Gateway:
         body: bytes,
         instance: Any,
         request_id: str,
-        started: float,
     ) -> int:
         try:
             queued = time.perf_counter()
@@ -246,7 +258,7 @@ class Gateway:
                 self.metrics.queued(inst.name, time.perf_counter() - queued)
                 client = inst.client
                 assert client is not None
-                headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+                headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
                 headers.append((b"x-request-id", request_id.encode()))
                 request = client.build_request("POST", route, content=body, headers=headers)
                 sent = time.perf_counter()

@@ -28,7 +28,7 @@ from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, weig
 from vllmd.engine_api import EngineAPI, make_client
 from vllmd.errors import ConfigError, ModelFailed, StartFailed
 from vllmd.events import EventBus
-from vllmd.process import EngineProcess
+from vllmd.process import MARKER_ENV, EngineProcess
 from vllmd.states import HOLDS_RESERVATION, InstanceState, check_transition
 
 S = InstanceState
@@ -296,7 +296,7 @@ class Instance:
 
     def _launch(self) -> Launch:
         self.address = self._new_address()
-        return build_launch(
+        launch = build_launch(
             self.model,
             self.engine,
             self.address,
@@ -304,6 +304,8 @@ class Instance:
             self._base_env,
             weights=weights_bytes(self.model.model),
         )
+        env = {**launch.env, MARKER_ENV: f"{self.name}-{secrets.token_hex(6)}"}
+        return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode)
 
     def _new_address(self) -> EngineAddress:
         if self.engine.transport == "uds":

@@ -25,6 +25,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 PR_SET_CHILD_SUBREAPER = 36
 ENGINE_OOM_SCORE_ADJ = 500
 MAX_LINE = 16 * 1024
+# Set in every engine's environment; inherited by all it forks, so its orphans are known.
+MARKER_ENV = "VLLMD_INSTANCE"
 
 # A tiny shell prelude makes the engine (and everything it forks) the kernel's preferred OOM
 # victim before vLLM starts, without preexec_fn (unsafe in a threaded program).
@@ -70,6 +72,7 @@ class EngineProcess:
     process: Process
     record: ProcessRecord
     oom_kills_at_start: int | None
+    marker: str | None = None  # value of MARKER_ENV in the engine's (inherited) environment
     descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
 
     @property
@@ -105,7 +108,7 @@ class EngineProcess:
 
     async def remember_descendants(self) -> None:
         """Note the current process tree, so members that leave the group can be killed."""
-        found = await anyio.to_thread.run_sync(_descendants, self.pid)
+        found = await anyio.to_thread.run_sync(_descendants, self.pid, self.marker)
         self.descendants.update(found)
 
     async def terminate(self, stop_timeout: float) -> None:
@@ -134,15 +137,22 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _descendants(pid: int) -> dict[int, float]:
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return {}
+def _descendants(pid: int, marker: str | None) -> dict[int, float]:
+    """The engine's process tree, plus orphans of it that re-parented to this daemon (the
+    subreaper) after their parent exited: those are told apart by the marker they inherited."""
     found: dict[int, float] = {}
-    for child in children:
+    candidates: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):
+        candidates += psutil.Process(pid).children(recursive=True)
+    if marker is not None:
         with contextlib.suppress(psutil.Error):
-            found[child.pid] = child.create_time()
+            for orphan in psutil.Process().children(recursive=False):
+                with contextlib.suppress(psutil.Error):
+                    if orphan.pid != pid and orphan.environ().get(MARKER_ENV) == marker:
+                        candidates += [orphan, *orphan.children(recursive=True)]
+    for proc in candidates:
+        with contextlib.suppress(psutil.Error):
+            found[proc.pid] = proc.create_time()
     return found
 
 
@@ -199,4 +209,6 @@ async def spawn(
     except psutil.Error:
         created = 0.0
     record = ProcessRecord(pid=process.pid, pgid=process.pid, create_time=created)
-    return EngineProcess(process=process, record=record, oom_kills_at_start=oom_before)
+    return EngineProcess(
+        process=process, record=record, oom_kills_at_start=oom_before, marker=env.get(MARKER_ENV)
+    )

@@ -1,6 +1,7 @@
 """systemd's notify protocol: READY, STATUS, STOPPING, WATCHDOG, RELOADING.
 
-sdnotify does nothing when NOTIFY_SOCKET is unset, so the daemon calls these unconditionally.
+Without NOTIFY_SOCKET (not under systemd) every call does nothing, so the daemon calls these
+unconditionally.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import sdnotify
 
 class Notifier:
     def __init__(self) -> None:
-        self._notifier = sdnotify.SystemdNotifier()
+        # sdnotify opens its datagram socket at once, even when there is nobody to tell.
+        self._notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
 
     def _send(self, *lines: str) -> None:
-        self._notifier.notify("\n".join(lines))
+        if self._notifier is not None:
+            self._notifier.notify("\n".join(lines))
+
+    def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.socket.close()
+            self._notifier = None
 
     def ready(self, status: str) -> None:
         self._send("READY=1", f"STATUS={status}")

@@ -25,10 +25,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vllmd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (%(default)s)")
-    serve.add_argument("--log-format", choices=["json", "console"], default=None,
-                       help="log format (default: console on a terminal, else json)")
-    check = sub.add_parser("check-config", help="validate a config file (exit 0, or 2 with the problems)")
+    serve.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="config file (%(default)s)"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "console"],
+        default=None,
+        help="log format (default: console on a terminal, else json)",
+    )
+    check = sub.add_parser(
+        "check-config", help="validate a config file (exit 0, or 2 with the problems)"
+    )
     check.add_argument("path", type=Path)
     return p
 
@@ -52,7 +60,10 @@ def serve(path: Path, log_format: str | None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    configure(config.daemon.log_level, "json" if log_format == "json" else "console" if log_format else None)
+    configure(
+        config.daemon.log_level,
+        "json" if log_format == "json" else "console" if log_format else None,
+    )
     log = structlog.get_logger("vllmd")
     try:
         return anyio.run(_run, config)

@@ -1,0 +1,83 @@
+"""Run a real vllmd daemon in the test's event loop, with fake engines or real ones."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from vllmd.config import Config, parse_config
+from vllmd.daemon import Running, Seams, serve
+from vllmd.devices import DeclaredProbe
+
+FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"
+
+
+def fake_config(
+    tmp_path: Path, models: Mapping[str, Mapping[str, Any]], **sections: Mapping[str, Any]
+) -> Config:
+    """A config whose engines are the fake engine, on a declared cpu device."""
+    data: dict[str, Any] = {
+        "daemon": {
+            "state_dir": str(tmp_path / "state"),
+            "control_socket": str(tmp_path / "ctl.sock"),
+        },
+        "gateway": {"listen": "127.0.0.1:0", "queue_timeout": "20s"},
+        "engine": {
+            "command": [sys.executable, str(FAKE_ENGINE)],
+            "model_flag": "--model",
+            "startup_timeout": "10s",
+            "stop_timeout": "3s",
+            "drain_timeout": "3s",
+            "health_interval": "200ms",
+            "health_failures": 2,
+        },
+        "devices": {"cpu0": {"kind": "cpu", "memory": "64GiB"}},
+        "models": {
+            name: {"model": f"fake/{name}", "devices": ["cpu0"], "memory": "3GiB", **spec}
+            for name, spec in models.items()
+        },
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return parse_config(data, tmp_path)
+
+
+@asynccontextmanager
+async def running(config: Config, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
+    """The daemon, READY, until the block ends; then a graceful shutdown."""
+    stop = anyio.Event()
+    seams = Seams(probe=DeclaredProbe(config.devices), base_env={**os.environ, **(env or {})})
+    async with anyio.create_task_group() as tg:
+        run: Running = await tg.start(partial(serve, config, stop.wait, seams))
+        try:
+            yield run
+        finally:
+            stop.set()
+
+
+async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait for something another process does (a file it writes, a pid it spawns)."""
+    with anyio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 - nothing to wait on but the outside world
+            await anyio.sleep(0.02)
+
+
+def client(run: Running, timeout: float = 60.0) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=run.gateway_url, timeout=timeout)
+
+
+def chat(model: str, stream: bool = False, max_tokens: int = 5) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }

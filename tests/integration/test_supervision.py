@@ -1,0 +1,339 @@
+"""Supervision paths through the whole daemon, with the fake engine (fast)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from tests.integration.harness import chat, client, eventually, fake_config, running
+from vllmd.states import InstanceState
+
+pytestmark = pytest.mark.anyio
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_first_request_starts_the_model_lazily(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    config = fake_config(tmp_path, {"m": {"env": {"FAKE_STARTS_FILE": str(starts)}}})
+    async with running(config) as run, client(run) as http:
+        assert run.supervisor.instances["m"].state is InstanceState.STOPPED
+        response = await http.post("/v1/chat/completions", json=chat("m"))
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"]
+        assert run.supervisor.instances["m"].state is InstanceState.READY
+    assert len(_lines(starts)) == 1
+
+
+async def test_concurrent_requests_share_one_start(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    config = fake_config(
+        tmp_path, {"m": {"env": {"FAKE_STARTS_FILE": str(starts), "FAKE_STARTUP_DELAY": "1"}}}
+    )
+    async with running(config) as run, client(run) as http:
+        codes: list[int] = []
+
+        async def one() -> None:
+            codes.append(
+                (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).status_code
+            )
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+    assert codes == [200] * 8
+    assert len(_lines(starts)) == 1
+
+
+async def test_streaming_passes_chunks_through(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {"env": {"FAKE_TOKEN_DELAY": "0.05"}}})
+    async with (
+        running(config) as run,
+        client(run) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat("m", stream=True, max_tokens=6)) as r,
+    ):
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert len(events) >= 7  # one chunk per token, then [DONE]
+
+
+async def test_alias_and_path_routing_reach_the_model(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {"aliases": ["org/m-alias"]}})
+    async with running(config) as run, client(run) as http:
+        by_alias = await http.post("/v1/chat/completions", json=chat("org/m-alias"))
+        assert by_alias.status_code == 200
+        by_path = await http.post("/models/m/v1/chat/completions", json=chat("whatever"))
+        assert by_path.status_code == 200
+        assert by_path.json()["model"] == "m"
+
+
+async def test_request_id_is_passed_through_and_generated(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    config = fake_config(tmp_path, {"m": {"env": {"FAKE_EVENTS_FILE": str(events)}}})
+    async with running(config) as run, client(run) as http:
+        r = await http.post(
+            "/v1/completions",
+            json={"model": "m", "prompt": "x"},
+            headers={"X-Request-Id": "abc-123"},
+        )
+        assert r.headers["x-request-id"] == "abc-123"
+        r2 = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert len(r2.headers["x-request-id"]) >= 16
+    assert any(line.endswith("abc-123") for line in _lines(events))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_request"),
+        (b'{"prompt": "no model"}', 400, "invalid_request"),
+        (b'{"model": "nope", "prompt": "x"}', 404, "model_not_found"),
+    ],
+)
+async def test_bad_requests_get_openai_shaped_errors(
+    tmp_path: Path, body: bytes, status: int, code: str
+) -> None:
+    config = fake_config(tmp_path, {"m": {}})
+    async with running(config) as run, client(run) as http:
+        r = await http.post(
+            "/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    assert run.supervisor.instances["m"].state is InstanceState.STOPPED
+
+
+async def test_body_over_max_body_is_413(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {}}, gateway={"max_body": "1KiB"})
+    async with running(config) as run, client(run) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x" * 2000})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+
+
+async def test_api_keys_are_required_when_configured(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {}}, gateway={"api_keys": ["sekret"]})
+    async with running(config) as run, client(run) as http:
+        denied = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        allowed = await http.post(
+            "/v1/completions",
+            json={"model": "m", "prompt": "x"},
+            headers={"Authorization": "Bearer sekret"},
+        )
+        health = await http.get("/health")
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert allowed.status_code == 200
+    assert health.status_code == 200
+
+
+async def test_crash_at_start_is_502_with_status_not_engine_output(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {"env": {"FAKE_MODE": "crash_at_start"}}})
+    async with running(config) as run, client(run) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        instance = run.supervisor.instances["m"]
+        assert any("cannot load model" in line for line in instance.output)
+    assert r.status_code == 502
+    message = r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "start_failed"
+    assert "status 3" in message and "vllmctl logs m" in message
+    assert "cannot load model" not in message
+
+
+async def test_engine_that_never_becomes_ready_times_out(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path, {"m": {"env": {"FAKE_MODE": "hang"}}}, engine={"startup_timeout": "1s"}
+    )
+    async with running(config) as run, client(run) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert run.supervisor.instances["m"].process is None  # killed, not left hanging
+    assert r.status_code == 502
+    assert "not ready within 1s" in r.json()["error"]["message"]
+
+
+async def test_crashed_engine_is_restarted_and_serves_again(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    env = {"FAKE_MODE": "crash_after_requests:3", "FAKE_STARTS_FILE": str(starts)}
+    config = fake_config(tmp_path, {"m": {"env": env}})
+    async with running(config) as run, client(run) as http:
+        body = {"model": "m", "prompt": "x"}
+        assert (await http.post("/v1/completions", json=body)).status_code == 200  # warm-up + 1
+        in_flight = await http.post("/v1/completions", json=body)  # the engine dies on this one
+        assert in_flight.status_code == 502
+        assert in_flight.json()["error"]["code"] == "engine_unavailable"
+        instance = run.supervisor.instances["m"]
+        with anyio.fail_after(10):
+            await instance.wait_state(InstanceState.BACKOFF)
+        assert instance.last_error is not None and "status 1" in instance.last_error
+        r = await http.post("/v1/completions", json=body)
+        assert r.status_code == 200
+        assert len(instance.restarts) == 1
+    assert len(_lines(starts)) == 2
+
+
+async def test_model_fails_after_max_restarts_and_answers_503_at_once(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path,
+        {
+            "m": {
+                "env": {"FAKE_MODE": "crash_at_start", "FAKE_STARTUP_DELAY": "0"},
+                "max_restarts": 1,
+            }
+        },
+    )
+    async with running(config) as run, client(run) as http:
+        body = {"model": "m", "prompt": "x"}
+        first = await http.post("/v1/completions", json=body)
+        assert first.status_code == 502
+        instance = run.supervisor.instances["m"]
+        with anyio.fail_after(10):
+            await instance.wait_state(InstanceState.FAILED)
+        with anyio.fail_after(1):
+            r = await http.post("/v1/completions", json=body)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "model_failed"
+    assert "retry-after" not in r.headers or int(r.headers["retry-after"]) >= 1
+
+
+async def test_unhealthy_engine_is_restarted(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    env = {"FAKE_MODE": "unhealthy_after:0.5", "FAKE_STARTS_FILE": str(starts)}
+    config = fake_config(tmp_path, {"m": {"env": env}})
+    async with running(config) as run, client(run) as http:
+        assert (
+            await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        ).status_code == 200
+        instance = run.supervisor.instances["m"]
+        with anyio.fail_after(10):
+            await instance.wait_state(InstanceState.BACKOFF)
+        assert "health checks" in (instance.last_error or "")
+        with anyio.fail_after(10):
+            await instance.wait_state(InstanceState.READY)
+    assert len(_lines(starts)) == 2
+
+
+async def test_shutdown_kills_engines_that_ignore_sigterm_and_escaped_children(
+    tmp_path: Path,
+) -> None:
+    pids_file = tmp_path / "pids"
+    env = {
+        "FAKE_MODE": "ignore_sigterm",
+        "FAKE_SPAWN_CHILDREN": "1",
+        "FAKE_PIDS_FILE": str(pids_file),
+    }
+    config = fake_config(tmp_path, {"m": {"env": env}}, engine={"stop_timeout": "1s"})
+    async with running(config) as run, client(run) as http:
+        assert (
+            await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        ).status_code == 200
+        instance = run.supervisor.instances["m"]
+        assert instance.process is not None
+        leader = instance.process.pid
+        await eventually(pids_file.exists)
+    pids = [int(line.split()[0]) for line in _lines(pids_file)]
+    assert len(pids) == 2  # one in the group, one that left it with setsid
+    for pid in [leader, *pids]:
+        assert not _alive(pid), f"pid {pid} survived the daemon's shutdown"
+
+
+async def test_client_disconnect_cancels_the_upstream_stream(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    env = {"FAKE_EVENTS_FILE": str(events), "FAKE_TOKEN_DELAY": "0.2", "FAKE_TOKENS": "100"}
+    config = fake_config(tmp_path, {"m": {"env": env}})
+    async with running(config) as run, client(run) as http:
+        body = chat("m", stream=True, max_tokens=100)
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"X-Request-Id": "gone"}
+        ) as r:
+            async for _ in r.aiter_lines():
+                break
+        await eventually(lambda: "cancelled gone" in _lines(events))
+        await eventually(lambda: run.supervisor.instances["m"].in_flight == 0)
+
+
+async def test_full_queue_is_503_queue_full(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path, {"m": {"env": {"FAKE_STARTUP_DELAY": "2"}}}, gateway={"max_queue": 1}
+    )
+    async with running(config) as run, client(run) as http:
+        body = {"model": "m", "prompt": "x"}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(http.post, "/v1/completions", json=body))
+            await eventually(lambda: run.supervisor.instances["m"].queue_depth >= 1)
+            r = await http.post("/v1/completions", json=body)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "queue_full"
+    assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_queue_timeout_is_503_with_retry_after(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path, {"m": {"env": {"FAKE_STARTUP_DELAY": "3"}}}, gateway={"queue_timeout": "500ms"}
+    )
+    async with running(config) as run, client(run) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "queue_timeout"
+        assert int(r.headers["retry-after"]) >= 1
+        # The load goes on for the next request.
+        with anyio.fail_after(10):
+            await run.supervisor.instances["m"].wait_state(InstanceState.READY)
+
+
+async def test_models_endpoint_lists_every_model_with_state(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"a": {"aliases": ["alpha"]}, "b": {"max_model_len": 128}})
+    async with running(config) as run, client(run) as http:
+        await http.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+        listing = (await http.get("/v1/models")).json()
+        one = await http.get("/v1/models/b")
+        missing = await http.get("/v1/models/zzz")
+        ready = await http.get("/ready")
+    by_id = {m["id"]: m for m in listing["data"]}
+    assert set(by_id) == {"a", "b"}
+    assert by_id["a"]["vllmd"]["state"] == "ready" and by_id["a"]["vllmd"]["aliases"] == ["alpha"]
+    assert by_id["b"]["vllmd"]["state"] == "stopped"
+    assert one.json()["max_model_len"] == 128
+    assert missing.status_code == 404
+    assert ready.status_code == 200
+
+
+async def test_metrics_count_requests_by_model_and_code(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {}})
+    async with running(config) as run, client(run) as http:
+        await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        await http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+        text = (await http.get("/metrics")).text
+    assert 'vllmd_requests_total{code="200",endpoint="/v1/completions",model="m"} 1.0' in text
+    assert 'vllmd_requests_total{code="404",endpoint="/v1/completions",model=""} 1.0' in text
+    assert 'vllmd_model_state{model="m",state="ready"} 1.0' in text
+
+
+async def test_engine_environment_is_cleaned_of_systemd_variables(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"m": {}})
+    env = {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1", "KEEP_ME": "1"}
+    async with running(config, env=env) as run, client(run) as http:
+        await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        instance = run.supervisor.instances["m"]
+        assert instance.process is not None
+        leader = psutil.Process(instance.process.pid)
+        children = [leader, *leader.children(recursive=True)]
+        environ = next(p.environ() for p in children if "fake_engine" in " ".join(p.cmdline()))
+        oom = [Path(f"/proc/{p.pid}/oom_score_adj").read_text().strip() for p in children]
+    assert "NOTIFY_SOCKET" not in environ and "WATCHDOG_USEC" not in environ
+    assert environ["KEEP_ME"] == "1"
+    assert oom and set(oom) == {"500"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
