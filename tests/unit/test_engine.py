@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllmd.config import Config, parse_config
+from vllmd.engine import (
+    CPU_ENGINE_FIXED_COST,
+    EngineAddress,
+    PlacedDevice,
+    build_launch,
+    clean_environ,
+    weights_bytes,
+)
+from vllmd.errors import ConfigError
+
+GiB = 2**30
+
+
+def _config(tmp_path: Path, model: dict[str, Any] | None = None, **engine: Any) -> Config:
+    return parse_config(
+        {
+            "engine": engine,
+            "devices": {"cpu0": {"kind": "cpu", "memory": "16GiB"}},
+            "models": {
+                "m": {"model": "org/m", "memory": "4GiB", "devices": ["0"], **(model or {})}
+            },
+        },
+        tmp_path,
+    )
+
+
+GPU = (PlacedDevice("0", "gpu", 80 * GiB, "GPU-aaaa"),)
+CPU = (PlacedDevice("cpu0", "cpu", 16 * GiB),)
+UDS = EngineAddress(uds=Path("/run/x/engine.sock"))
+
+
+def test_model_is_positional_by_default_and_after_model_flag_when_set(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, GPU, {}).argv
+    assert argv[:3] == ("vllm", "serve", "org/m")
+    cfg = _config(
+        tmp_path,
+        command=["python", "-m", "vllm.entrypoints.openai.api_server"],
+        model_flag="--model",
+    )
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, GPU, {}).argv
+    assert argv[3:5] == ("--model", "org/m")
+
+
+def test_every_served_name_and_the_socket_are_passed(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"aliases": ["org/alias", "two"]})
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, GPU, {}).argv
+    i = argv.index("--served-model-name")
+    assert argv[i + 1 : i + 4] == ("m", "org/alias", "two")
+    assert argv[argv.index("--uds") + 1] == "/run/x/engine.sock"
+    assert "--port" not in argv and "--api-key" not in argv
+
+
+def test_tcp_engines_get_a_random_api_key_and_no_sleep_mode(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, transport="tcp")
+    a, b = EngineAddress.tcp("127.0.0.1", 18001), EngineAddress.tcp("127.0.0.1", 18002)
+    assert a.api_key and b.api_key and a.api_key != b.api_key
+    launch = build_launch(cfg.models["m"], cfg.engine, a, GPU, {"VLLM_SERVER_DEV_MODE": "1"})
+    assert launch.argv[launch.argv.index("--api-key") + 1] == a.api_key
+    assert "--enable-sleep-mode" not in launch.argv
+    assert "VLLM_SERVER_DEV_MODE" not in launch.env
+
+
+def test_gpu_reservation_becomes_a_rounded_down_utilization_fraction(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"memory": "20GiB"})
+    argv = build_launch(
+        cfg.models["m"], cfg.engine, UDS, (PlacedDevice("0", "gpu", 3 * 20 * GiB + 1),), {}
+    ).argv
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.3333"
+
+
+def test_tensor_parallel_and_uuid_addressing_on_two_gpus(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"devices": ["0", "1"]})
+    two = (PlacedDevice("0", "gpu", 80 * GiB, "GPU-a"), PlacedDevice("1", "gpu", 40 * GiB, "GPU-b"))
+    launch = build_launch(cfg.models["m"], cfg.engine, UDS, two, {})
+    assert launch.argv[launch.argv.index("--tensor-parallel-size") + 1] == "2"
+    # The smaller device bounds the fraction.
+    assert launch.argv[launch.argv.index("--gpu-memory-utilization") + 1] == "0.1000"
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_sleep_mode_only_on_gpus_over_uds(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"devices": ["cpu0"]})
+    gpu_launch = build_launch(_config(tmp_path).models["m"], cfg.engine, UDS, GPU, {})
+    assert (
+        "--enable-sleep-mode" in gpu_launch.argv and gpu_launch.env["VLLM_SERVER_DEV_MODE"] == "1"
+    )
+    cpu_launch = build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {})
+    assert "--enable-sleep-mode" not in cpu_launch.argv
+    level0 = _config(tmp_path, {"sleep_level": 0})
+    assert (
+        "--enable-sleep-mode" not in build_launch(level0.models["m"], cfg.engine, UDS, GPU, {}).argv
+    )
+
+
+def test_cpu_reservation_becomes_kv_cache_bytes_after_fixed_cost_and_weights(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(tmp_path, {"devices": ["cpu0"]})
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {}, weights=100).argv
+    kv = int(argv[argv.index("--kv-cache-memory-bytes") + 1])
+    assert kv == 4 * GiB - CPU_ENGINE_FIXED_COST - 100
+
+
+def test_cpu_reservation_too_small_for_any_kv_cache_is_a_config_error(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"devices": ["cpu0"], "memory": "2GiB"})
+    with pytest.raises(ConfigError, match=r"models\.m\.memory"):
+        build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {})
+
+
+def test_environment_precedence_and_cleaning(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        {"env": {"A": "model", "CUDA_VISIBLE_DEVICES": "9"}},
+        env={"A": "engine", "B": "engine"},
+    )
+    base = {
+        "A": "daemon",
+        "C": "daemon",
+        "NOTIFY_SOCKET": "/x",
+        "WATCHDOG_USEC": "1",
+        "LISTEN_FDS": "3",
+    }
+    env = build_launch(cfg.models["m"], cfg.engine, UDS, GPU, base).env
+    assert env["A"] == "model" and env["B"] == "engine" and env["C"] == "daemon"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"  # vllmd's own setting wins
+    assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS"} & set(env)
+    assert clean_environ({"WATCHDOG_PID": "1", "X": "y"}) == {"X": "y"}
+
+
+def test_extra_args_come_last(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path, {"args": ["--enable-prefix-caching"], "max_model_len": 4096, "dtype": "bfloat16"}
+    )
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, GPU, {}).argv
+    assert argv[-1] == "--enable-prefix-caching"
+    assert argv[argv.index("--max-model-len") + 1] == "4096"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+
+
+def test_weights_bytes_counts_weight_files_of_a_local_dir(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "config.json").write_text("{}")
+    assert weights_bytes(str(tmp_path)) == 1000
+    assert weights_bytes("org/not-a-dir") == 0
