@@ -34,6 +34,7 @@ def model_view(instance: Instance, created: int) -> dict[str, Any]:
             "in_flight": instance.in_flight,
             "queue_depth": instance.queue_depth,
             "pinned": model.pinned,
+            "pid": instance.process.pid if instance.process is not None else None,
             "restarts": len(instance.restarts),
             "error": instance.last_error,
         },
