@@ -15,7 +15,7 @@ import httpx
 
 from vllmd.config import Config, parse_config
 from vllmd.daemon import Running, Seams, serve
-from vllmd.devices import DeclaredProbe
+from vllmd.devices import DeclaredProbe, DeviceProbe
 
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"
 
@@ -51,10 +51,21 @@ def fake_config(
 
 
 @asynccontextmanager
-async def running(config: Config, env: Mapping[str, str] | None = None) -> AsyncIterator[Running]:
-    """The daemon, READY, until the block ends; then a graceful shutdown."""
+async def running(
+    config: Config,
+    env: Mapping[str, str] | None = None,
+    *,
+    probe: DeviceProbe | None = None,
+    recent_use: float = 0.0,
+) -> AsyncIterator[Running]:
+    """The daemon, READY, until the block ends; then a graceful shutdown. Models count as
+    'recently used' for `recent_use` seconds (DESIGN's 30 s would slow every test down)."""
     stop = anyio.Event()
-    seams = Seams(probe=DeclaredProbe(config.devices), base_env={**os.environ, **(env or {})})
+    seams = Seams(
+        probe=probe or DeclaredProbe(config.devices),
+        base_env={**os.environ, **(env or {})},
+        recent_use=recent_use,
+    )
     async with anyio.create_task_group() as tg:
         run: Running = await tg.start(partial(serve, config, stop.wait, seams))
         try:

@@ -1,0 +1,227 @@
+"""The memory budget through the whole daemon, with fake engines: eviction, sleep, queues."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+from tests.integration.harness import client, eventually, fake_config, running
+from vllmd.config import Config
+from vllmd.devices import DeviceSnapshot
+from vllmd.events import Event
+from vllmd.process import group_alive
+from vllmd.states import InstanceState
+
+pytestmark = pytest.mark.anyio
+GiB = 2**30
+BODY = {"prompt": "x", "max_tokens": 1}
+
+
+def _req(model: str) -> dict[str, object]:
+    return {"model": model, **BODY}
+
+
+def _events(history: list[Event], kind: str) -> list[Event]:
+    return [e for e in history if e.kind == kind]
+
+
+def _two_fit(tmp_path: Path, models: Mapping[str, Mapping[str, object]] | None = None) -> Config:
+    """A cpu device whose budget (6.5 GiB usable) fits two 3 GiB models, not three."""
+    return fake_config(
+        tmp_path,
+        models or {"a": {}, "b": {}, "c": {}},
+        devices={"cpu0": {"kind": "cpu", "memory": "7GiB"}},
+        scheduler={"headroom": "512MiB", "min_residency": "0s"},
+    )
+
+
+async def test_least_recently_used_model_is_stopped_before_the_third_starts(tmp_path: Path) -> None:
+    config = _two_fit(tmp_path)
+    async with running(config) as run, client(run) as http:
+        assert (await http.post("/v1/completions", json=_req("a"))).status_code == 200
+        assert (await http.post("/v1/completions", json=_req("b"))).status_code == 200
+        a = run.supervisor.instances["a"]
+        assert a.process is not None
+        a_group = a.process.record.pgid
+        assert (await http.post("/v1/completions", json=_req("c"))).status_code == 200
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+        history = list(run.events.history)
+    assert states == {
+        "a": InstanceState.STOPPED,
+        "b": InstanceState.READY,
+        "c": InstanceState.READY,
+    }
+    assert not group_alive(a_group)
+    evicted = _events(history, "evicted")
+    assert [
+        (e.model, e.fields["for_model"], e.fields["reason"], e.fields["action"]) for e in evicted
+    ] == [("a", "c", "lru", "stop")]
+    assert evicted[0].fields["freed_bytes"] == {"cpu0": 3 * GiB}
+    # a was gone before c was spawned
+    order = [(e.kind, e.model) for e in history if e.kind in ("evicted", "spawned")]
+    assert order.index(("evicted", "a")) < order.index(("spawned", "c"))
+
+
+async def test_pinned_model_survives_memory_pressure(tmp_path: Path) -> None:
+    config = _two_fit(tmp_path, {"a": {"pinned": True}, "b": {}, "c": {}})
+    async with running(config) as run, client(run) as http:
+        for name in ("a", "b", "c"):
+            assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+    assert states["a"] is InstanceState.READY
+    assert states["b"] is InstanceState.STOPPED
+
+
+async def test_lower_priority_model_is_evicted_first_even_if_used_later(tmp_path: Path) -> None:
+    config = _two_fit(tmp_path, {"a": {"priority": 5}, "b": {}, "c": {"priority": 5}})
+    async with running(config) as run, client(run) as http:
+        for name in ("a", "b", "c"):
+            assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+    assert states == {
+        "a": InstanceState.READY,
+        "b": InstanceState.STOPPED,
+        "c": InstanceState.READY,
+    }
+
+
+async def test_model_that_cannot_fit_is_503_insufficient_memory(tmp_path: Path) -> None:
+    config = _two_fit(tmp_path, {"a": {"pinned": True}, "b": {"pinned": True}, "c": {}})
+    async with running(config) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        await http.post("/v1/completions", json=_req("b"))
+        r = await http.post("/v1/completions", json=_req("c"))
+        assert run.supervisor.instances["c"].state is InstanceState.STOPPED
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "insufficient_memory"
+    assert "does not fit" in r.json()["error"]["message"]
+    assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_busy_victim_is_waited_for_not_interrupted(tmp_path: Path) -> None:
+    """A model with a request in flight is never evicted; the load waits until it is idle."""
+    slow = {"env": {"FAKE_TOKEN_DELAY": "0.3"}}
+    config = _two_fit(tmp_path, {"a": slow, "b": slow, "c": {}})
+    async with running(config) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        await http.post("/v1/completions", json=_req("b"))
+        results: dict[str, int] = {}
+
+        async def call(name: str, tokens: int) -> None:
+            r = await http.post(
+                "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": tokens}
+            )
+            results[name] = r.status_code
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "a", 5)  # 1.5 s in flight on a (the LRU model)
+            tg.start_soon(call, "b", 5)
+            await eventually(lambda: run.supervisor.instances["a"].in_flight == 1)
+            tg.start_soon(call, "c", 1)
+    assert results == {"a": 200, "b": 200, "c": 200}
+
+
+async def test_queued_requests_for_one_model_are_served_after_one_load(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    config = _two_fit(tmp_path, {"a": {}, "b": {}, "c": {"env": {"FAKE_STARTS_FILE": str(starts)}}})
+    async with running(config) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        await http.post("/v1/completions", json=_req("b"))
+        codes: list[int] = []
+
+        async def one() -> None:
+            codes.append((await http.post("/v1/completions", json=_req("c"))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+        evicted = _events(list(run.events.history), "evicted")
+    assert codes == [200] * 8
+    assert len(starts.read_text().splitlines()) == 1
+    assert len(evicted) == 1
+
+
+async def test_idle_ttl_stops_an_idle_model(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"a": {"idle_ttl": "500ms"}, "b": {}})
+    async with running(config) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        await http.post("/v1/completions", json=_req("b"))
+        a = run.supervisor.instances["a"]
+        with anyio.fail_after(5):
+            await a.wait_state(InstanceState.STOPPED)
+        assert run.supervisor.instances["b"].state is InstanceState.READY
+        evicted = _events(list(run.events.history), "evicted")
+    assert [(e.model, e.fields["reason"]) for e in evicted] == [("a", "idle")]
+
+
+async def test_cpu_models_are_stopped_not_slept_and_the_log_says_so_once(tmp_path: Path) -> None:
+    config = _two_fit(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        async with running(config) as run, client(run) as http:
+            for name in ("a", "b", "c", "a", "b", "c"):
+                assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
+            evicted = _events(list(run.events.history), "evicted")
+    assert {e.fields["action"] for e in evicted} == {"stop"}
+    said = [entry for entry in logs if entry["event"] == "no_sleep_mode"]
+    assert len(said) == len({e.model for e in evicted})  # once per model, not per eviction
+    assert len(evicted) > len(said)
+
+
+class FakeGpuProbe:
+    """One 20 GiB GPU with plenty measured free: the release check passes at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def snapshot(self) -> dict[str, DeviceSnapshot]:
+        self.calls += 1
+        gpu = DeviceSnapshot(
+            name="0",
+            kind="gpu",
+            uuid="GPU-fake-0",
+            index=0,
+            total=20 * GiB,
+            used=0,
+            free=20 * GiB,
+            utilization=0.0,
+            temperature=40.0,
+            power=100.0,
+            processes=(),
+            up=True,
+            error=None,
+        )
+        return {"0": gpu}
+
+
+async def test_victims_on_gpus_are_put_to_sleep_and_woken_on_demand(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    env = {"FAKE_EVENTS_FILE": str(events)}
+    models = {name: {"devices": ["0"], "memory": "8GiB", "env": env} for name in ("a", "b", "c")}
+    config = fake_config(
+        tmp_path,
+        models,
+        devices={},
+        scheduler={"headroom": "1GiB", "min_residency": "0s", "sleep_residue": "1GiB"},
+    )
+    async with running(config, probe=FakeGpuProbe()) as run, client(run) as http:
+        for name in ("a", "b", "c"):
+            assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
+        a = run.supervisor.instances["a"]
+        assert a.state is InstanceState.SLEEPING and a.sleep_level == 1
+        a_pid = a.process.pid if a.process else None
+        # a is asleep, not gone: waking it (b sleeps for it) keeps the same engine process.
+        assert (await http.post("/v1/completions", json=_req("a"))).status_code == 200
+        assert a.state is InstanceState.READY and a.process is not None and a.process.pid == a_pid
+        assert run.supervisor.instances["b"].state is InstanceState.SLEEPING
+        history = list(run.events.history)
+    lines = events.read_text().splitlines()
+    assert lines.count("sleep 1") == 2 and "wake all" in lines
+    evicted = _events(history, "evicted")
+    assert [(e.model, e.fields["action"]) for e in evicted] == [("a", "sleep"), ("b", "sleep")]
+    assert any(
+        e.kind == "state" and e.model == "a" and e.fields.get("new") == "waking" for e in history
+    )
