@@ -12,16 +12,19 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = Path(os.environ.get("VLLMD_DEMO_MODELS", ROOT / ".demo" / "models"))
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+TAG_ENV = "VLLMD_TEST_DAEMON"
 
 
 def require_engine_and_models(*names: str) -> None:
@@ -92,6 +95,28 @@ class Daemon:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    tag: str  # in the daemon's environment, so inherited by every engine process it starts
+    groups: set[int] = field(default_factory=set)  # engine process groups seen so far
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """Live processes of this daemon's engines: in an engine's process group, or carrying
+        the tag the daemon's environment passed down (vLLM's renamed processes overwrite their
+        environment, so the group is what finds those)."""
+        if self.running():
+            self.groups |= {int(str(v["pid"])) for v in self.models().values() if v["pid"]}
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.pid == self.process.pid or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if os.getpgid(proc.pid) in self.groups or proc.environ().get(TAG_ENV) == self.tag:
+                    found.append(proc)
+            except (psutil.Error, ProcessLookupError):
+                continue
+        return found
+
+    def running(self) -> bool:
+        return self.process.poll() is None
 
     def client(self, timeout: float = 300.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -116,9 +141,13 @@ def daemon_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
         config = write_config(tmp, port, models, device_memory, extra)
         log = tmp / "daemon.log"
         argv = [sys.executable, "-m", "vllmd.cli.vllmd", "serve", "--config", str(config)]
+        tag = uuid.uuid4().hex
+        env = {**os.environ, TAG_ENV: tag}
         with log.open("wb") as out:
-            process = subprocess.Popen([*argv, "--log-format", "json"], stdout=out, stderr=out)
-        daemon = Daemon(process, f"http://127.0.0.1:{port}", log)
+            process = subprocess.Popen(
+                [*argv, "--log-format", "json"], stdout=out, stderr=out, env=env
+            )
+        daemon = Daemon(process, f"http://127.0.0.1:{port}", log, tag)
         started.append(daemon)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -112,4 +112,6 @@ def test_models_endpoint_reports_reservations(daemon: Daemon) -> None:
     views = daemon.models()
     assert views["tiny-chat"]["reserved_bytes"] == {"cpu0": 3 * GiB}
     assert views["tiny-chat-2"]["reserved_bytes"] == {"cpu0": 0}
+    assert daemon.engine_processes()
     assert daemon.stop() == 0
+    assert not daemon.engine_processes()

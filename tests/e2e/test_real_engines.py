@@ -45,7 +45,8 @@ def test_streaming_chat_through_an_alias(daemon: Daemon) -> None:
         model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
     )
     chunks = list(stream)
-    assert len(chunks) >= 8
+    # vLLM may merge tokens that are not yet whole UTF-8 into one chunk: a few, not one.
+    assert len(chunks) >= 4
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -93,14 +94,13 @@ def test_killing_the_engine_group_is_recovered_by_the_next_request(daemon: Daemo
 def test_sigterm_stops_the_daemon_and_leaves_no_engine_process(daemon: Daemon) -> None:
     pids = [v["pid"] for v in daemon.models().values() if v["pid"]]
     assert len(pids) == 2  # both engines run
+    names = [p.name() for p in daemon.engine_processes()]
+    assert sum("VLLM::" in n for n in names) >= 2  # what we look for exists while running
     assert daemon.stop() == 0
     for pgid in pids:
         members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pgid]
         assert not members, f"process group {pgid} survived"
-    survivors = [
-        p.info["name"] for p in psutil.process_iter(["name"]) if "VLLM::" in (p.info["name"] or "")
-    ]
-    assert not survivors
+    assert not [p.name() for p in daemon.engine_processes()]
 
 
 def _pgid(pid: int) -> int | None:
