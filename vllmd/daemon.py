@@ -130,7 +130,7 @@ async def serve(
         base_env=seams.base_env,
         recent_use=seams.recent_use,
     )
-    metrics.watch_instances(lambda: supervisor.instances.values())
+    metrics.watch_instances(lambda: supervisor.instances.values(), supervisor.placer.held)
     gateway = Gateway(config, supervisor, metrics)
     sock = bind(config.gateway.listen)
     server = uvicorn.Server(

@@ -152,7 +152,10 @@ class Gateway:
             await send_bytes(send, 200, body, content_type)
         elif path == "/v1/models":
             self._authorize(scope)
-            data = [model_view(i, self.started) for i in self.supervisor.instances.values()]
+            held = self.supervisor.placer.held
+            data = [
+                model_view(i, self.started, held(i)) for i in self.supervisor.instances.values()
+            ]
             await send_json(send, 200, {"object": "list", "data": data})
         elif path.startswith("/v1/models/"):
             self._authorize(scope)
@@ -161,7 +164,8 @@ class Gateway:
                 instance = self.supervisor.get(name)
             except ModelNotFound as exc:
                 raise HTTPError(404, "model_not_found", str(exc)) from None
-            await send_json(send, 200, model_view(instance, self.started))
+            held = self.supervisor.placer.held(instance)
+            await send_json(send, 200, model_view(instance, self.started, held))
         else:
             raise HTTPError(404, "not_found", f"no route GET {path}")
 

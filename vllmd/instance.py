@@ -89,6 +89,8 @@ class Instance:
         self.start_failures = 0  # counter waiters compare against, see wait_ready()
         self.starts = 0
         self.transitions = 0
+        self.measured_bytes = 0  # footprint measured after the last start (per device)
+        self.load_seconds: float | None = None  # how long the last start took
 
         self.sleep_mode = False  # the running engine was started with sleep mode
         self.sleep_level = 0  # the level it sleeps at, while SLEEPING
@@ -259,7 +261,8 @@ class Instance:
         await proc.remember_descendants()
         await api.warm_up(self.model.served_names[0])
         self.ready_since = self.active_since = self.clock()
-        self._transition(S.READY)  # STARTING -> READY
+        self.load_seconds = self.ready_since - self.state_since
+        self._transition(S.READY, load_seconds=round(self.load_seconds, 3))  # STARTING -> READY
 
         while True:
             outcome = await self._serve(api, exited)

@@ -7,6 +7,7 @@ time by a collector, so nothing has to remember to update it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -104,8 +105,10 @@ class Metrics:
     def rejected(self, model: str, reason: str) -> None:
         self._rejected.labels(model, reason).inc()
 
-    def watch_instances(self, instances: Callable[[], Iterable[Instance]]) -> None:
-        self.registry.register(_InstanceCollector(instances))
+    def watch_instances(
+        self, instances: Callable[[], Iterable[Instance]], held: Callable[[Instance], int]
+    ) -> None:
+        self.registry.register(_InstanceCollector(instances, held))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -114,8 +117,11 @@ class Metrics:
 class _InstanceCollector(Collector):
     """Model state read at scrape time."""
 
-    def __init__(self, instances: Callable[[], Iterable[Instance]]) -> None:
+    def __init__(
+        self, instances: Callable[[], Iterable[Instance]], held: Callable[[Instance], int]
+    ) -> None:
         self._instances = instances
+        self._held = held
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -130,12 +136,26 @@ class _InstanceCollector(Collector):
         reserved = GaugeMetricFamily(
             "vllmd_model_reserved_bytes", "Memory reserved per device.", labels=["model", "device"]
         )
+        used = GaugeMetricFamily(
+            "vllmd_model_memory_used_bytes",
+            "Memory measured in use per device after the last start.",
+            labels=["model", "device"],
+        )
+        last_used = GaugeMetricFamily(
+            "vllmd_model_last_used_timestamp_seconds",
+            "When a request last ended.",
+            labels=["model"],
+        )
         for inst in self._instances():
             for s in InstanceState:
                 state.add_metric([inst.name, s.value], 1.0 if inst.state is s else 0.0)
             in_flight.add_metric([inst.name], inst.in_flight)
             queue.add_metric([inst.name], inst.queue_depth)
-            held = inst.model.memory if inst.holds_reservation else 0
+            held = self._held(inst)
             for device in inst.model.devices:
                 reserved.add_metric([inst.name, device], held)
-        yield from (state, in_flight, queue, reserved)
+                if inst.measured_bytes:
+                    used.add_metric([inst.name, device], inst.measured_bytes)
+            if inst.last_used:
+                last_used.add_metric([inst.name], time.time() - (inst.clock() - inst.last_used))
+        yield from (state, in_flight, queue, reserved, used, last_used)

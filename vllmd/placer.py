@@ -95,8 +95,7 @@ class Placer:
         self._host_bytes = {
             name: weights_bytes(inst.model.model) for name, inst in instances.items()
         }
-        self._measured: dict[str, int] = {}
-        self._residue: dict[str, int] = {}
+        self._residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
         total_ram = psutil.virtual_memory().total
         self._host_budget = config.scheduler.host_memory or total_ram // 2
         for inst in instances.values():
@@ -132,6 +131,10 @@ class Placer:
             else:
                 placed.append(PlacedDevice(name, "gpu", instance.model.memory))
         return tuple(placed)
+
+    def held(self, instance: Instance) -> int:
+        """What the instance holds on each of its devices now (the accounting's view)."""
+        return self._view(instance).held()
 
     def kick(self) -> None:
         """Something changed: plan again soon."""
@@ -216,7 +219,7 @@ class Placer:
             devices=model.devices,
             memory=model.memory,
             state=inst.state,
-            measured=self._measured.get(inst.name, 0),
+            measured=inst.measured_bytes,
             residue=self._residue.get(inst.name, self.config.scheduler.sleep_residue),
             in_flight=inst.in_flight,
             last_used=inst.last_used,
@@ -290,9 +293,13 @@ class Placer:
     async def _carry_out(self, ticket: Ticket, plan: Plan, devices: set[str]) -> None:
         inst = ticket.instance
         try:
+            gone: set[int] = set()  # the victims' pids, which must leave the GPUs
             for ev in plan.evictions:
+                victim = self.instances[ev.model]
+                if ev.action == "stop" and victim.process is not None:
+                    gone |= {victim.process.pid, *victim.process.descendants}
                 await self._evict(ev)
-            await self._verify_release(plan)
+            await self._verify_release(plan, gone)
             started = self._clock()
             inst.placement = self.place(inst)
             before = inst.transitions
@@ -360,6 +367,8 @@ class Placer:
         else:
             victim.want_down()
             await victim.wait_state(S.STOPPED, S.FAILED)
+        if victim.state is S.SLEEPING:
+            await self._check_residue(victim)
         action = "sleep" if victim.state is S.SLEEPING else "stop"
         self._metrics.evictions.labels(ev.model, ev.reason, action).inc()
         self._events.emit(
@@ -371,45 +380,73 @@ class Placer:
             freed_bytes=freed,
         )
 
-    async def _verify_release(self, plan: Plan) -> None:
-        """On GPUs, trust no reservation arithmetic: wait (bounded) until measured free memory
-        covers the need before starting. Declared devices have nothing to measure."""
+    async def _verify_release(self, plan: Plan, gone: set[int]) -> None:
+        """On GPUs, trust no reservation arithmetic: wait (bounded) until the stopped victims'
+        pids have left every device's compute-process list and measured free memory covers
+        the need. Declared devices have nothing to measure: their processes are gone already
+        (a stop returns only then)."""
         gpus = [d for d in plan.need if (s := self.devices.get(d)) is not None and s.kind == "gpu"]
         if not gpus or not plan.evictions:
             return
+        problem = ""
         with anyio.move_on_after(RELEASE_TIMEOUT):
             while True:
                 self.devices = await self._probe.snapshot()
+                lingering = sorted(
+                    {p.pid for d in gpus for p in self.devices[d].processes if p.pid in gone}
+                )
                 short = [d for d in gpus if (self.devices[d].free or 0) < plan.need[d]]
-                if not short:
+                if not lingering and not short:
                     return
+                problem = (
+                    f"pids {lingering} still on the device"
+                    if lingering
+                    else f"measured free memory on {', '.join(short)} below the need"
+                )
                 await anyio.sleep(RELEASE_POLL)
-        self._events.emit("release_unverified", plan.model, devices=short)
+        self._events.emit("release_unverified", plan.model, devices=gpus, problem=problem)
         raise InsufficientMemory(
-            f"memory freed for {plan.model} did not come back on device {', '.join(short)} "
-            f"within {RELEASE_TIMEOUT:g}s (measured free below the need)",
+            f"memory freed for {plan.model} was not released within {RELEASE_TIMEOUT:g}s: "
+            f"{problem}",
             retry_after=RELEASE_TIMEOUT,
+        )
+
+    async def _check_residue(self, victim: Instance) -> None:
+        """Measure what a sleeping engine still holds on its GPUs; remembered for the next
+        plans. A sleep that keeps more than assumed (leaky) is escalated to a stop."""
+        used = await self._gpu_usage(victim)
+        if used is None:
+            return
+        assumed = self._residue.get(victim.name, self.config.scheduler.sleep_residue)
+        self._residue[victim.name] = used
+        if used > max(assumed, victim.model.memory // 2):
+            self._events.emit("leaky_sleep", victim.name, residue_bytes=used, assumed_bytes=assumed)
+            victim.want_down()
+            await victim.wait_state(S.STOPPED, S.FAILED)
+
+    async def _gpu_usage(self, inst: Instance) -> int | None:
+        """The most an instance's processes use on any one of its GPUs (None: no GPUs)."""
+        devices = [d for d in self.place(inst) if d.kind == "gpu"]
+        if not devices or inst.process is None:
+            return None
+        self.devices = await self._probe.snapshot()
+        pids = {inst.process.pid, *inst.process.descendants}
+        return max(
+            (
+                sum(p.used_bytes or 0 for p in self.devices[d.name].processes if p.pid in pids)
+                for d in devices
+                if d.name in self.devices
+            ),
+            default=0,
         )
 
     async def _measure(self, inst: Instance) -> None:
         """Record the engine's real footprint; the larger of it and the reservation is held."""
         if inst.process is None:
             return
-        devices = self.place(inst)
-        if all(d.kind == "cpu" for d in devices):
-            used = await measure_rss(inst.process.pid)
-        else:
-            self.devices = await self._probe.snapshot()
-            pids = {inst.process.pid, *inst.process.descendants}
-            used = max(
-                (
-                    sum(p.used_bytes or 0 for p in self.devices[d.name].processes if p.pid in pids)
-                    for d in devices
-                    if d.name in self.devices
-                ),
-                default=0,
-            )
-        self._measured[inst.name] = used
+        gpu = await self._gpu_usage(inst)
+        used = gpu if gpu is not None else await measure_rss(inst.process.pid)
+        inst.measured_bytes = used
         over = used - inst.model.memory
         self._events.emit(
             "measured", inst.name, used_bytes=used, over_reservation_bytes=max(0, over)

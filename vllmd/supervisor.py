@@ -125,8 +125,14 @@ class Supervisor:
             self.queued_total -= 1
 
     def _retry_after(self, instance: Instance) -> float:
-        # The remaining start time is unknown until a load has been measured: say 5 s.
-        return 5.0
+        """The estimated remaining load time: the last load's duration less the time this
+        one has run; 5 s before any load was measured."""
+        if instance.load_seconds is None:
+            return 5.0
+        if instance.state is S.STARTING:
+            elapsed = instance.clock() - instance.state_since
+            return max(1.0, instance.load_seconds - elapsed)
+        return max(1.0, instance.load_seconds)
 
     async def load(self, instance: Instance) -> None:
         """A deliberate load: clears `failed`."""

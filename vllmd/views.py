@@ -15,10 +15,10 @@ def wall_time(instance: Instance, clock_value: float) -> float | None:
     return time.time() - (instance.clock() - clock_value)
 
 
-def model_view(instance: Instance, created: int) -> dict[str, Any]:
-    """OpenAI's model object, with vllmd's own fields under `vllmd`."""
+def model_view(instance: Instance, created: int, held: int) -> dict[str, Any]:
+    """OpenAI's model object, with vllmd's own fields under `vllmd`; `held` is what the
+    memory accounting holds for it on each of its devices."""
     model = instance.model
-    reserved = model.memory if instance.holds_reservation else 0
     return {
         "id": model.name,
         "object": "model",
@@ -29,7 +29,8 @@ def model_view(instance: Instance, created: int) -> dict[str, Any]:
             "state": str(instance.state),
             "aliases": list(model.aliases),
             "devices": list(model.devices),
-            "reserved_bytes": {device: reserved for device in model.devices},
+            "reserved_bytes": {device: held for device in model.devices},
+            "measured_bytes": instance.measured_bytes or None,
             "last_used": wall_time(instance, instance.last_used),
             "in_flight": instance.in_flight,
             "queue_depth": instance.queue_depth,
