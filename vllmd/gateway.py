@@ -164,8 +164,8 @@ class Gateway:
                 instance = self.supervisor.get(name)
             except ModelNotFound as exc:
                 raise HTTPError(404, "model_not_found", str(exc)) from None
-            held = self.supervisor.placer.held(instance)
-            await send_json(send, 200, model_view(instance, self.started, held))
+            view = model_view(instance, self.started, self.supervisor.placer.held(instance))
+            await send_json(send, 200, view)
         else:
             raise HTTPError(404, "not_found", f"no route GET {path}")
 
