@@ -45,7 +45,6 @@ from vllmd.states import InstanceState
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
 DEVICE_REFRESH = 5.0
-RELEASE_TIMEOUT = 30.0
 RELEASE_POLL = 0.5
 
 
@@ -389,7 +388,9 @@ class Placer:
         if not gpus or not plan.evictions:
             return
         problem = ""
-        with anyio.move_on_after(RELEASE_TIMEOUT):
+        # Bounded like a stop: a driver that has not let go by then will not.
+        bound = self.config.engine.stop_timeout
+        with anyio.move_on_after(bound):
             while True:
                 self.devices = await self._probe.snapshot()
                 lingering = sorted(
@@ -406,9 +407,8 @@ class Placer:
                 await anyio.sleep(RELEASE_POLL)
         self._events.emit("release_unverified", plan.model, devices=gpus, problem=problem)
         raise InsufficientMemory(
-            f"memory freed for {plan.model} was not released within {RELEASE_TIMEOUT:g}s: "
-            f"{problem}",
-            retry_after=RELEASE_TIMEOUT,
+            f"memory freed for {plan.model} was not released within {bound:g}s: {problem}",
+            retry_after=bound,
         )
 
     async def _check_residue(self, victim: Instance) -> None:

@@ -6,12 +6,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 import structlog
 
 from tests.integration.harness import client, eventually, fake_config, running
 from vllmd.config import Config
-from vllmd.devices import DeviceSnapshot
+from vllmd.devices import DeviceSnapshot, GpuProcess
 from vllmd.events import Event
 from vllmd.process import group_alive
 from vllmd.states import InstanceState
@@ -172,13 +173,20 @@ async def test_cpu_models_are_stopped_not_slept_and_the_log_says_so_once(tmp_pat
 
 
 class FakeGpuProbe:
-    """One 20 GiB GPU with plenty measured free: the release check passes at once."""
+    """One 20 GiB GPU. `lingering` pids stay in its compute-process list (as a slow driver
+    would keep them) for `linger` more snapshots after they are added."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger: int = 0) -> None:
         self.calls = 0
+        self.linger = linger
+        self.lingering: set[int] = set()
 
     async def snapshot(self) -> dict[str, DeviceSnapshot]:
         self.calls += 1
+        if self.lingering and self.linger <= 0:
+            self.lingering.clear()
+        self.linger -= 1 if self.lingering else 0
+        processes = tuple(GpuProcess(pid, 1 * GiB) for pid in sorted(self.lingering))
         gpu = DeviceSnapshot(
             name="0",
             kind="gpu",
@@ -190,23 +198,27 @@ class FakeGpuProbe:
             utilization=0.0,
             temperature=40.0,
             power=100.0,
-            processes=(),
+            processes=processes,
             up=True,
             error=None,
         )
         return {"0": gpu}
 
 
-async def test_victims_on_gpus_are_put_to_sleep_and_woken_on_demand(tmp_path: Path) -> None:
-    events = tmp_path / "events"
-    env = {"FAKE_EVENTS_FILE": str(events)}
-    models = {name: {"devices": ["0"], "memory": "8GiB", "env": env} for name in ("a", "b", "c")}
-    config = fake_config(
+def _gpu_config(tmp_path: Path, env: Mapping[str, str], **model: object) -> Config:
+    """A 20 GiB GPU (1 GiB headroom) that fits two 8 GiB models, not three."""
+    models = {n: {"devices": ["0"], "memory": "8GiB", "env": env, **model} for n in ("a", "b", "c")}
+    return fake_config(
         tmp_path,
         models,
         devices={},
         scheduler={"headroom": "1GiB", "min_residency": "0s", "sleep_residue": "1GiB"},
     )
+
+
+async def test_victims_on_gpus_are_put_to_sleep_and_woken_on_demand(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    config = _gpu_config(tmp_path, {"FAKE_EVENTS_FILE": str(events)})
     async with running(config, probe=FakeGpuProbe()) as run, client(run) as http:
         for name in ("a", "b", "c"):
             assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
@@ -225,3 +237,93 @@ async def test_victims_on_gpus_are_put_to_sleep_and_woken_on_demand(tmp_path: Pa
     assert any(
         e.kind == "state" and e.model == "a" and e.fields.get("new") == "waking" for e in history
     )
+
+
+async def test_level_2_sleep_wakes_with_the_weight_reload_sequence(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    config = _gpu_config(tmp_path, {"FAKE_EVENTS_FILE": str(events)}, sleep_level=2)
+    async with running(config, probe=FakeGpuProbe()) as run, client(run) as http:
+        for name in ("a", "b", "c", "a"):
+            assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
+        assert run.supervisor.instances["b"].sleep_level == 2
+    lines = [line for line in events.read_text().splitlines() if not line.startswith("request")]
+    assert "sleep 2" in lines
+    # weights first, then (after reload_weights) the KV cache
+    assert lines.index("wake weights") < lines.index("wake kv_cache")
+
+
+async def test_start_waits_until_the_victims_pids_leave_the_gpu(tmp_path: Path) -> None:
+    probe = FakeGpuProbe(linger=3)
+    config = _gpu_config(tmp_path, {}, sleep_level=0)
+    async with running(config, probe=probe) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        await http.post("/v1/completions", json=_req("b"))
+        a = run.supervisor.instances["a"]
+        assert a.process is not None
+        probe.lingering = {a.process.pid}
+        calls_before = probe.calls
+        assert (await http.post("/v1/completions", json=_req("c"))).status_code == 200
+        assert not probe.lingering  # c started only once the pid had gone
+        assert probe.calls - calls_before >= 3
+
+
+async def test_pids_that_never_leave_the_gpu_fail_the_load_clearly(tmp_path: Path) -> None:
+    probe = FakeGpuProbe(linger=10**6)
+    config = _gpu_config(tmp_path, {}, sleep_level=0)
+    async with running(config, probe=probe) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        await http.post("/v1/completions", json=_req("b"))
+        a = run.supervisor.instances["a"]
+        assert a.process is not None
+        probe.lingering = {a.process.pid}
+        r = await http.post("/v1/completions", json=_req("c"))
+        assert run.supervisor.instances["c"].state is InstanceState.STOPPED
+        history = list(run.events.history)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "insufficient_memory"
+    assert "still on the device" in r.json()["error"]["message"]
+    assert _events(history, "release_unverified")
+
+
+async def test_idle_gpu_model_sleeps_then_stops_after_sleep_ttl(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path,
+        {"a": {"devices": ["0"], "memory": "8GiB", "idle_ttl": "300ms"}},
+        devices={},
+        scheduler={"sleep_ttl": "500ms", "sleep_residue": "1GiB"},
+    )
+    async with running(config, probe=FakeGpuProbe()) as run, client(run) as http:
+        await http.post("/v1/completions", json=_req("a"))
+        a = run.supervisor.instances["a"]
+        with anyio.fail_after(5):
+            await a.wait_state(InstanceState.SLEEPING)
+        await eventually(lambda: len(_events(list(run.events.history), "evicted")) == 2)
+        assert a.state is InstanceState.STOPPED
+        evicted = _events(list(run.events.history), "evicted")
+    assert [(e.fields["reason"], e.fields["action"]) for e in evicted] == [
+        ("idle", "sleep"),
+        ("sleep_ttl", "stop"),
+    ]
+
+
+async def test_preload_models_start_with_the_daemon(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, {"a": {"preload": True}, "b": {}})
+    async with running(config) as run:
+        a = run.supervisor.instances["a"]
+        with anyio.fail_after(10):
+            await a.wait_state(InstanceState.READY)
+        assert run.supervisor.instances["b"].state is InstanceState.STOPPED
+
+
+async def test_queued_request_whose_client_leaves_is_dropped_and_the_load_goes_on(
+    tmp_path: Path,
+) -> None:
+    config = fake_config(tmp_path, {"a": {"env": {"FAKE_STARTUP_DELAY": "1.5"}}})
+    async with running(config) as run, client(run, timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json=_req("a"))
+        a = run.supervisor.instances["a"]
+        await eventually(lambda: a.queue_depth == 0)
+        assert run.supervisor.queued_total == 0
+        with anyio.fail_after(10):
+            await a.wait_state(InstanceState.READY)
