@@ -434,8 +434,7 @@ class Instance:
         self.ready_since = self.active_since = None
 
     async def _cleanup(self) -> None:
-        if self.process is not None:
-            await self.process.terminate(min(self.engine.stop_timeout, 5.0))
+        # Only a forced shutdown (or a bug) cancels the actor: no drain, no SIGTERM grace.
         await self._release_process()
 
     def _transition(self, new: InstanceState, **fields: object) -> None:

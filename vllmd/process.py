@@ -113,13 +113,15 @@ class EngineProcess:
 
     async def terminate(self, stop_timeout: float) -> None:
         """SIGTERM the group, wait up to stop_timeout, SIGKILL the group and every known
-        descendant, then wait for the leader. Safe to call more than once."""
-        with anyio.CancelScope(shield=True):
+        descendant, then wait for the leader. Safe to call more than once. Cancelling it (a
+        forced shutdown) skips the rest of the wait, never the SIGKILL."""
+        try:
             if self.returncode is None:
                 await self.remember_descendants()
             signal_group(self.record.pgid, signal.SIGTERM)
             with anyio.move_on_after(stop_timeout):
                 await self.process.wait()
+        finally:
             await self.kill()
 
     async def kill(self) -> None:
