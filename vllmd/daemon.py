@@ -151,7 +151,7 @@ async def serve(
             await tg.start(supervisor.run)
             await _start_server(server, sock)
             tg.start_soon(_run_server, server, sock)
-            gateway.ready = any(d.up for d in devices.values()) or not devices
+            gateway.accepting = True
             notifier.ready(status_line(supervisor))
             log.info(
                 "ready",
@@ -167,7 +167,7 @@ async def serve(
             log.info("shutting_down")
             notifier.stopping()
             notifier.extend_timeout(config.engine.drain_timeout + config.engine.stop_timeout + 30)
-            gateway.ready = False
+            gateway.accepting = False
             server.should_exit = True
             if force is not None:
                 async with anyio.create_task_group() as stop_tg:

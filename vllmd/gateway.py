@@ -26,6 +26,7 @@ from vllmd.errors import (
     StartFailed,
     VllmdError,
 )
+from vllmd.instance import Instance
 from vllmd.metrics import Metrics
 from vllmd.supervisor import Supervisor
 from vllmd.views import model_view
@@ -114,7 +115,7 @@ class Gateway:
         self.started = int(time.time())
         self._keys = tuple(k.encode() for k in config.gateway.api_keys)
         self._max_body = config.gateway.max_body
-        self.ready = False
+        self.accepting = False  # set by the daemon once serving, cleared at shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,8 +146,10 @@ class Gateway:
         if path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":
-            status = 200 if self.ready else 503
-            await send_json(send, status, {"ready": self.ready})
+            devices = self.supervisor.placer.devices.values()
+            usable = sorted(d.name for d in devices if d.up)
+            ready = self.accepting and bool(usable)
+            await send_json(send, 200 if ready else 503, {"ready": ready, "devices_up": usable})
         elif path == "/metrics":
             body, content_type = self.metrics.exposition()
             await send_bytes(send, 200, body, content_type)
@@ -253,7 +256,7 @@ class Gateway:
         send: Send,
         route: str,
         body: bytes,
-        instance: Any,
+        instance: Instance,
         request_id: str,
     ) -> int:
         try:

@@ -176,7 +176,8 @@ class FakeGpuProbe:
     """One 20 GiB GPU. `lingering` pids stay in its compute-process list (as a slow driver
     would keep them) for `linger` more snapshots after they are added."""
 
-    def __init__(self, linger: int = 0) -> None:
+    def __init__(self, linger: int = 0, up: bool = True) -> None:
+        self.up = up
         self.calls = 0
         self.linger = linger
         self.lingering: set[int] = set()
@@ -199,8 +200,8 @@ class FakeGpuProbe:
             temperature=40.0,
             power=100.0,
             processes=processes,
-            up=True,
-            error=None,
+            up=self.up,
+            error=None if self.up else "probe timed out",
         )
         return {"0": gpu}
 
@@ -327,3 +328,18 @@ async def test_queued_request_whose_client_leaves_is_dropped_and_the_load_goes_o
         assert run.supervisor.queued_total == 0
         with anyio.fail_after(10):
             await a.wait_state(InstanceState.READY)
+
+
+async def test_a_down_device_makes_the_daemon_unready_and_its_models_wait(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path,
+        {"a": {"devices": ["0"], "memory": "8GiB"}},
+        devices={},
+        gateway={"queue_timeout": "300ms"},
+    )
+    async with running(config, probe=FakeGpuProbe(up=False)) as run, client(run) as http:
+        ready = await http.get("/ready")
+        r = await http.post("/v1/completions", json=_req("a"))
+        assert run.supervisor.instances["a"].state is InstanceState.STOPPED
+    assert ready.status_code == 503 and ready.json()["devices_up"] == []
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout"
