@@ -36,6 +36,11 @@ Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
 ReadyPoll = 0.1
 BACKOFF_MAX = 300.0
 OUTPUT_LINES = 2000
+# vLLM's refusal when free memory at startup is below what it was told to take
+# ("... on startup is less than desired GPU memory utilization ...").
+PROFILING_RACE = "on startup is less than desired"
+PROFILING_RETRIES = 10  # uncounted retries of such starts before they count as failures
+OUTPUT_GRACE = 1.0
 
 Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed", "sleep"]
 Want = Literal["up", "down", "asleep"]
@@ -89,6 +94,7 @@ class Instance:
         self.start_failures = 0  # counter waiters compare against, see wait_ready()
         self.starts = 0
         self.transitions = 0
+        self.profiling_retries = 0
         self.measured_bytes = 0  # footprint measured after the last start (per device)
         self.load_seconds: float | None = None  # how long the last start took
 
@@ -186,7 +192,13 @@ class Instance:
         """Count a restart; FAILED past max_restarts in restart_window, else BACKOFF and wait.
         Returns True when the loop should start again."""
         now = self.clock()
-        self.restarts.append(now)
+        if outcome == "start_failed" and self._lost_memory_race():
+            # vLLM's startup profiling saw a neighbour's memory change under it: not a crash
+            # of this model. Retried after a backoff, not counted (within reason).
+            self.profiling_retries += 1
+            self._events.emit("start_profiling_retry", self.name, retries=self.profiling_retries)
+        else:
+            self.restarts.append(now)
         while self.restarts and self.restarts[0] < now - self.model.restart_window:
             self.restarts.popleft()
         if len(self.restarts) > self.model.max_restarts:
@@ -194,7 +206,7 @@ class Instance:
             self._transition(S.FAILED, reason=outcome, error=self.last_error)  # -> FAILED
             self._events.emit("model_failed", self.name, restarts=len(self.restarts))
             return False
-        delay = min(2.0 ** (len(self.restarts) - 1), BACKOFF_MAX)
+        delay = min(2.0 ** max(0, len(self.restarts) - 1), BACKOFF_MAX)
         self._transition(S.BACKOFF, reason=outcome, delay=delay)  # -> BACKOFF
         with anyio.move_on_after(delay):
             await self._until(lambda: not self._keep)
@@ -226,9 +238,13 @@ class Instance:
         self._events.emit("spawned", self.name, pid=proc.pid, address=self.address.describe())
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump_output, proc)
+                output_done = anyio.Event()
+                tg.start_soon(self._pump_output, proc, output_done)
                 tg.start_soon(self._watch_exit, proc, exited)
                 outcome = await self._supervise(proc, api, exited)
+                # The engine's last words (why it exited) arrive just after its exit.
+                with anyio.move_on_after(OUTPUT_GRACE):
+                    await output_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -406,15 +422,23 @@ class Instance:
             return EngineAddress(uds=directory / "engine.sock")
         return EngineAddress.tcp("127.0.0.1", _free_port(*self.engine.port_range))
 
+    def _lost_memory_race(self) -> bool:
+        """The engine refused to start because free memory changed while it profiled."""
+        if self.profiling_retries >= PROFILING_RETRIES:
+            return False
+        tail = list(self.output)[-50:]
+        return any(PROFILING_RACE in line for line in tail)
+
     def _start_failed(self) -> None:
         self.start_failures += 1
         self._events.emit("start_failed", self.name, error=self.last_error)
         self._notify()
 
-    async def _pump_output(self, proc: EngineProcess) -> None:
+    async def _pump_output(self, proc: EngineProcess, done: anyio.Event) -> None:
         async for line in proc.lines():
             self.output.append(line)
             self.log.info("engine_output", line=line)
+        done.set()
 
     async def _watch_exit(self, proc: EngineProcess, exited: anyio.Event) -> None:
         await proc.wait()

@@ -6,6 +6,7 @@ flags are ignored) and answers like vLLM, in milliseconds instead of tens of sec
 
 Behaviour is chosen by environment variables:
   FAKE_STARTUP_DELAY   seconds before listening (default 0.3); connections are refused until then.
+  FAKE_CRASH_MESSAGE   what crash_at_start prints on stderr (default "cannot load model").
   FAKE_MODE            ok | crash_at_start | crash_after_requests:N | hang | unhealthy_after:S
                        | ignore_sigterm   (default ok)
   FAKE_TOKENS          tokens per answer (default 5), capped by the request's max_tokens.
@@ -479,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     time.sleep(float(os.environ.get("FAKE_STARTUP_DELAY", "0.3")))
     if mode == "crash_at_start":
-        print("ERROR fake engine: cannot load model", file=sys.stderr, flush=True)
+        message = os.environ.get("FAKE_CRASH_MESSAGE", "cannot load model")
+        print(f"ERROR fake engine: {message}", file=sys.stderr, flush=True)
         sys.exit(3)
     while mode == "hang":
         time.sleep(3600)

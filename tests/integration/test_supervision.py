@@ -337,3 +337,21 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_start_that_lost_a_memory_race_is_retried_not_counted(tmp_path: Path) -> None:
+    """vLLM refuses to start when free memory changed while it profiled: that is a neighbour's
+    doing, not a crash of this model, so it must not push the model to `failed`."""
+    message = (
+        "ValueError: Free memory on device (10.1/79.2 GiB) on startup is less than desired "
+        "GPU memory utilization (0.5, 39.6 GiB)"
+    )
+    env = {"FAKE_MODE": "crash_at_start", "FAKE_STARTUP_DELAY": "0", "FAKE_CRASH_MESSAGE": message}
+    config = fake_config(tmp_path, {"m": {"env": env, "max_restarts": 1}})
+    async with running(config) as run, client(run) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        instance = run.supervisor.instances["m"]
+        await eventually(lambda: instance.profiling_retries >= 2, 10)
+        assert instance.state is not InstanceState.FAILED
+        assert len(instance.restarts) == 0
+    assert r.status_code == 502
