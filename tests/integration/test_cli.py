@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -11,10 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.integration.harness import FAKE_ENGINE
+from vllmd.process import group_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLMD = [sys.executable, "-m", "vllmd.cli.vllmd"]
@@ -72,13 +71,7 @@ def _start(config: Path, port: int, tmp_path: Path) -> tuple[subprocess.Popen[by
 
 
 def _gone(pgid: int) -> bool:
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return True
+    return not group_alive(pgid)
 
 
 def test_sigterm_stops_engines_and_exits_0(tmp_path: Path) -> None:

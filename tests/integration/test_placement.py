@@ -253,8 +253,10 @@ async def test_level_2_sleep_wakes_with_the_weight_reload_sequence(tmp_path: Pat
     assert lines.index("wake weights") < lines.index("wake kv_cache")
 
 
-async def test_start_waits_until_the_victims_pids_leave_the_gpu(tmp_path: Path) -> None:
-    probe = FakeGpuProbe(linger=3)
+async def _load_while_victim_pids_linger(
+    tmp_path: Path, probe: FakeGpuProbe
+) -> tuple[httpx.Response, int, list[Event], InstanceState]:
+    """a and b run; a's pid is made to linger on the GPU; then c needs a's memory."""
     config = _gpu_config(tmp_path, {}, sleep_level=0)
     async with running(config, probe=probe) as run, client(run) as http:
         await http.post("/v1/completions", json=_req("a"))
@@ -263,23 +265,28 @@ async def test_start_waits_until_the_victims_pids_leave_the_gpu(tmp_path: Path) 
         assert a.process is not None
         probe.lingering = {a.process.pid}
         calls_before = probe.calls
-        assert (await http.post("/v1/completions", json=_req("c"))).status_code == 200
-        assert not probe.lingering  # c started only once the pid had gone
-        assert probe.calls - calls_before >= 3
+        r = await http.post("/v1/completions", json=_req("c"))
+        return (
+            r,
+            probe.calls - calls_before,
+            list(run.events.history),
+            (run.supervisor.instances["c"].state),
+        )
+
+
+async def test_start_waits_until_the_victims_pids_leave_the_gpu(tmp_path: Path) -> None:
+    probe = FakeGpuProbe(linger=3)
+    r, probes, _, _ = await _load_while_victim_pids_linger(tmp_path, probe)
+    assert r.status_code == 200
+    assert not probe.lingering  # c started only once the pid had gone
+    assert probes >= 3
 
 
 async def test_pids_that_never_leave_the_gpu_fail_the_load_clearly(tmp_path: Path) -> None:
-    probe = FakeGpuProbe(linger=10**6)
-    config = _gpu_config(tmp_path, {}, sleep_level=0)
-    async with running(config, probe=probe) as run, client(run) as http:
-        await http.post("/v1/completions", json=_req("a"))
-        await http.post("/v1/completions", json=_req("b"))
-        a = run.supervisor.instances["a"]
-        assert a.process is not None
-        probe.lingering = {a.process.pid}
-        r = await http.post("/v1/completions", json=_req("c"))
-        assert run.supervisor.instances["c"].state is InstanceState.STOPPED
-        history = list(run.events.history)
+    r, _, history, c_state = await _load_while_victim_pids_linger(
+        tmp_path, FakeGpuProbe(linger=10**6)
+    )
+    assert c_state is InstanceState.STOPPED
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "insufficient_memory"
     assert "still on the device" in r.json()["error"]["message"]
