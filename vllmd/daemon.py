@@ -67,7 +67,11 @@ class Seams:
 def bind(listen: Listen) -> socket.socket:
     """Bind a listening TCP socket; errors surface here, before READY=1."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Protocol given explicitly: asyncio sets TCP_NODELAY on accepted sockets only when it
+    # is IPPROTO_TCP, and without it uvicorn's separate header and body writes wait ~40 ms
+    # for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((listen.host, listen.port))
     sock.listen(2048)

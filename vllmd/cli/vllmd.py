@@ -66,7 +66,7 @@ def serve(path: Path, log_format: str | None) -> int:
     )
     log = structlog.get_logger("vllmd")
     try:
-        return anyio.run(_run, config)
+        return anyio.run(_run, config, backend_options={"use_uvloop": True})
     except OSError as exc:
         log.error("runtime_failure", error=str(exc))
         return EXIT_FAILURE
