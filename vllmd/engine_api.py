@@ -13,20 +13,57 @@ from vllmd.engine import EngineAddress
 
 def make_client(
     address: EngineAddress, *, connect_timeout: float, max_connections: int
-) -> httpx.AsyncClient:
-    """The pooled client for one engine; read timeouts are left to each call (streams are long)."""
+) -> tuple[httpx.AsyncClient, Upstream]:
+    """One connection pool per engine, used two ways: an httpx client for vllmd's own calls,
+    and an `Upstream` for proxying. Read timeouts are left to each call (streams are long)."""
     transport = httpx.AsyncHTTPTransport(
         uds=str(address.uds) if address.uds is not None else None,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
         retries=0,
     )
     headers = {"Authorization": f"Bearer {address.api_key}"} if address.api_key else {}
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=transport,
         base_url=address.base_url,
         headers=headers,
         timeout=httpx.Timeout(None, connect=connect_timeout),
     )
+    return client, Upstream(transport, address, connect_timeout)
+
+
+class Upstream:
+    """The proxy's path to one engine: straight to the pooled transport. The gateway needs
+    none of what `AsyncClient.send` adds per request (auth flow, redirects, cookies, URL
+    merging); URLs and fixed headers are built once."""
+
+    def __init__(
+        self, transport: httpx.AsyncHTTPTransport, address: EngineAddress, connect_timeout: float
+    ) -> None:
+        self._transport = transport
+        self._base = address.base_url
+        self._urls: dict[str, httpx.URL] = {}
+        self._auth = (
+            [(b"authorization", f"Bearer {address.api_key}".encode())] if address.api_key else []
+        )
+        self._timeout = {"connect": connect_timeout, "read": None, "write": None, "pool": None}
+
+    async def post(
+        self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> httpx.Response:
+        """Send a POST and return the response with its body still to be streamed."""
+        url = self._urls.get(route)
+        if url is None:
+            url = self._urls[route] = httpx.URL(self._base + route)
+        headers = [
+            (b"host", b"engine"),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+            *self._auth,
+        ]
+        request = httpx.Request(
+            "POST", url, headers=headers, content=body, extensions={"timeout": self._timeout}
+        )
+        return await self._transport.handle_async_request(request)
 
 
 class EngineAPI:

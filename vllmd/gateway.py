@@ -72,13 +72,13 @@ REQUEST_DROP = frozenset(
 )
 RESPONSE_DROP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "date",
-        "server",
-        "x-request-id",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-request-id",
     }
 )
 ERROR_TYPES = {
@@ -263,14 +263,13 @@ class Gateway:
             queued = time.perf_counter()
             async with self.supervisor.lease(instance) as inst:
                 self.metrics.queued(inst.name, time.perf_counter() - queued)
-                client = inst.client
-                assert client is not None
+                upstream = inst.upstream
+                assert upstream is not None
                 headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
                 headers.append((b"x-request-id", request_id.encode()))
-                request = client.build_request("POST", route, content=body, headers=headers)
                 sent = time.perf_counter()
                 try:
-                    response = await client.send(request, stream=True)
+                    response = await upstream.post(route, body, headers)
                 except httpx.HTTPError as exc:
                     raise HTTPError(
                         502,
@@ -292,9 +291,7 @@ class Gateway:
     async def _relay(
         self, send: Send, response: httpx.Response, request_id: str, model: str, sent: float
     ) -> int:
-        headers = [
-            (k.encode(), v.encode()) for k, v in response.headers.items() if k not in RESPONSE_DROP
-        ]
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
         headers.append((b"x-request-id", request_id.encode()))
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         if not streaming:

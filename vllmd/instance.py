@@ -25,7 +25,7 @@ from anyio.abc import TaskStatus
 
 from vllmd.config import EngineConfig, ModelConfig
 from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, weights_bytes
-from vllmd.engine_api import EngineAPI, make_client
+from vllmd.engine_api import EngineAPI, Upstream, make_client
 from vllmd.errors import ConfigError, ModelFailed, StartFailed
 from vllmd.events import EventBus
 from vllmd.process import MARKER_ENV, EngineProcess
@@ -82,6 +82,7 @@ class Instance:
         self.process: EngineProcess | None = None
         self.address: EngineAddress | None = None
         self.client: httpx.AsyncClient | None = None
+        self.upstream: Upstream | None = None  # the gateway's path to the engine
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
 
         self.in_flight = 0
@@ -228,7 +229,7 @@ class Instance:
         self.process = proc
         self.starts += 1
         assert self.address is not None
-        self.client = make_client(
+        self.client, self.upstream = make_client(
             self.address,
             connect_timeout=self._options.connect_timeout,
             max_connections=self._options.max_connections,
@@ -454,7 +455,7 @@ class Instance:
         if self.address is not None and self.address.uds is not None:
             shutil.rmtree(self.address.uds.parent, ignore_errors=True)
         self.process = None
-        self.client = None
+        self.client = self.upstream = None
         self.ready_since = self.active_since = None
 
     async def _cleanup(self) -> None:

@@ -148,12 +148,15 @@ class Placer:
             tg.start_soon(self._refresh_devices)
             self._preload()
             task_status.started()
+            wake_at, idle_deferred = 0.0, False
             while True:
                 self._changed = anyio.Event()
-                snap = self.snapshot()
-                self._plan_queue()
-                self._plan_idle(snap)
-                wake_at = self._next_wake(snap)
+                # Most wake-ups are a request ending with nothing queued: then only the timer
+                # is worth recomputing, not a snapshot of every model.
+                if self._queue or idle_deferred or self._clock() >= wake_at:
+                    self._plan_queue()
+                    idle_deferred = self._plan_idle(self.snapshot())
+                wake_at = self._next_wake()
                 with anyio.move_on_after(max(0.0, wake_at - self._clock())):
                     await self._changed.wait()
 
@@ -459,7 +462,10 @@ class Placer:
 
     # --- idle models, preload, devices ----------------------------------------------------------
 
-    def _plan_idle(self, snap: Snapshot) -> None:
+    def _plan_idle(self, snap: Snapshot) -> bool:
+        """Start the idle/sleep_ttl evictions that are due; True if one had to be deferred
+        (its device busy), to be tried again when an operation ends."""
+        deferred = False
         sched = self.config.scheduler
         ttl = {
             n: (i.model.idle_ttl if i.model.idle_ttl is not None else sched.idle_ttl)
@@ -470,11 +476,13 @@ class Placer:
             if devices & self._busy_devices or any(
                 t.instance.name == ev.model for t in self._queue
             ):
+                deferred = True
                 continue
             assert self._tg is not None
             self._busy_devices |= devices
             self._busy_models.add(ev.model)
             self._tg.start_soon(self._carry_out_idle, ev, devices)
+        return deferred
 
     async def _carry_out_idle(self, ev: Eviction, devices: set[str]) -> None:
         try:
@@ -484,10 +492,10 @@ class Placer:
             self._busy_models.discard(ev.model)
             self.kick()
 
-    def _next_wake(self, snap: Snapshot) -> float:
+    def _next_wake(self) -> float:
         times = []
         if self._queue:
-            t = next_change(snap)
+            t = next_change(self.snapshot())
             if t is not None:
                 times.append(t)
         sched = self.config.scheduler
@@ -497,7 +505,9 @@ class Placer:
                 times.append(max(inst.last_used, inst.active_since or 0) + ttl)
             if inst.state is S.SLEEPING and sched.sleep_ttl > 0:
                 times.append(inst.state_since + sched.sleep_ttl)
-        return min(times) if times else math.inf
+        # Deadlines already past were handled (or deferred until an operation ends).
+        now = self._clock()
+        return min((t for t in times if t > now), default=math.inf)
 
     def _preload(self) -> None:
         preload = [i for i in self.instances.values() if i.model.preload]
