@@ -159,6 +159,8 @@ def build_launch(
         # NVML and CUDA number GPUs differently: address them by UUID, in bus order.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(d.uuid or d.name for d in gpus)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a cpu placement must not touch the host's GPUs
     if sleep_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
     else:

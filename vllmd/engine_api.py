@@ -104,7 +104,10 @@ class EngineAPI:
     async def is_sleeping(self, timeout: float = 10.0) -> bool:
         response = await self.client.get("/is_sleeping", timeout=timeout)
         response.raise_for_status()
-        return bool(response.json().get("is_sleeping"))
+        body = response.json()
+        if not isinstance(body, dict) or not isinstance(body.get("is_sleeping"), bool):
+            raise ValueError(f"unexpected /is_sleeping answer: {response.text[:100]!r}")
+        return bool(body["is_sleeping"])
 
     async def wake_up(self, level: int, timeout: float = 300.0) -> None:
         """Level 1: weights are in host RAM. Level 2: weights were discarded and are reloaded

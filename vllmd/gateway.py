@@ -200,6 +200,8 @@ class Gateway:
             except ModelNotFound as exc:
                 raise HTTPError(404, "model_not_found", str(exc)) from None
             model_label = instance.name
+            if not self.accepting:
+                raise HTTPError(503, "shutting_down", "vllmd is shutting down", retry_after=5)
             # From here the client may leave: its disconnect cancels the queue wait or the
             # upstream request (which makes vLLM abort the generation).
             status = CLIENT_CLOSED

@@ -26,14 +26,14 @@ from anyio.abc import TaskStatus
 from vllmd.config import EngineConfig, ModelConfig
 from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, weights_bytes
 from vllmd.engine_api import EngineAPI, Upstream, make_client
-from vllmd.errors import ConfigError, ModelFailed, StartFailed
+from vllmd.errors import ConfigError
 from vllmd.events import EventBus
 from vllmd.process import MARKER_ENV, EngineProcess
 from vllmd.states import HOLDS_RESERVATION, InstanceState, check_transition
 
 S = InstanceState
 Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
-ReadyPoll = 0.1
+READY_POLL = 0.1
 BACKOFF_MAX = 300.0
 OUTPUT_LINES = 2000
 # vLLM's refusal when free memory at startup is below what it was told to take
@@ -92,10 +92,13 @@ class Instance:
         self.state_since = clock()
         self.last_error: str | None = None
         self.restarts: deque[float] = deque()
-        self.start_failures = 0  # counter waiters compare against, see wait_ready()
+        self.start_failures = 0  # waiters compare it before and after to see a start fail
         self.starts = 0
         self.transitions = 0
         self.profiling_retries = 0
+        self._profiling_race = False
+        self._lines_seen = 0  # engine output lines ever read
+        self._lines_at_start = 0
         self.measured_bytes = 0  # footprint measured after the last start (per device)
         self.load_seconds: float | None = None  # how long the last start took
 
@@ -103,6 +106,8 @@ class Instance:
         self.sleep_level = 0  # the level it sleeps at, while SLEEPING
         self.active_since: float | None = None  # ready or woken at (min_residency)
         self.listeners: list[Callable[[], None]] = []  # told of every change (the placer)
+        # Awaited before a restart from BACKOFF: the placer's slot for a start.
+        self.start_gate: Callable[[], Awaitable[None]] | None = None
 
         self._said_no_sleep = False
         self._want: Want = "down"
@@ -137,17 +142,6 @@ class Instance:
         """Whether an engine process should exist (running or asleep)."""
         return self._want != "down"
 
-    async def wait_ready(self) -> None:
-        """Wait until READY. Raises ModelFailed when the model is `failed`, StartFailed when a
-        start attempt ends in failure while we wait (the next attempt is left to others)."""
-        failures_seen = self.start_failures
-        while self.state is not S.READY:
-            if self.state is S.FAILED:
-                raise ModelFailed(f"model {self.name} failed: {self.last_error}")
-            if self.start_failures != failures_seen:
-                raise StartFailed(f"{self.last_error}; see `vllmctl logs {self.name}`")
-            await self._changed.wait()
-
     async def wait_state(self, *states: InstanceState) -> None:
         while self.state not in states:
             await self._changed.wait()
@@ -178,6 +172,11 @@ class Instance:
         try:
             while True:
                 await self._until(lambda: self._want == "up")
+                if self.state is S.BACKOFF and self.start_gate is not None:
+                    # A restart is a start like any other: one memory operation per device.
+                    await self.start_gate()
+                    if self._want != "up":
+                        continue
                 if self.state in (S.STOPPED, S.FAILED, S.BACKOFF):
                     self._transition(S.STARTING)
                 outcome = await self._run_engine()
@@ -193,7 +192,9 @@ class Instance:
         """Count a restart; FAILED past max_restarts in restart_window, else BACKOFF and wait.
         Returns True when the loop should start again."""
         now = self.clock()
-        if outcome == "start_failed" and self._lost_memory_race():
+        if self._want == "asleep":
+            self._want = "down"  # it died on its way to sleep: nothing is left to put to sleep
+        if self._profiling_race:
             # vLLM's startup profiling saw a neighbour's memory change under it: not a crash
             # of this model. Retried after a backoff, not counted (within reason).
             self.profiling_retries += 1
@@ -219,11 +220,14 @@ class Instance:
         """One engine process from spawn to its end. Entered in STARTING; returns with no
         process left and the state at BACKOFF-to-be (crash) or STOPPED."""
         try:
-            launch = self._launch()
+            self._lines_at_start = self._lines_seen
+            launch = await self._launch()
             self.sleep_mode = launch.sleep_mode
             proc = await self._spawn(launch.argv, launch.env)
         except (ConfigError, OSError) as exc:
             self.last_error = f"engine for {self.name} could not be spawned: {exc}"
+            await self._release_process()
+            self._profiling_race = False
             self._start_failed()
             return "start_failed"
         self.process = proc
@@ -250,9 +254,10 @@ class Instance:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_process()
+        self._profiling_race = outcome == "start_failed" and self._lost_memory_race()
         if outcome == "stopped":
             self._transition(S.STOPPED)  # STOPPING -> STOPPED
-        elif outcome == "start_failed":
+        elif outcome == "start_failed" and not self._profiling_race:
             self._start_failed()  # told once nothing of the engine is left
         return outcome
 
@@ -279,6 +284,7 @@ class Instance:
         await api.warm_up(self.model.served_names[0])
         self.ready_since = self.active_since = self.clock()
         self.load_seconds = self.ready_since - self.state_since
+        self.profiling_retries = 0
         self._transition(S.READY, load_seconds=round(self.load_seconds, 3))  # STARTING -> READY
 
         while True:
@@ -317,6 +323,11 @@ class Instance:
         escalates to a stop (returns False)."""
         level = self._sleep_to
         if exited.is_set():
+            return False
+        if self.in_flight:
+            # The drain timed out: never sleep under a request; a stop is what a timed-out
+            # drain means.
+            self._events.emit("sleep_failed", self.name, error="requests still in flight")
             return False
         if not self.sleep_mode:
             if not self._said_no_sleep:  # said once: it holds for every eviction of this model
@@ -373,7 +384,7 @@ class Instance:
                     return "stop"
                 if await api.healthy(timeout=1.0):
                     return "ready"
-                with anyio.move_on_after(ReadyPoll):
+                with anyio.move_on_after(READY_POLL):
                     await self._until(lambda: exited.is_set() or not self._keep)
         return "timeout"
 
@@ -402,7 +413,8 @@ class Instance:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _launch(self) -> Launch:
+    async def _launch(self) -> Launch:
+        weights = await anyio.to_thread.run_sync(weights_bytes, self.model.model)
         self.address = self._new_address()
         launch = build_launch(
             self.model,
@@ -410,7 +422,7 @@ class Instance:
             self.address,
             self.placement,
             self._base_env,
-            weights=weights_bytes(self.model.model),
+            weights=weights,
         )
         env = {**launch.env, MARKER_ENV: f"{self.name}-{secrets.token_hex(6)}"}
         return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode)
@@ -424,10 +436,12 @@ class Instance:
         return EngineAddress.tcp("127.0.0.1", _free_port(*self.engine.port_range))
 
     def _lost_memory_race(self) -> bool:
-        """The engine refused to start because free memory changed while it profiled."""
+        """The engine refused to start because free memory changed while it profiled (told
+        by this start's own output)."""
         if self.profiling_retries >= PROFILING_RETRIES:
             return False
-        tail = list(self.output)[-50:]
+        this_start = min(self._lines_seen - self._lines_at_start, len(self.output))
+        tail = list(self.output)[len(self.output) - this_start :][-50:]
         return any(PROFILING_RACE in line for line in tail)
 
     def _start_failed(self) -> None:
@@ -438,6 +452,7 @@ class Instance:
     async def _pump_output(self, proc: EngineProcess, done: anyio.Event) -> None:
         async for line in proc.lines():
             self.output.append(line)
+            self._lines_seen += 1
             self.log.info("engine_output", line=line)
         done.set()
 

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 
 import anyio
@@ -25,7 +26,13 @@ from anyio.abc import TaskGroup, TaskStatus
 from vllmd.config import Config
 from vllmd.devices import DeviceProbe, DeviceSnapshot, measure_rss
 from vllmd.engine import PlacedDevice, weights_bytes
-from vllmd.errors import InsufficientMemory, ModelFailed, StartFailed, VllmdError
+from vllmd.errors import (
+    InsufficientMemory,
+    ModelFailed,
+    ModelUnavailable,
+    StartFailed,
+    VllmdError,
+)
 from vllmd.events import EventBus
 from vllmd.instance import Instance
 from vllmd.metrics import Metrics
@@ -44,6 +51,8 @@ from vllmd.states import InstanceState
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
+# States in which an instance's memory is changing (one such operation per device at a time).
+MEMORY_OPERATIONS = frozenset({S.STARTING, S.WAKING, S.DRAINING, S.STOPPING})
 DEVICE_REFRESH = 5.0
 RELEASE_POLL = 0.5
 
@@ -90,6 +99,7 @@ class Placer:
         self._busy_models: set[str] = set()
         self._starts = 0
         self._changed = anyio.Event()
+        self._closing = False
         self._tg: TaskGroup | None = None
         self._host_bytes = {
             name: weights_bytes(inst.model.model) for name, inst in instances.items()
@@ -99,6 +109,7 @@ class Placer:
         self._host_budget = config.scheduler.host_memory or total_ram // 2
         for inst in instances.values():
             inst.listeners.append(self.kick)
+            inst.start_gate = partial(self._start_slot, inst)
 
     # --- asked by the supervisor ---------------------------------------------------------------
 
@@ -111,6 +122,8 @@ class Placer:
                     f"model {instance.name} failed: {instance.last_error}; "
                     f"`vllmctl load {instance.name}` to try again"
                 )
+            if self._closing:
+                raise ModelUnavailable("vllmd is shutting down")
             ticket = self._ticket(instance)
             ticket.clear_failed |= clear_failed
             await ticket.done.wait()
@@ -134,6 +147,13 @@ class Placer:
     def held(self, instance: Instance) -> int:
         """What the instance holds on each of its devices now (the accounting's view)."""
         return self._view(instance).held()
+
+    def close(self) -> None:
+        """Shutting down: no more loads. Waiting requests are told at once."""
+        self._closing = True
+        for ticket in list(self._queue):
+            self._finish(ticket, ModelUnavailable("vllmd is shutting down"))
+        self.kick()
 
     def kick(self) -> None:
         """Something changed: plan again soon."""
@@ -234,6 +254,34 @@ class Placer:
             busy=inst.name in self._busy_models,
         )
 
+    def _devices_in_operation(self) -> set[str]:
+        """Devices with a memory-changing operation under way: the placer's own, and those of
+        instances changing state by themselves (a restart after a crash, a stop)."""
+        busy = set(self._busy_devices)
+        for inst in self.instances.values():
+            if inst.state in MEMORY_OPERATIONS:
+                busy.update(inst.model.devices)
+        return busy
+
+    def _start_allowed(self) -> bool:
+        starting = sum(1 for i in self.instances.values() if i.state is S.STARTING)
+        return max(starting, self._starts) < self.config.engine.max_concurrent_starts
+
+    async def _start_slot(self, inst: Instance) -> None:
+        """Wait until `inst` (in backoff) may restart: its devices free of other operations and
+        a start slot free. The restart itself then marks its devices busy (STARTING)."""
+        while not self._closing:
+            others = self._busy_devices | {
+                d
+                for i in self.instances.values()
+                if i is not inst and i.state in MEMORY_OPERATIONS
+                for d in i.model.devices
+            }
+            if not others & set(inst.model.devices) and self._start_allowed():
+                return
+            changed = self._changed
+            await changed.wait()
+
     def _ticket(self, instance: Instance) -> Ticket:
         for ticket in self._queue:
             if ticket.instance is instance:
@@ -245,7 +293,7 @@ class Placer:
 
     def _plan_queue(self) -> None:
         """One pass over the FIFO: launch what can run, keep the rest (and their devices)."""
-        held_for_head: set[str] = set(self._busy_devices)
+        held_for_head = self._devices_in_operation()
         snap = self.snapshot()
         for ticket in list(self._queue):
             inst = ticket.instance
@@ -271,9 +319,8 @@ class Placer:
             devices = set(inst.model.devices)
             for ev in plan.evictions:
                 devices |= set(self.instances[ev.model].model.devices)
-            max_starts = self.config.engine.max_concurrent_starts
             blocked = devices & held_for_head or (
-                plan.kind == "start" and self._starts >= max_starts
+                plan.kind == "start" and not self._start_allowed()
             )
             if plan.kind == "wait" or blocked:
                 held_for_head |= devices
@@ -388,7 +435,7 @@ class Placer:
         the need. Declared devices have nothing to measure: their processes are gone already
         (a stop returns only then)."""
         gpus = [d for d in plan.need if (s := self.devices.get(d)) is not None and s.kind == "gpu"]
-        if not gpus or not plan.evictions:
+        if not gpus:
             return
         problem = ""
         # Bounded like a stop: a driver that has not let go by then will not.

@@ -13,23 +13,27 @@ import ctypes
 import os
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import psutil
+import structlog
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 PR_SET_CHILD_SUBREAPER = 36
 ENGINE_OOM_SCORE_ADJ = 500
 MAX_LINE = 16 * 1024
+KILL_WAIT = 10.0  # after SIGKILL, only a process stuck in the kernel (a driver) takes longer
 # Set in every engine's environment; inherited by all it forks, so its orphans are known.
 MARKER_ENV = "VLLMD_INSTANCE"
 
 # A tiny shell prelude makes the engine (and everything it forks) the kernel's preferred OOM
 # victim before vLLM starts, without preexec_fn (unsafe in a threaded program).
+log = structlog.get_logger("vllmd.process")
 _OOM_PRELUDE = 'echo {adj} > /proc/self/oom_score_adj 2>/dev/null; exec "$@"'
 
 
@@ -125,13 +129,22 @@ class EngineProcess:
             await self.kill()
 
     async def kill(self) -> None:
-        """SIGKILL everything that belongs to this engine, at once."""
+        """SIGKILL everything that belongs to this engine, then wait (bounded) until none of
+        it is left: the leader reaped, the group empty, the descendants gone. Only then is
+        its memory free."""
         with anyio.CancelScope(shield=True):
             if self.returncode is None:
                 await self.remember_descendants()
             signal_group(self.record.pgid, signal.SIGKILL)
-            await anyio.to_thread.run_sync(kill_pids, dict(self.descendants))
-            await self.process.wait()
+            pids = dict(self.descendants)
+            await anyio.to_thread.run_sync(kill_pids, pids)
+            with anyio.move_on_after(KILL_WAIT):
+                await self.process.wait()
+                await anyio.to_thread.run_sync(_wait_gone, self.record.pgid, pids, KILL_WAIT)
+            left = await anyio.to_thread.run_sync(group_alive, self.record.pgid)
+            if self.returncode is None or left:
+                log.error("engine_processes_survive_sigkill", pgid=self.record.pgid)
+            await self.process.aclose()
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -159,21 +172,35 @@ def _descendants(pid: int, marker: str | None) -> dict[int, float]:
 
 
 def kill_pids(pids: Mapping[int, float]) -> None:
-    """SIGKILL processes still alive with the same start time (a reused pid is never touched)
-    and reap those that re-parented to us."""
-    me = os.getpid()
+    """SIGKILL processes still alive with the same start time (a reused pid is never touched)."""
     for pid, created in pids.items():
-        try:
+        with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) > 0.01:
-                continue
-            parent = proc.ppid()
-            proc.kill()
-        except psutil.Error:
-            continue
-        if parent == me:
-            with contextlib.suppress(ChildProcessError, psutil.Error):
-                proc.wait(timeout=5)
+            if abs(proc.create_time() - created) <= 0.01:
+                proc.kill()
+
+
+def _wait_gone(pgid: int, pids: Mapping[int, float], timeout: float) -> None:
+    """Poll until the group and the pids are gone, reaping those that re-parented to this
+    daemon (the subreaper): nobody else will, and zombies would pile up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        alive = [p for p in pids if _alive(p, pids[p])]
+        if not alive and not group_alive(pgid):
+            return
+        time.sleep(0.02)
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        same = abs(proc.create_time() - created) <= 0.01
+        return bool(same and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def group_alive(pgid: int) -> bool:

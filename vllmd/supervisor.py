@@ -143,7 +143,9 @@ class Supervisor:
         await instance.wait_state(S.STOPPED, S.FAILED)
 
     async def stop_all(self) -> None:
-        """Stop every engine (in parallel), waiting until each one's processes are gone."""
+        """Stop every engine (in parallel), waiting until each one's processes are gone. No
+        load starts once this is called."""
+        self.placer.close()
         async with anyio.create_task_group() as tg:
             for instance in self.instances.values():
                 tg.start_soon(self.unload, instance)

@@ -152,3 +152,9 @@ def test_weights_bytes_counts_weight_files_of_a_local_dir(tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text("{}")
     assert weights_bytes(str(tmp_path)) == 1000
     assert weights_bytes("org/not-a-dir") == 0
+
+
+def test_cpu_placement_hides_the_hosts_gpus(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"devices": ["cpu0"]})
+    env = build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {"CUDA_VISIBLE_DEVICES": "0,1"}).env
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
