@@ -16,16 +16,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from types import MappingProxyType
 
 import anyio
-import psutil
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd.config import Config
-from vllmd.devices import DeviceProbe, DeviceSnapshot, measure_rss
-from vllmd.engine import PlacedDevice, weights_bytes
+from vllmd.devices import DeviceProbe, DeviceSnapshot
+from vllmd.engine import PlacedDevice
 from vllmd.errors import (
     InsufficientMemory,
     ModelFailed,
@@ -35,12 +33,12 @@ from vllmd.errors import (
 )
 from vllmd.events import EventBus
 from vllmd.instance import Instance
+from vllmd.ledger import Ledger
+from vllmd.meter import Meter
 from vllmd.metrics import Metrics
 from vllmd.scheduler import (
     RECENT_USE,
-    DeviceView,
     Eviction,
-    ModelView,
     Plan,
     Snapshot,
     next_change,
@@ -54,7 +52,6 @@ log = structlog.get_logger("vllmd.placer")
 # States in which an instance's memory is changing (one such operation per device at a time).
 MEMORY_OPERATIONS = frozenset({S.STARTING, S.WAKING, S.DRAINING, S.STOPPING})
 DEVICE_REFRESH = 5.0
-RELEASE_POLL = 0.5
 
 
 @dataclass(eq=False)
@@ -87,26 +84,18 @@ class Placer:
     ) -> None:
         self.config = config
         self.instances = instances
-        self._probe = probe
+        self.meter = Meter(probe)
         self._events = events
         self._metrics = metrics
         self._clock = clock
-        self._recent_use = recent_use
         self._said_no_sleep: set[str] = set()
-        self.devices: Mapping[str, DeviceSnapshot] = MappingProxyType({})
         self._queue: list[Ticket] = []
         self._busy_devices: set[str] = set()
-        self._busy_models: set[str] = set()
         self._starts = 0
         self._changed = anyio.Event()
         self._closing = False
         self._tg: TaskGroup | None = None
-        self._host_bytes = {
-            name: weights_bytes(inst.model.model) for name, inst in instances.items()
-        }
-        self._residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
-        total_ram = psutil.virtual_memory().total
-        self._host_budget = config.scheduler.host_memory or total_ram // 2
+        self.ledger = Ledger(config, instances, self.meter, clock=clock, recent_use=recent_use)
         for inst in instances.values():
             inst.listeners.append(self.kick)
             inst.start_gate = partial(self._start_slot, inst)
@@ -130,23 +119,15 @@ class Placer:
             if ticket.error is not None:
                 raise ticket.error
 
-    def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
-        placed = []
-        for name in instance.model.devices:
-            snap = self.devices.get(name)
-            declared = self.config.devices.get(name)
-            if snap is not None:
-                placed.append(PlacedDevice(name, snap.kind, snap.total, snap.uuid))
-            elif declared is not None:
-                total = declared.memory or instance.model.memory
-                placed.append(PlacedDevice(name, declared.kind, total, declared.uuid))
-            else:
-                placed.append(PlacedDevice(name, "gpu", instance.model.memory))
-        return tuple(placed)
-
     def held(self, instance: Instance) -> int:
         """What the instance holds on each of its devices now (the accounting's view)."""
-        return self._view(instance).held()
+        return self.ledger.view(instance).held()
+
+    def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
+        return self.ledger.place(instance)
+
+    def snapshot(self) -> Snapshot:
+        return self.ledger.snapshot()
 
     def close(self) -> None:
         """Shutting down: no more loads. Waiting requests are told at once."""
@@ -155,6 +136,11 @@ class Placer:
             self._finish(ticket, ModelUnavailable("vllmd is shutting down"))
         self.kick()
 
+    @property
+    def devices(self) -> Mapping[str, DeviceSnapshot]:
+        """The latest device snapshots."""
+        return self.meter.devices
+
     def kick(self) -> None:
         """Something changed: plan again soon."""
         self._changed.set()
@@ -162,7 +148,7 @@ class Placer:
     # --- the loop -------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.devices = await self._probe.snapshot()
+        await self.meter.refresh()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._refresh_devices)
@@ -179,80 +165,6 @@ class Placer:
                 wake_at = self._next_wake()
                 with anyio.move_on_after(max(0.0, wake_at - self._clock())):
                     await self._changed.wait()
-
-    def snapshot(self) -> Snapshot:
-        sched = self.config.scheduler
-        devices = {}
-        for name, d in self._device_budgets().items():
-            devices[name] = d
-        models = {name: self._view(inst) for name, inst in self.instances.items()}
-        level1 = sum(
-            self._host_bytes[n]
-            for n, i in self.instances.items()
-            if i.state is S.SLEEPING and i.sleep_level == 1
-        )
-        return Snapshot(
-            now=self._clock(),
-            devices=devices,
-            models=models,
-            min_residency=sched.min_residency,
-            evict_to=sched.evict_to,
-            host_memory_free=self._host_budget - level1,
-            recent_use=self._recent_use,
-        )
-
-    def _device_budgets(self) -> dict[str, DeviceView]:
-        headroom = self.config.scheduler.headroom
-        out = {}
-        names = set(self.devices) | set(self.config.devices)
-        for inst in self.instances.values():
-            names |= set(inst.model.devices)
-        for name in names:
-            snap = self.devices.get(name)
-            declared = self.config.devices.get(name)
-            if snap is None:
-                total = declared.memory if declared is not None and declared.memory else 0
-                out[name] = DeviceView(name, total, headroom, 0, up=declared is not None)
-                continue
-            total = snap.total
-            if declared is not None and declared.memory:
-                total = min(total, declared.memory)
-            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
-        return out
-
-    def _foreign(self, snap: DeviceSnapshot) -> int:
-        """GPU memory used by processes that are not our engines' (cpu devices: none)."""
-        if snap.kind != "gpu" or not snap.processes:
-            return 0
-        ours = set()
-        for inst in self.instances.values():
-            if inst.process is not None:
-                ours.add(inst.process.pid)
-                ours.update(inst.process.descendants)
-        return sum(p.used_bytes or 0 for p in snap.processes if p.pid not in ours)
-
-    def _view(self, inst: Instance) -> ModelView:
-        model = inst.model
-        can_sleep = inst.sleep_mode or (
-            all(d.kind == "gpu" for d in self.place(inst)) and self.config.engine.transport == "uds"
-        )
-        return ModelView(
-            name=inst.name,
-            devices=model.devices,
-            memory=model.memory,
-            state=inst.state,
-            measured=inst.measured_bytes,
-            residue=self._residue.get(inst.name, self.config.scheduler.sleep_residue),
-            in_flight=inst.in_flight,
-            last_used=inst.last_used,
-            active_since=inst.active_since,
-            state_since=inst.state_since,
-            pinned=model.pinned,
-            priority=model.priority,
-            sleep_level=model.sleep_level if can_sleep else 0,
-            host_bytes=self._host_bytes[inst.name],
-            busy=inst.name in self._busy_models,
-        )
 
     def _devices_in_operation(self) -> set[str]:
         """Devices with a memory-changing operation under way: the placer's own, and those of
@@ -333,8 +245,8 @@ class Placer:
         assert self._tg is not None
         self._queue.remove(ticket)
         self._busy_devices |= devices
-        self._busy_models.add(ticket.instance.name)
-        self._busy_models.update(ev.model for ev in plan.evictions)
+        self.ledger.busy_models.add(ticket.instance.name)
+        self.ledger.busy_models.update(ev.model for ev in plan.evictions)
         if plan.kind == "start":
             self._starts += 1
         self._tg.start_soon(self._carry_out, ticket, plan, devices)
@@ -348,7 +260,14 @@ class Placer:
                 if ev.action == "stop" and victim.process is not None:
                     gone |= {victim.process.pid, *victim.process.descendants}
                 await self._evict(ev)
-            await self._verify_release(plan, gone)
+            try:
+                # Bounded like a stop: a driver that has not let go by then will not.
+                await self.meter.wait_released(
+                    plan.model, plan.need, gone, self.config.engine.stop_timeout
+                )
+            except InsufficientMemory as exc:
+                self._events.emit("release_unverified", plan.model, problem=str(exc))
+                raise
             started = self._clock()
             inst.placement = self.place(inst)
             before = inst.transitions
@@ -383,8 +302,8 @@ class Placer:
             self._finish(ticket, exc)
         finally:
             self._busy_devices -= devices
-            self._busy_models.discard(inst.name)
-            self._busy_models.difference_update(ev.model for ev in plan.evictions)
+            self.ledger.busy_models.discard(inst.name)
+            self.ledger.busy_models.difference_update(ev.model for ev in plan.evictions)
             if plan.kind == "start":
                 self._starts -= 1
             self.kick()
@@ -429,73 +348,26 @@ class Placer:
             freed_bytes=freed,
         )
 
-    async def _verify_release(self, plan: Plan, gone: set[int]) -> None:
-        """On GPUs, trust no reservation arithmetic: wait (bounded) until the stopped victims'
-        pids have left every device's compute-process list and measured free memory covers
-        the need. Declared devices have nothing to measure: their processes are gone already
-        (a stop returns only then)."""
-        gpus = [d for d in plan.need if (s := self.devices.get(d)) is not None and s.kind == "gpu"]
-        if not gpus:
-            return
-        problem = ""
-        # Bounded like a stop: a driver that has not let go by then will not.
-        bound = self.config.engine.stop_timeout
-        with anyio.move_on_after(bound):
-            while True:
-                self.devices = await self._probe.snapshot()
-                lingering = sorted(
-                    {p.pid for d in gpus for p in self.devices[d].processes if p.pid in gone}
-                )
-                short = [d for d in gpus if (self.devices[d].free or 0) < plan.need[d]]
-                if not lingering and not short:
-                    return
-                problem = (
-                    f"pids {lingering} still on the device"
-                    if lingering
-                    else f"measured free memory on {', '.join(short)} below the need"
-                )
-                await anyio.sleep(RELEASE_POLL)
-        self._events.emit("release_unverified", plan.model, devices=gpus, problem=problem)
-        raise InsufficientMemory(
-            f"memory freed for {plan.model} was not released within {bound:g}s: {problem}",
-            retry_after=bound,
-        )
-
     async def _check_residue(self, victim: Instance) -> None:
         """Measure what a sleeping engine still holds on its GPUs; remembered for the next
         plans. A sleep that keeps more than assumed (leaky) is escalated to a stop."""
-        used = await self._gpu_usage(victim)
-        if used is None:
+        if victim.process is None or not self.meter.gpus(victim.model.devices):
             return
-        assumed = self._residue.get(victim.name, self.config.scheduler.sleep_residue)
-        self._residue[victim.name] = used
+        pids = {victim.process.pid, *victim.process.descendants}
+        used = await self.meter.gpu_usage(pids, self.meter.gpus(victim.model.devices))
+        assumed = self.ledger.residue.get(victim.name, self.config.scheduler.sleep_residue)
+        self.ledger.residue[victim.name] = used
         if used > max(assumed, victim.model.memory // 2):
             self._events.emit("leaky_sleep", victim.name, residue_bytes=used, assumed_bytes=assumed)
             victim.want_down()
             await victim.wait_state(S.STOPPED, S.FAILED)
 
-    async def _gpu_usage(self, inst: Instance) -> int | None:
-        """The most an instance's processes use on any one of its GPUs (None: no GPUs)."""
-        devices = [d for d in self.place(inst) if d.kind == "gpu"]
-        if not devices or inst.process is None:
-            return None
-        self.devices = await self._probe.snapshot()
-        pids = {inst.process.pid, *inst.process.descendants}
-        return max(
-            (
-                sum(p.used_bytes or 0 for p in self.devices[d.name].processes if p.pid in pids)
-                for d in devices
-                if d.name in self.devices
-            ),
-            default=0,
-        )
-
     async def _measure(self, inst: Instance) -> None:
         """Record the engine's real footprint; the larger of it and the reservation is held."""
         if inst.process is None:
             return
-        gpu = await self._gpu_usage(inst)
-        used = gpu if gpu is not None else await measure_rss(inst.process.pid)
+        pids = {inst.process.pid, *inst.process.descendants}
+        used = await self.meter.footprint(inst.process.pid, pids, inst.model.devices)
         inst.measured_bytes = used
         over = used - inst.model.memory
         self._events.emit(
@@ -527,7 +399,7 @@ class Placer:
                 continue
             assert self._tg is not None
             self._busy_devices |= devices
-            self._busy_models.add(ev.model)
+            self.ledger.busy_models.add(ev.model)
             self._tg.start_soon(self._carry_out_idle, ev, devices)
         return deferred
 
@@ -536,7 +408,7 @@ class Placer:
             await self._evict(ev)
         finally:
             self._busy_devices -= devices
-            self._busy_models.discard(ev.model)
+            self.ledger.busy_models.discard(ev.model)
             self.kick()
 
     def _next_wake(self) -> float:
@@ -564,5 +436,5 @@ class Placer:
     async def _refresh_devices(self) -> None:
         while True:
             await anyio.sleep(DEVICE_REFRESH)
-            self.devices = await self._probe.snapshot()
+            await self.meter.refresh()
             self.kick()

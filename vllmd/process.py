@@ -206,7 +206,7 @@ def _alive(pid: int, created: float) -> bool:
 def group_alive(pgid: int) -> bool:
     """True while any process of the group exists (zombies excluded)."""
     for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):  # it may exit meanwhile
             if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 return True
     return False

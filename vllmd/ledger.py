@@ -1,0 +1,131 @@
+"""The ledger: the scheduler's view of this host, built fresh from the live instances, the
+config and the latest measurements. It decides nothing; `scheduler.py` does, over the
+snapshots it builds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import psutil
+
+from vllmd.config import Config
+from vllmd.devices import DeviceSnapshot
+from vllmd.engine import PlacedDevice, weights_bytes
+from vllmd.instance import Instance
+from vllmd.meter import Meter
+from vllmd.scheduler import RECENT_USE, DeviceView, ModelView, Snapshot
+from vllmd.states import InstanceState
+
+S = InstanceState
+
+
+class Ledger:
+    def __init__(
+        self,
+        config: Config,
+        instances: Mapping[str, Instance],
+        meter: Meter,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        recent_use: float = RECENT_USE,
+    ) -> None:
+        self.config = config
+        self.instances = instances
+        self._meter = meter
+        self._clock = clock
+        self._recent_use = recent_use
+        self.busy_models: set[str] = set()  # under a placer operation
+        self.residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
+        # Weights held in host RAM by a level-1 sleeper (local model directories; read once).
+        self._host_bytes = {n: weights_bytes(i.model.model) for n, i in instances.items()}
+        total_ram = psutil.virtual_memory().total
+        self._host_budget = config.scheduler.host_memory or total_ram // 2
+
+    def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
+        placed = []
+        for name in instance.model.devices:
+            snap = self._meter.devices.get(name)
+            declared = self.config.devices.get(name)
+            if snap is not None:
+                placed.append(PlacedDevice(name, snap.kind, snap.total, snap.uuid))
+            elif declared is not None:
+                total = declared.memory or instance.model.memory
+                placed.append(PlacedDevice(name, declared.kind, total, declared.uuid))
+            else:
+                placed.append(PlacedDevice(name, "gpu", instance.model.memory))
+        return tuple(placed)
+
+    def snapshot(self) -> Snapshot:
+        sched = self.config.scheduler
+        devices = {}
+        for name, d in self._device_budgets().items():
+            devices[name] = d
+        models = {name: self.view(inst) for name, inst in self.instances.items()}
+        level1 = sum(
+            self._host_bytes[n]
+            for n, i in self.instances.items()
+            if i.state is S.SLEEPING and i.sleep_level == 1
+        )
+        return Snapshot(
+            now=self._clock(),
+            devices=devices,
+            models=models,
+            min_residency=sched.min_residency,
+            evict_to=sched.evict_to,
+            host_memory_free=self._host_budget - level1,
+            recent_use=self._recent_use,
+        )
+
+    def _device_budgets(self) -> dict[str, DeviceView]:
+        headroom = self.config.scheduler.headroom
+        out = {}
+        names = set(self._meter.devices) | set(self.config.devices)
+        for inst in self.instances.values():
+            names |= set(inst.model.devices)
+        for name in names:
+            snap = self._meter.devices.get(name)
+            declared = self.config.devices.get(name)
+            if snap is None:
+                total = declared.memory if declared is not None and declared.memory else 0
+                out[name] = DeviceView(name, total, headroom, 0, up=declared is not None)
+                continue
+            total = snap.total
+            if declared is not None and declared.memory:
+                total = min(total, declared.memory)
+            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
+        return out
+
+    def _foreign(self, snap: DeviceSnapshot) -> int:
+        """GPU memory used by processes that are not our engines' (cpu devices: none)."""
+        if snap.kind != "gpu" or not snap.processes:
+            return 0
+        ours = set()
+        for inst in self.instances.values():
+            if inst.process is not None:
+                ours.add(inst.process.pid)
+                ours.update(inst.process.descendants)
+        return sum(p.used_bytes or 0 for p in snap.processes if p.pid not in ours)
+
+    def view(self, inst: Instance) -> ModelView:
+        model = inst.model
+        can_sleep = inst.sleep_mode or (
+            all(d.kind == "gpu" for d in self.place(inst)) and self.config.engine.transport == "uds"
+        )
+        return ModelView(
+            name=inst.name,
+            devices=model.devices,
+            memory=model.memory,
+            state=inst.state,
+            measured=inst.measured_bytes,
+            residue=self.residue.get(inst.name, self.config.scheduler.sleep_residue),
+            in_flight=inst.in_flight,
+            last_used=inst.last_used,
+            active_since=inst.active_since,
+            state_since=inst.state_since,
+            pinned=model.pinned,
+            priority=model.priority,
+            sleep_level=model.sleep_level if can_sleep else 0,
+            host_bytes=self._host_bytes[inst.name],
+            busy=inst.name in self.busy_models,
+        )
