@@ -6,8 +6,13 @@ the health checks and the gateway's proxying (no per-request client or connectio
 
 from __future__ import annotations
 
+import secrets
+import socket
+from pathlib import Path
+
 import httpx
 
+from vllmd.config import EngineConfig
 from vllmd.engine import EngineAddress
 
 
@@ -129,3 +134,24 @@ class EngineAPI:
         response = await self.client.get("/metrics", timeout=timeout)
         response.raise_for_status()
         return response.text
+
+
+def new_address(engine: EngineConfig, runtime_dir: Path, name: str) -> EngineAddress:
+    """Where a new engine of `name` will listen. uds: a fresh private 0700 directory per start
+    (no stale socket; nobody else connects). tcp: a free loopback port and a random key."""
+    if engine.transport == "uds":
+        directory = runtime_dir / f"{name}-{secrets.token_hex(4)}"
+        directory.mkdir(mode=0o700, parents=True)
+        return EngineAddress(uds=directory / "engine.sock")
+    return EngineAddress.tcp("127.0.0.1", _free_port(*engine.port_range))
+
+
+def _free_port(low: int, high: int) -> int:
+    for port in range(low, high + 1):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {low}-{high}")

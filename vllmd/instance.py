@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,21 +23,17 @@ from anyio.abc import TaskStatus
 
 from vllmd.config import EngineConfig, ModelConfig
 from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, weights_bytes
-from vllmd.engine_api import EngineAPI, Upstream, make_client
+from vllmd.engine_api import EngineAPI, Upstream, make_client, new_address
 from vllmd.errors import ConfigError
 from vllmd.events import EventBus
+from vllmd.output import EngineOutput
 from vllmd.process import MARKER_ENV, EngineProcess
+from vllmd.restarts import RestartPolicy
 from vllmd.states import HOLDS_RESERVATION, InstanceState, check_transition
 
 S = InstanceState
 Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
 READY_POLL = 0.1
-BACKOFF_MAX = 300.0
-OUTPUT_LINES = 2000
-# vLLM's refusal when free memory at startup is below what it was told to take
-# ("... on startup is less than desired GPU memory utilization ...").
-PROFILING_RACE = "on startup is less than desired"
-PROFILING_RETRIES = 10  # uncounted retries of such starts before they count as failures
 OUTPUT_GRACE = 1.0
 
 Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed", "sleep"]
@@ -83,7 +77,7 @@ class Instance:
         self.address: EngineAddress | None = None
         self.client: httpx.AsyncClient | None = None
         self.upstream: Upstream | None = None  # the gateway's path to the engine
-        self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
+        self.output = EngineOutput(self.log)
 
         self.in_flight = 0
         self.queue_depth = 0
@@ -91,14 +85,11 @@ class Instance:
         self.ready_since: float | None = None
         self.state_since = clock()
         self.last_error: str | None = None
-        self.restarts: deque[float] = deque()
+        self.restart_policy = RestartPolicy(model.max_restarts, model.restart_window, clock)
         self.start_failures = 0  # waiters compare it before and after to see a start fail
         self.starts = 0
         self.transitions = 0
-        self.profiling_retries = 0
         self._profiling_race = False
-        self._lines_seen = 0  # engine output lines ever read
-        self._lines_at_start = 0
         self.measured_bytes = 0  # footprint measured after the last start (per device)
         self.load_seconds: float | None = None  # how long the last start took
 
@@ -191,24 +182,21 @@ class Instance:
     async def _backoff(self, outcome: Outcome) -> bool:
         """Count a restart; FAILED past max_restarts in restart_window, else BACKOFF and wait.
         Returns True when the loop should start again."""
-        now = self.clock()
         if self._want == "asleep":
             self._want = "down"  # it died on its way to sleep: nothing is left to put to sleep
+        policy = self.restart_policy
+        # A start that lost vLLM's memory-profiling race to a neighbour is not a crash of
+        # this model: retried after a backoff, not counted (within reason).
+        policy.record(profiling_race=self._profiling_race)
         if self._profiling_race:
-            # vLLM's startup profiling saw a neighbour's memory change under it: not a crash
-            # of this model. Retried after a backoff, not counted (within reason).
-            self.profiling_retries += 1
-            self._events.emit("start_profiling_retry", self.name, retries=self.profiling_retries)
-        else:
-            self.restarts.append(now)
-        while self.restarts and self.restarts[0] < now - self.model.restart_window:
-            self.restarts.popleft()
-        if len(self.restarts) > self.model.max_restarts:
+            retries = policy.profiling_retries
+            self._events.emit("start_profiling_retry", self.name, retries=retries)
+        if policy.exhausted:
             self._want = "down"
             self._transition(S.FAILED, reason=outcome, error=self.last_error)  # -> FAILED
-            self._events.emit("model_failed", self.name, restarts=len(self.restarts))
+            self._events.emit("model_failed", self.name, restarts=len(policy.restarts))
             return False
-        delay = min(2.0 ** max(0, len(self.restarts) - 1), BACKOFF_MAX)
+        delay = policy.delay()
         self._transition(S.BACKOFF, reason=outcome, delay=delay)  # -> BACKOFF
         with anyio.move_on_after(delay):
             await self._until(lambda: not self._keep)
@@ -220,7 +208,7 @@ class Instance:
         """One engine process from spawn to its end. Entered in STARTING; returns with no
         process left and the state at BACKOFF-to-be (crash) or STOPPED."""
         try:
-            self._lines_at_start = self._lines_seen
+            self.output.mark_start()
             launch = await self._launch()
             self.sleep_mode = launch.sleep_mode
             proc = await self._spawn(launch.argv, launch.env)
@@ -244,7 +232,7 @@ class Instance:
         try:
             async with anyio.create_task_group() as tg:
                 output_done = anyio.Event()
-                tg.start_soon(self._pump_output, proc, output_done)
+                tg.start_soon(self.output.pump, proc, output_done)
                 tg.start_soon(self._watch_exit, proc, exited)
                 outcome = await self._supervise(proc, api, exited)
                 # The engine's last words (why it exited) arrive just after its exit.
@@ -254,7 +242,9 @@ class Instance:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_process()
-        self._profiling_race = outcome == "start_failed" and self._lost_memory_race()
+        self._profiling_race = outcome == "start_failed" and self.restart_policy.is_profiling_race(
+            self.output.since_start()
+        )
         if outcome == "stopped":
             self._transition(S.STOPPED)  # STOPPING -> STOPPED
         elif outcome == "start_failed" and not self._profiling_race:
@@ -284,7 +274,7 @@ class Instance:
         await api.warm_up(self.model.served_names[0])
         self.ready_since = self.active_since = self.clock()
         self.load_seconds = self.ready_since - self.state_since
-        self.profiling_retries = 0
+        self.restart_policy.started()
         self._transition(S.READY, load_seconds=round(self.load_seconds, 3))  # STARTING -> READY
 
         while True:
@@ -428,33 +418,17 @@ class Instance:
         return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode)
 
     def _new_address(self) -> EngineAddress:
-        if self.engine.transport == "uds":
-            # A fresh private 0700 directory per start: no stale socket, nobody else connects.
-            directory = self._options.runtime_dir / f"{self.name}-{secrets.token_hex(4)}"
-            directory.mkdir(mode=0o700, parents=True)
-            return EngineAddress(uds=directory / "engine.sock")
-        return EngineAddress.tcp("127.0.0.1", _free_port(*self.engine.port_range))
+        return new_address(self.engine, self._options.runtime_dir, self.name)
 
-    def _lost_memory_race(self) -> bool:
-        """The engine refused to start because free memory changed while it profiled (told
-        by this start's own output)."""
-        if self.profiling_retries >= PROFILING_RETRIES:
-            return False
-        this_start = min(self._lines_seen - self._lines_at_start, len(self.output))
-        tail = list(self.output)[len(self.output) - this_start :][-50:]
-        return any(PROFILING_RACE in line for line in tail)
+    @property
+    def restarts(self) -> Sequence[float]:
+        """Times of the restarts counted in the current window."""
+        return self.restart_policy.restarts
 
     def _start_failed(self) -> None:
         self.start_failures += 1
         self._events.emit("start_failed", self.name, error=self.last_error)
         self._notify()
-
-    async def _pump_output(self, proc: EngineProcess, done: anyio.Event) -> None:
-        async for line in proc.lines():
-            self.output.append(line)
-            self._lines_seen += 1
-            self.log.info("engine_output", line=line)
-        done.set()
 
     async def _watch_exit(self, proc: EngineProcess, exited: anyio.Event) -> None:
         await proc.wait()
@@ -503,14 +477,3 @@ def _status(returncode: int | None) -> str:
     if returncode < 0:
         return f"signal {-returncode}"
     return f"status {returncode}"
-
-
-def _free_port(low: int, high: int) -> int:
-    for port in range(low, high + 1):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError(f"no free port in {low}-{high}")

@@ -351,7 +351,7 @@ async def test_start_that_lost_a_memory_race_is_retried_not_counted(tmp_path: Pa
     async with running(config) as run, client(run) as http:
         r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
         instance = run.supervisor.instances["m"]
-        await eventually(lambda: instance.profiling_retries >= 2, 10)
+        await eventually(lambda: instance.restart_policy.profiling_retries >= 2, 10)
         assert instance.state is not InstanceState.FAILED
         assert len(instance.restarts) == 0
     assert r.status_code == 502

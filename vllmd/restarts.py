@@ -1,0 +1,54 @@
+"""When a crashed engine is started again: exponential backoff, and `failed` after too many
+restarts in a window. Pure bookkeeping over a clock, like supervisord's startretries."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+# vLLM's refusal when free memory at startup is below what it was told to take
+# ("... on startup is less than desired GPU memory utilization ..."): a neighbour's doing.
+PROFILING_RACE = "on startup is less than desired"
+PROFILING_RETRIES = 10  # uncounted retries of such starts before they count as failures
+
+
+class RestartPolicy:
+    def __init__(
+        self, max_restarts: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_restarts = max_restarts
+        self.window = window
+        self._clock = clock
+        self.restarts: deque[float] = deque()  # times of counted restarts within the window
+        self.profiling_retries = 0  # uncounted retries since the last successful start
+
+    def is_profiling_race(self, output: list[str]) -> bool:
+        """The start failed because memory changed under vLLM's profiling (and such retries
+        are not yet exhausted)."""
+        if self.profiling_retries >= PROFILING_RETRIES:
+            return False
+        return any(PROFILING_RACE in line for line in output)
+
+    def record(self, *, profiling_race: bool = False) -> None:
+        now = self._clock()
+        if profiling_race:
+            self.profiling_retries += 1
+        else:
+            self.restarts.append(now)
+        while self.restarts and self.restarts[0] < now - self.window:
+            self.restarts.popleft()
+
+    @property
+    def exhausted(self) -> bool:
+        """More restarts in the window than allowed: the model is `failed`."""
+        return len(self.restarts) > self.max_restarts
+
+    def delay(self) -> float:
+        """1 s, doubling with each counted restart in the window, at most 5 min."""
+        return min(BACKOFF_FIRST * 2.0 ** max(0, len(self.restarts) - 1), BACKOFF_MAX)
+
+    def started(self) -> None:
+        self.profiling_retries = 0
