@@ -110,7 +110,7 @@ async def bench(args: argparse.Namespace, tmp: str) -> None:
             "env": {"HF_HUB_OFFLINE": "1"},
         }
         model = {
-            "model": os.path.abspath(args.real_engine),
+            "model": args.real_engine,  # made absolute in main()
             "devices": ["cpu0"],
             "memory": "3GiB",
             "max_model_len": 256,
@@ -192,6 +192,8 @@ def main() -> None:
     )
     p.add_argument("--client", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.real_engine:
+        args.real_engine = str(Path(args.real_engine).resolve())
     if args.client:
         target, kind, n, conc = args.client
         uvloop = {"use_uvloop": True}  # the fastest client this stack has
