@@ -7,7 +7,6 @@ in `engine_api.py`.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -166,7 +165,3 @@ def build_launch(
     else:
         env.pop("VLLM_SERVER_DEV_MODE", None)
     return Launch(argv=tuple(argv), env=env, sleep_mode=sleep_mode)
-
-
-def default_base_env() -> dict[str, str]:
-    return dict(os.environ)

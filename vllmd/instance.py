@@ -29,7 +29,7 @@ from vllmd.events import EventBus
 from vllmd.output import EngineOutput
 from vllmd.process import MARKER_ENV, EngineProcess
 from vllmd.restarts import RestartPolicy
-from vllmd.states import HOLDS_RESERVATION, InstanceState, check_transition
+from vllmd.states import InstanceState, check_transition
 
 S = InstanceState
 Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
@@ -149,10 +149,6 @@ class Instance:
         self.last_used = self.clock()
         if self.in_flight == 0:
             self._notify()
-
-    @property
-    def holds_reservation(self) -> bool:
-        return self.state in HOLDS_RESERVATION
 
     # --- the actor ---------------------------------------------------------------------------
 

@@ -42,10 +42,6 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
 
 # States in which an instance holds its full reservation on each of its devices.
 HOLDS_RESERVATION = frozenset({S.STARTING, S.READY, S.DRAINING, S.WAKING, S.STOPPING})
-# States in which engine processes may exist.
-HAS_PROCESS = HOLDS_RESERVATION | {S.SLEEPING}
-# States from which a request can be served without any load.
-SERVING = frozenset({S.READY})
 
 
 class IllegalTransition(RuntimeError):
