@@ -203,7 +203,7 @@ def test_crash_after_requests(start_fake: StartFake) -> None:
 
 
 def test_unhealthy_after(start_fake: StartFake) -> None:
-    fake = start_fake("--model", "m", env={"FAKE_MODE": "unhealthy_after:0.3"})
+    fake = start_fake("--model", "m", env={"FAKE_MODE": "unhealthy_after:1.5"})
     fake.wait_ready()
     wait_for(lambda: fake.client.get("/health").status_code == 500)
 
@@ -211,7 +211,7 @@ def test_unhealthy_after(start_fake: StartFake) -> None:
 def test_hang_never_listens_but_stops_on_sigterm(start_fake: StartFake) -> None:
     fake = start_fake("--model", "m", env={"FAKE_MODE": "hang", "FAKE_STARTUP_DELAY": "0"})
     with pytest.raises(AssertionError, match="not ready"):
-        fake.wait_ready(timeout=1)
+        fake.wait_ready(timeout=2)  # by then its SIGTERM handler is in place
     fake.proc.send_signal(signal.SIGTERM)
     assert fake.proc.wait(3) == 0 and fake.events() == ["sigterm"]
 

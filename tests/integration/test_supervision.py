@@ -205,7 +205,8 @@ async def test_model_fails_after_max_restarts_and_answers_503_at_once(tmp_path: 
 
 async def test_unhealthy_engine_is_restarted(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
-    env = {"FAKE_MODE": "unhealthy_after:0.5", "FAKE_STARTS_FILE": str(starts)}
+    # Healthy long enough for readiness to be seen even on a loaded machine, then sick.
+    env = {"FAKE_MODE": "unhealthy_after:2", "FAKE_STARTS_FILE": str(starts)}
     config = fake_config(tmp_path, {"m": {"env": env}})
     async with running(config) as run, client(run) as http:
         assert (

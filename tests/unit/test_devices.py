@@ -134,15 +134,17 @@ async def test_nvml_is_initialised_once_in_a_worker_thread_and_shut_down() -> No
 async def test_hanging_device_is_down_within_the_timeout(release: threading.Event) -> None:
     hung = FakeGpu(UUID1, hang=release)
     nvml = FakeNvml([FakeGpu(UUID0), hung])
-    probe = NvmlProbe(nvml, timeout=0.2)
+    # Roomy enough that the healthy GPU answers even on a loaded machine; the hung one still
+    # costs only the timeout.
+    probe = NvmlProbe(nvml, timeout=1.0)
 
     with capture_logs() as logs:
         started = time.monotonic()
         snapshot = await probe.snapshot()
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0
         assert snapshot["0"].up
         assert not snapshot["1"].up and snapshot["1"].index == 1
-        assert "did not answer within 0.2 s" in (snapshot["1"].error or "")
+        assert "did not answer within 1 s" in (snapshot["1"].error or "")
 
         # The stuck call still holds its thread: the device is not asked again meanwhile.
         again = await probe.snapshot()
@@ -169,12 +171,12 @@ async def test_concurrent_snapshots_both_see_the_gpus() -> None:
 
 async def test_hung_device_comes_back_when_its_call_returns(release: threading.Event) -> None:
     hung = FakeGpu(UUID0, hang=release)
-    probe = NvmlProbe(FakeNvml([hung]), timeout=0.2)
+    probe = NvmlProbe(FakeNvml([hung]), timeout=1.0)
     assert not (await probe.snapshot())["0"].up
 
     hung.hang = None
     release.set()
-    for _ in range(50):  # the abandoned thread finishes on its own schedule
+    for _ in range(300):  # the abandoned thread finishes on its own schedule
         if (reading := (await probe.snapshot())["0"]).up:
             break
         await anyio.sleep(0.01)
@@ -183,7 +185,7 @@ async def test_hung_device_comes_back_when_its_call_returns(release: threading.E
 
 async def test_hanging_discovery_reports_known_gpus_down(release: threading.Event) -> None:
     nvml = FakeNvml([FakeGpu(UUID0)])
-    probe = NvmlProbe(nvml, timeout=0.2)
+    probe = NvmlProbe(nvml, timeout=1.0)
     assert (await probe.snapshot())["0"].up
 
     nvml.count_hang = release
@@ -222,7 +224,7 @@ async def test_declared_gpu_that_hangs_is_down_under_its_name_only(
 ) -> None:
     gpu = FakeGpu(UUID1)
     declared = DeclaredProbe({"big": Declared("big", "gpu", uuid=UUID1)})
-    probe = CompositeProbe(NvmlProbe(FakeNvml([gpu]), timeout=0.2), declared)
+    probe = CompositeProbe(NvmlProbe(FakeNvml([gpu]), timeout=1.0), declared)
     assert (await probe.snapshot())["big"].up
 
     gpu.hang = release
