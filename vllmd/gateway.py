@@ -297,7 +297,14 @@ class Gateway:
         headers.append((b"x-request-id", request_id.encode()))
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         if not streaming:
-            data = await response.aread()
+            try:
+                data = await response.aread()
+            except httpx.HTTPError as exc:  # nothing sent yet: still a proper error answer
+                raise HTTPError(
+                    502,
+                    "engine_unavailable",
+                    f"the engine of model {model} broke off its answer ({type(exc).__name__})",
+                ) from None
             self.metrics.first_byte(model, time.perf_counter() - sent)
             headers.append((b"content-length", str(len(data)).encode()))
             await send(
