@@ -1,8 +1,12 @@
 """The event bus: everything that happened, told once, heard by whoever subscribes.
 
 Publishers (supervisor, scheduler, gateway) call `emit`; the log, metrics, the state store and
-alerts subscribe instead of being called from everywhere. `emit` never blocks: a subscriber
-that falls behind loses events (counted), it never slows an engine transition.
+alerts subscribe instead of being called from everywhere. Two kinds of subscribers:
+
+- synchronous (`on_event`): called in-line by `emit`, in order, never missing an event; they
+  must be cheap and never block (metrics counters);
+- queued (`subscribe`): a bounded stream each; one that falls behind loses events (counted in
+  `dropped`), it never slows an engine transition.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +48,7 @@ class EventBus:
     def __init__(self, history: int = 1000) -> None:
         self._ids = itertools.count(1)
         self._subscribers: list[MemoryObjectSendStream[Event]] = []
+        self._listeners: list[Callable[[Event], None]] = []
         self.history: deque[Event] = deque(maxlen=history)
         self.dropped = 0
 
@@ -51,6 +56,8 @@ class EventBus:
         event = Event(id=next(self._ids), time=time.time(), kind=kind, model=model, fields=fields)
         self.history.append(event)
         log.info(kind, model=model, **fields)
+        for listener in self._listeners:
+            listener(event)
         for stream in list(self._subscribers):
             try:
                 stream.send_nowait(event)
@@ -59,6 +66,10 @@ class EventBus:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.remove(stream)
         return event
+
+    def on_event(self, listener: Callable[[Event], None]) -> None:
+        """A synchronous subscriber: called with every event, in order, inside `emit`."""
+        self._listeners.append(listener)
 
     @contextmanager
     def subscribe(self, buffer: int = 1000) -> Iterator[MemoryObjectReceiveStream[Event]]:

@@ -36,7 +36,8 @@ Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
 READY_POLL = 0.1
 OUTPUT_GRACE = 1.0
 
-Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed", "sleep"]
+Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed", "start_timeout", "sleep"]
+START_FAILURES = ("start_failed", "start_timeout")
 Want = Literal["up", "down", "asleep"]
 
 
@@ -103,18 +104,31 @@ class Instance:
         self._said_no_sleep = False
         self._want: Want = "down"
         self._sleep_to = 1
+        # Set when the engine's exit is seen (BACKOFF entered at once); the restart's reason.
+        self._restart_reason: str | None = None
+        self._fail_when_released = False  # the crash used up max_restarts
         self._changed = anyio.Event()
 
     # --- what others ask -------------------------------------------------------------------
 
     def want_up(self) -> None:
-        """Start the engine, wake it, or keep it running. Clears `failed`: a deliberate ask."""
+        """Start the engine, wake it, or keep it running. Clears `failed`: a deliberate ask,
+        which starts a fresh restart window."""
+        if self.state is S.FAILED:
+            self.restart_policy.reset()
         if self._want != "up":
             self._want = "up"
             self._notify()
 
     def want_down(self) -> None:
-        if self._want != "down" or self.state is S.FAILED:
+        """Stop the engine. A `failed` model (no process: its actor is idle) becomes `stopped`
+        at once, with a fresh restart window."""
+        if self.state is S.FAILED:
+            self._want = "down"
+            self.restart_policy.reset()
+            self._transition(S.STOPPED)  # FAILED -> STOPPED
+            return
+        if self._want != "down":
             self._want = "down"
             self._notify()
 
@@ -158,13 +172,20 @@ class Instance:
         task_status.started()
         try:
             while True:
-                await self._until(lambda: self._want == "up")
-                if self.state is S.BACKOFF and self.start_gate is not None:
+                await self._until(lambda: self._want == "up" or self.state is S.BACKOFF)
+                if self.state is S.BACKOFF and self._want == "up" and self.start_gate is not None:
                     # A restart is a start like any other: one memory operation per device.
+                    # The gate returns early when the model is no longer wanted.
                     await self.start_gate()
-                    if self._want != "up":
-                        continue
-                if self.state in (S.STOPPED, S.FAILED, S.BACKOFF):
+                if self._want != "up":
+                    if self.state is S.BACKOFF:
+                        self._transition(S.STOPPED)  # BACKOFF -> STOPPED
+                    await self._until(lambda: self._want == "up")
+                    continue
+                if self.state is S.BACKOFF and self._restart_reason is not None:
+                    reason, self._restart_reason = self._restart_reason, None
+                    self._transition(S.STARTING, restart_reason=reason)  # BACKOFF -> STARTING
+                elif self.state in (S.STOPPED, S.FAILED, S.BACKOFF):
                     self._transition(S.STARTING)
                 outcome = await self._run_engine()
                 if outcome == "stopped":
@@ -175,9 +196,11 @@ class Instance:
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
 
-    async def _backoff(self, outcome: Outcome) -> bool:
-        """Count a restart; FAILED past max_restarts in restart_window, else BACKOFF and wait.
-        Returns True when the loop should start again."""
+    def _enter_backoff(self, reason: str) -> None:
+        """The engine died (or must be restarted): count it and leave its state at once, so
+        new requests queue for the restart instead of reaching a dead engine. BACKOFF keeps
+        the reservation while the processes are killed; FAILED (max_restarts used up) is
+        entered only once they are gone (`_backoff`)."""
         if self._want == "asleep":
             self._want = "down"  # it died on its way to sleep: nothing is left to put to sleep
         policy = self.restart_policy
@@ -187,17 +210,28 @@ class Instance:
         if self._profiling_race:
             retries = policy.profiling_retries
             self._events.emit("start_profiling_retry", self.name, retries=retries)
-        if policy.exhausted:
+        self._fail_when_released = policy.exhausted
+        self._restart_reason = reason if self.ready_since is not None else None
+        fields: dict[str, object] = {"reason": reason}
+        if not policy.exhausted:
+            fields["delay"] = policy.delay()
+        self._transition(S.BACKOFF, **fields)  # STARTING/READY/... -> BACKOFF
+
+    async def _backoff(self, outcome: Outcome) -> bool:
+        """Once the engine's processes are gone: FAILED past max_restarts in restart_window,
+        else wait out the backoff delay. Returns True when the loop should start again."""
+        if self.state is not S.BACKOFF:  # a failed start: counted only now
+            self._enter_backoff(outcome)
+        policy = self.restart_policy
+        if self._fail_when_released:
             self._want = "down"
+            self._restart_reason = None
             self._transition(S.FAILED, reason=outcome, error=self.last_error)  # -> FAILED
             self._events.emit("model_failed", self.name, restarts=len(policy.restarts))
             return False
-        delay = policy.delay()
-        self._transition(S.BACKOFF, reason=outcome, delay=delay)  # -> BACKOFF
-        with anyio.move_on_after(delay):
+        remaining = self.state_since + policy.delay() - self.clock()
+        with anyio.move_on_after(max(0.0, remaining)):
             await self._until(lambda: not self._keep)
-        if not self._keep:
-            self._transition(S.STOPPED)  # BACKOFF -> STOPPED
         return True
 
     async def _run_engine(self) -> Outcome:
@@ -212,7 +246,7 @@ class Instance:
             self.last_error = f"engine for {self.name} could not be spawned: {exc}"
             await self._release_process()
             self._profiling_race = False
-            self._start_failed()
+            self._start_failed("failed")
             return "start_failed"
         self.process = proc
         self.starts += 1
@@ -238,13 +272,14 @@ class Instance:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_process()
-        self._profiling_race = outcome == "start_failed" and self.restart_policy.is_profiling_race(
+        self._profiling_race = outcome in START_FAILURES and self.restart_policy.is_profiling_race(
             self.output.since_start()
         )
         if outcome == "stopped":
             self._transition(S.STOPPED)  # STOPPING -> STOPPED
-        elif outcome == "start_failed" and not self._profiling_race:
-            self._start_failed()  # told once nothing of the engine is left
+        elif outcome in START_FAILURES and not self._profiling_race:
+            # Told once nothing of the engine is left.
+            self._start_failed("timeout" if outcome == "start_timeout" else "failed")
         return outcome
 
     async def _supervise(self, proc: EngineProcess, api: EngineAPI, exited: anyio.Event) -> Outcome:
@@ -259,11 +294,11 @@ class Instance:
                     f"engine for {self.name} not ready within {self.engine.startup_timeout:g}s"
                 )
                 await proc.kill()
-            else:
-                await proc.kill()  # the leader is gone; its group may not be
-                self.last_error = (
-                    f"engine for {self.name} exited with {_status(proc.returncode)} while starting"
-                )
+                return "start_timeout"
+            await proc.kill()  # the leader is gone; its group may not be
+            self.last_error = (
+                f"engine for {self.name} exited with {_status(proc.returncode)} while starting"
+            )
             return "start_failed"
 
         await proc.remember_descendants()
@@ -296,12 +331,16 @@ class Instance:
             self.last_error = (
                 f"engine for {self.name} failed {self.engine.health_failures} health checks"
             )
+            self._enter_backoff("unhealthy")
             await proc.terminate(self.engine.stop_timeout)
         else:
-            await proc.kill()
+            # The exit status is known (the leader was reaped): say so and leave READY before
+            # the rest of the group is killed and the engine's last output drained.
             reason = "oom" if proc.killed_by_oom() else "crash"
             self.last_error = f"engine for {self.name} exited with {_status(proc.returncode)}"
             self._events.emit("crashed", self.name, reason=reason, status=_status(proc.returncode))
+            self._enter_backoff(reason)
+            await proc.kill()
         return outcome
 
     async def _sleep(self, api: EngineAPI, exited: anyio.Event) -> bool:
@@ -421,9 +460,9 @@ class Instance:
         """Times of the restarts counted in the current window."""
         return self.restart_policy.restarts
 
-    def _start_failed(self) -> None:
+    def _start_failed(self, result: Literal["failed", "timeout"]) -> None:
         self.start_failures += 1
-        self._events.emit("start_failed", self.name, error=self.last_error)
+        self._events.emit("start_failed", self.name, error=self.last_error, result=result)
         self._notify()
 
     async def _watch_exit(self, proc: EngineProcess, exited: anyio.Event) -> None:

@@ -4,9 +4,12 @@ snapshots it builds."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 
+import anyio
+import anyio.to_thread
 import psutil
 
 from vllmd.config import Config
@@ -18,6 +21,14 @@ from vllmd.scheduler import RECENT_USE, DeviceView, ModelView, Snapshot
 from vllmd.states import InstanceState
 
 S = InstanceState
+
+
+def _pgid(pid: int) -> int | None:
+    """The process group of `pid` (one syscall; None once it is gone)."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 class Ledger:
@@ -37,10 +48,23 @@ class Ledger:
         self._recent_use = recent_use
         self.busy_models: set[str] = set()  # under a placer operation
         self.residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
-        # Weights held in host RAM by a level-1 sleeper (local model directories; read once).
-        self._host_bytes = {n: weights_bytes(i.model.model) for n, i in instances.items()}
+        # Weights held in host RAM by a level-1 sleeper, per model: sized once by
+        # `measure_weights` (a directory walk, in a thread); until then, and where the size is
+        # unknown, the model's reservation is the bound.
+        self._host_bytes: dict[str, int] = {}
         total_ram = psutil.virtual_memory().total
         self._host_budget = config.scheduler.host_memory or total_ram // 2
+
+    async def measure_weights(self) -> None:
+        """Size every model's weights (for the level-1 host-memory budget), in a thread."""
+        for name, inst in self.instances.items():
+            if name not in self._host_bytes:
+                self._host_bytes[name] = await anyio.to_thread.run_sync(
+                    weights_bytes, inst.model.model
+                )
+
+    def host_bytes(self, inst: Instance) -> int:
+        return self._host_bytes.get(inst.name) or inst.model.memory
 
     def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
         placed = []
@@ -63,8 +87,8 @@ class Ledger:
             devices[name] = d
         models = {name: self.view(inst) for name, inst in self.instances.items()}
         level1 = sum(
-            self._host_bytes[n]
-            for n, i in self.instances.items()
+            self.host_bytes(i)
+            for i in self.instances.values()
             if i.state is S.SLEEPING and i.sleep_level == 1
         )
         return Snapshot(
@@ -97,15 +121,25 @@ class Ledger:
         return out
 
     def _foreign(self, snap: DeviceSnapshot) -> int:
-        """GPU memory used by processes that are not our engines' (cpu devices: none)."""
+        """GPU memory used by processes that are not our engines' (cpu devices: none).
+
+        An engine's workers are ours from the moment they exist: while it starts they are not
+        yet among its remembered descendants, but they are in its process group (counting
+        them as foreign would count the same bytes twice)."""
         if snap.kind != "gpu" or not snap.processes:
             return 0
-        ours = set()
+        ours: set[int] = set()
+        groups: set[int] = set()
         for inst in self.instances.values():
             if inst.process is not None:
                 ours.add(inst.process.pid)
                 ours.update(inst.process.descendants)
-        return sum(p.used_bytes or 0 for p in snap.processes if p.pid not in ours)
+                groups.add(inst.process.record.pgid)
+        return sum(
+            p.used_bytes or 0
+            for p in snap.processes
+            if p.pid not in ours and _pgid(p.pid) not in groups
+        )
 
     def view(self, inst: Instance) -> ModelView:
         model = inst.model
@@ -126,6 +160,6 @@ class Ledger:
             pinned=model.pinned,
             priority=model.priority,
             sleep_level=model.sleep_level if can_sleep else 0,
-            host_bytes=self._host_bytes[inst.name],
+            host_bytes=self.host_bytes(inst),
             busy=inst.name in self.busy_models,
         )

@@ -35,7 +35,6 @@ from vllmd.events import EventBus
 from vllmd.instance import Instance
 from vllmd.ledger import Ledger
 from vllmd.meter import Meter
-from vllmd.metrics import Metrics
 from vllmd.scheduler import (
     RECENT_USE,
     Eviction,
@@ -51,6 +50,7 @@ S = InstanceState
 log = structlog.get_logger("vllmd.placer")
 # States in which an instance's memory is changing (one such operation per device at a time).
 MEMORY_OPERATIONS = frozenset({S.STARTING, S.WAKING, S.DRAINING, S.STOPPING})
+STARTS = frozenset({S.STARTING, S.WAKING})  # limited by engine.max_concurrent_starts
 DEVICE_REFRESH = 5.0
 
 
@@ -78,7 +78,6 @@ class Placer:
         *,
         probe: DeviceProbe,
         events: EventBus,
-        metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         recent_use: float = RECENT_USE,
     ) -> None:
@@ -86,13 +85,13 @@ class Placer:
         self.instances = instances
         self.meter = Meter(probe)
         self._events = events
-        self._metrics = metrics
         self._clock = clock
         self._said_no_sleep: set[str] = set()
         self._queue: list[Ticket] = []
         self._busy_devices: set[str] = set()
         self._starts = 0
-        self._changed = anyio.Event()
+        self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
+        self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
         self._tg: TaskGroup | None = None
         self.ledger = Ledger(config, instances, self.meter, clock=clock, recent_use=recent_use)
@@ -142,8 +141,10 @@ class Placer:
         return self.meter.devices
 
     def kick(self) -> None:
-        """Something changed: plan again soon."""
+        """Something changed: plan again soon, and let waiting restarts look again."""
         self._changed.set()
+        tick, self._tick = self._tick, anyio.Event()
+        tick.set()
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class Placer:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._refresh_devices)
+            # Sizes for the level-1 host-memory budget; the reservation bounds them until then.
+            tg.start_soon(self.ledger.measure_weights)
             self._preload()
             task_status.started()
             wake_at, idle_deferred = 0.0, False
@@ -176,13 +179,16 @@ class Placer:
         return busy
 
     def _start_allowed(self) -> bool:
-        starting = sum(1 for i in self.instances.values() if i.state is S.STARTING)
+        """Whether a start or a wake may begin: both load weights and size a KV cache, so both
+        count toward `max_concurrent_starts`."""
+        starting = sum(1 for i in self.instances.values() if i.state in STARTS)
         return max(starting, self._starts) < self.config.engine.max_concurrent_starts
 
     async def _start_slot(self, inst: Instance) -> None:
         """Wait until `inst` (in backoff) may restart: its devices free of other operations and
-        a start slot free. The restart itself then marks its devices busy (STARTING)."""
-        while not self._closing:
+        a start slot free. The restart itself then marks its devices busy (STARTING). Returns
+        early when the model is no longer wanted (stopped or evicted while in backoff)."""
+        while not self._closing and inst.wanted_up:
             others = self._busy_devices | {
                 d
                 for i in self.instances.values()
@@ -191,8 +197,7 @@ class Placer:
             }
             if not others & set(inst.model.devices) and self._start_allowed():
                 return
-            changed = self._changed
-            await changed.wait()
+            await self._tick.wait()
 
     def _ticket(self, instance: Instance) -> Ticket:
         for ticket in self._queue:
@@ -232,7 +237,7 @@ class Placer:
             for ev in plan.evictions:
                 devices |= set(self.instances[ev.model].model.devices)
             blocked = devices & held_for_head or (
-                plan.kind == "start" and not self._start_allowed()
+                plan.kind in ("start", "wake") and not self._start_allowed()
             )
             if plan.kind == "wait" or blocked:
                 held_for_head |= devices
@@ -247,7 +252,7 @@ class Placer:
         self._busy_devices |= devices
         self.ledger.busy_models.add(ticket.instance.name)
         self.ledger.busy_models.update(ev.model for ev in plan.evictions)
-        if plan.kind == "start":
+        if plan.kind in ("start", "wake"):
             self._starts += 1
         self._tg.start_soon(self._carry_out, ticket, plan, devices)
 
@@ -268,7 +273,6 @@ class Placer:
             except InsufficientMemory as exc:
                 self._events.emit("release_unverified", plan.model, problem=str(exc))
                 raise
-            started = self._clock()
             inst.placement = self.place(inst)
             before = inst.transitions
             inst.want_up()
@@ -283,15 +287,11 @@ class Placer:
                     )
                 )
             )
+            # Loads are counted from the instance's events (vllmd.metrics_feed).
             if inst.state is S.READY:
-                if plan.kind == "start":
-                    self._metrics.loads.labels(inst.name, "ok").inc()
-                    self._metrics.load_duration.labels(inst.name).observe(self._clock() - started)
                 await self._measure(inst)
                 self._finish(ticket)
             else:
-                result = "timeout" if "not ready within" in (inst.last_error or "") else "failed"
-                self._metrics.loads.labels(inst.name, result).inc()
                 error: VllmdError = StartFailed(
                     f"{inst.last_error}; see `vllmctl logs {inst.name}`"
                 )
@@ -304,7 +304,7 @@ class Placer:
             self._busy_devices -= devices
             self.ledger.busy_models.discard(inst.name)
             self.ledger.busy_models.difference_update(ev.model for ev in plan.evictions)
-            if plan.kind == "start":
+            if plan.kind in ("start", "wake"):
                 self._starts -= 1
             self.kick()
 
@@ -338,7 +338,6 @@ class Placer:
         if victim.state is S.SLEEPING:
             await self._check_residue(victim)
         action = "sleep" if victim.state is S.SLEEPING else "stop"
-        self._metrics.evictions.labels(ev.model, ev.reason, action).inc()
         self._events.emit(
             "evicted",
             ev.model,

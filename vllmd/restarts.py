@@ -50,5 +50,10 @@ class RestartPolicy:
         """1 s, doubling with each counted restart in the window, at most 5 min."""
         return min(BACKOFF_FIRST * 2.0 ** max(0, len(self.restarts) - 1), BACKOFF_MAX)
 
+    def reset(self) -> None:
+        """A fresh window: an operator cleared `failed` (load, restart, unload, reload)."""
+        self.restarts.clear()
+        self.profiling_retries = 0
+
     def started(self) -> None:
         self.profiling_retries = 0

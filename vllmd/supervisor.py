@@ -20,6 +20,7 @@ from vllmd.errors import ModelNotFound, QueueFull, QueueTimeout
 from vllmd.events import EventBus
 from vllmd.instance import Instance, RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
+from vllmd.metrics_feed import count_events
 from vllmd.placer import Placer
 from vllmd.scheduler import RECENT_USE
 from vllmd.states import InstanceState
@@ -56,12 +57,12 @@ class Supervisor:
             for name, model in config.models.items()
         }
         self.queued_total = 0
+        count_events(events, metrics)
         self.placer = Placer(
             config,
             self.instances,
             probe=probe,
             events=events,
-            metrics=metrics,
             clock=clock,
             recent_use=recent_use,
         )

@@ -154,6 +154,8 @@ async def test_idle_ttl_stops_an_idle_model(tmp_path: Path) -> None:
         a = run.supervisor.instances["a"]
         with anyio.fail_after(5):
             await a.wait_state(InstanceState.STOPPED)
+        # "evicted" is told once the stop is over, just after the state changes
+        await eventually(lambda: _events(list(run.events.history), "evicted"))
         assert run.supervisor.instances["b"].state is InstanceState.READY
         evicted = _events(list(run.events.history), "evicted")
     assert [(e.model, e.fields["reason"]) for e in evicted] == [("a", "idle")]
@@ -213,7 +215,14 @@ def _gpu_config(tmp_path: Path, env: Mapping[str, str], **model: object) -> Conf
         tmp_path,
         models,
         devices={},
-        scheduler={"headroom": "1GiB", "min_residency": "0s", "sleep_residue": "1GiB"},
+        # The fake models' weights are unknown (hub-like ids), so each level-1 sleeper is
+        # bounded by its reservation in host RAM: leave room for two of them.
+        scheduler={
+            "headroom": "1GiB",
+            "min_residency": "0s",
+            "sleep_residue": "1GiB",
+            "host_memory": "64GiB",
+        },
     )
 
 
