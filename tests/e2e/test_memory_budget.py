@@ -21,7 +21,8 @@ GiB = 2**30
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     require_engine_and_models("tiny-chat", "tiny-chat-2", "minilm")
     models = model_block("tiny-chat", "tiny-chat", extra='dtype = "bfloat16"')
-    models += model_block("minilm", "minilm", extra='dtype = "float32"\npinned = true')
+    # No model is pinned: the victims are chosen by recency alone (pinning has its own tests).
+    models += model_block("minilm", "minilm", extra='dtype = "float32"')
     models += model_block("tiny-chat-2", "tiny-chat-2", extra='dtype = "bfloat16"')
     # 7 GiB - 512 MiB headroom = 6.5 GiB: two 3 GiB reservations fit, three do not.
     return daemon_factory(models, device_memory="7GiB", extra='min_residency = "0s"')
@@ -66,10 +67,10 @@ def test_third_model_evicts_the_least_recently_used_one(daemon: Daemon) -> None:
     assert len(_log_events(daemon, "no_sleep_mode")) == 1
 
 
-def test_concurrent_requests_for_a_stopped_model_share_one_start_and_pinned_survives(
+def test_concurrent_requests_for_a_stopped_model_share_one_start_and_evict_the_lru(
     daemon: Daemon,
 ) -> None:
-    """minilm is now the least recently used, but pinned: tiny-chat-2 must go instead."""
+    """minilm is now the least recently used of the two running models: it goes."""
     spawned_before = [e for e in _log_events(daemon, "spawned") if e["model"] == "tiny-chat"]
     codes: list[int] = []
 
@@ -92,15 +93,15 @@ def test_concurrent_requests_for_a_stopped_model_share_one_start_and_pinned_surv
     assert len(spawned_after) - len(spawned_before) == 1
 
     states = {name: view["state"] for name, view in daemon.models().items()}
-    assert states == {"tiny-chat": "ready", "minilm": "ready", "tiny-chat-2": "stopped"}
+    assert states == {"tiny-chat": "ready", "minilm": "stopped", "tiny-chat-2": "ready"}
     last = _log_events(daemon, "evicted")[-1]
-    assert (last["model"], last["for_model"]) == ("tiny-chat-2", "tiny-chat")
+    assert (last["model"], last["for_model"]) == ("minilm", "tiny-chat")
 
 
 def test_models_endpoint_reports_reservations(daemon: Daemon) -> None:
     views = daemon.models()
     assert views["tiny-chat"]["reserved_bytes"] == {"cpu0": 3 * GiB}
-    assert views["tiny-chat-2"]["reserved_bytes"] == {"cpu0": 0}
+    assert views["minilm"]["reserved_bytes"] == {"cpu0": 0}
     assert daemon.engine_processes()
     assert daemon.stop() == 0
     assert not daemon.engine_processes()
