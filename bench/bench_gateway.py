@@ -114,7 +114,7 @@ async def bench(args: argparse.Namespace, tmp: str) -> None:
             "devices": ["cpu0"],
             "memory": "3GiB",
             "max_model_len": 256,
-            "dtype": "bfloat16",
+            "dtype": "float32",
             "args": ["--enforce-eager"],
         }
     config = parse_config(

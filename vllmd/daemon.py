@@ -2,8 +2,9 @@
 
     serve()
     └── task group
+        ├── reaper (waits for engine processes that died as the daemon's children)
         ├── supervisor (one actor per model)
-        ├── gateway (uvicorn on a pre-bound socket)
+        ├── gateway, metrics listener (uvicorn on pre-bound sockets)
         └── watchdog / status
     shutdown trigger -> stop accepting -> drain + stop every engine -> exit
 
@@ -13,11 +14,12 @@ deterministically; the CLI passes one fed by SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +30,14 @@ from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
+from vllmd.errors import ListenFailed
 from vllmd.events import EventBus
 from vllmd.gateway import Gateway
 from vllmd.instance import RuntimeOptions, Spawner
+from vllmd.kernel_log import KernelLogOpener, Kmsg
 from vllmd.metrics import Metrics
-from vllmd.process import become_subreaper, spawn
+from vllmd.metrics_app import MetricsApp
+from vllmd.process import EngineProcess, Reaper, become_subreaper, spawn
 from vllmd.scheduler import RECENT_USE
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
@@ -55,28 +60,57 @@ async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
 
 @dataclass
 class Seams:
-    """What tests replace: how engines are spawned, how devices are probed, the environment."""
+    """What tests replace: how engines are spawned and reaped, how devices are probed, where
+    OOM kills are read, the environment (also the daemon's: RUNTIME_DIRECTORY)."""
 
-    spawner: Spawner = spawn
+    spawner: Spawner | None = None  # None: `spawn`, with the reaper and kernel log below
     probe: DeviceProbe | None = None
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     notifier: Notifier = field(default_factory=Notifier)
     recent_use: float = RECENT_USE  # DESIGN's 30 s; tests shorten it
+    reaper: Reaper = field(default_factory=Reaper)
+    kernel_log: KernelLogOpener = Kmsg
 
 
-def bind(listen: Listen) -> socket.socket:
-    """Bind a listening TCP socket; errors surface here, before READY=1."""
+def bind(listen: Listen, key: str = "gateway.listen") -> socket.socket:
+    """Bind a listening TCP socket; errors surface here, before READY=1, as ListenFailed
+    naming the address and the config key."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     # Protocol given explicitly: asyncio sets TCP_NODELAY on accepted sockets only when it
     # is IPPROTO_TCP, and without it uvicorn's separate header and body writes wait ~40 ms
     # for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((listen.host, listen.port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise ListenFailed(f"cannot listen on {listen} ({key}): {reason}") from exc
     sock.setblocking(False)
     return sock
+
+
+def _http_server(app: Gateway | MetricsApp, limit: int, graceful: int) -> uvicorn.Server:
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            http="httptools",
+            limit_concurrency=limit,
+            timeout_graceful_shutdown=graceful,
+            server_header=False,
+        )
+    )
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def status_line(supervisor: Supervisor) -> str:
@@ -95,6 +129,7 @@ class Running:
     supervisor: Supervisor
     events: EventBus
     metrics: Metrics
+    metrics_url: str | None = None  # the `[metrics] listen` listener, when configured
 
 
 async def serve(
@@ -111,59 +146,66 @@ async def serve(
     events = EventBus()
     metrics = Metrics()
     probe = seams.probe or CompositeProbe(NvmlProbe(), DeclaredProbe(config.devices))
+    reaper = seams.reaper
+    notifier = seams.notifier
     if become_subreaper():
         log.debug("child_subreaper")
-    runtime_dir = Path(tempfile.mkdtemp(prefix="vllmd-", dir=os.environ.get("RUNTIME_DIRECTORY")))
-    devices = await probe.snapshot()
-    log.info(
-        "devices",
-        devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()},
-    )
-
-    supervisor = Supervisor(
-        config,
-        events=events,
-        spawner=seams.spawner,
-        options=RuntimeOptions(
-            runtime_dir=runtime_dir,
-            connect_timeout=config.gateway.upstream_connect_timeout,
-            max_connections=config.gateway.max_connections,
-        ),
-        probe=probe,
-        metrics=metrics,
-        base_env=seams.base_env,
-        recent_use=seams.recent_use,
-    )
-    metrics.watch_instances(lambda: supervisor.instances.values(), supervisor.placer.held)
-    gateway = Gateway(config, supervisor, metrics)
-    sock = bind(config.gateway.listen)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            gateway,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            http="httptools",
-            limit_concurrency=config.gateway.max_connections,
-            timeout_graceful_shutdown=int(config.engine.drain_timeout) + 1,
-            server_header=False,
+    # Everything made before a failure (a busy port, a probe error) is undone in reverse.
+    with contextlib.ExitStack() as undo:
+        undo.callback(log.info, "stopped")
+        undo.callback(notifier.close)
+        runtime_dir = Path(
+            tempfile.mkdtemp(prefix="vllmd-", dir=seams.base_env.get("RUNTIME_DIRECTORY"))
         )
-    )
-    notifier = seams.notifier
-    try:
+        undo.callback(shutil.rmtree, runtime_dir, ignore_errors=True)
+        devices = await probe.snapshot()
+        log.info(
+            "devices",
+            devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()},
+        )
+
+        supervisor = Supervisor(
+            config,
+            events=events,
+            spawner=seams.spawner or _spawner(reaper, seams.kernel_log),
+            options=RuntimeOptions(
+                runtime_dir=runtime_dir,
+                connect_timeout=config.gateway.upstream_connect_timeout,
+                max_connections=config.gateway.max_connections,
+            ),
+            probe=probe,
+            metrics=metrics,
+            base_env=seams.base_env,
+            recent_use=seams.recent_use,
+        )
+        metrics.watch_instances(lambda: supervisor.instances.values(), supervisor.placer.held)
+        gateway = Gateway(config, supervisor, metrics)
+        sock = undo.enter_context(bind(config.gateway.listen))
+        server = _http_server(
+            gateway, config.gateway.max_connections, int(config.engine.drain_timeout) + 1
+        )
+        listeners = [(server, sock)]
+        metrics_sock: socket.socket | None = None
+        if config.metrics.listen is not None:
+            metrics_sock = undo.enter_context(bind(config.metrics.listen, "metrics.listen"))
+            listeners.append((_http_server(MetricsApp(metrics), 64, 1), metrics_sock))
+
         async with anyio.create_task_group() as tg:
+            await tg.start(reaper.run)
             await tg.start(supervisor.run)
-            await _start_server(server, sock)
-            tg.start_soon(_run_server, server, sock)
+            for each_server, each_sock in listeners:
+                await _start_server(each_server, each_sock)
+                tg.start_soon(_run_server, each_server, each_sock)
             gateway.accepting = True
             notifier.ready(status_line(supervisor))
             log.info(
                 "ready",
-                gateway=f"{config.gateway.listen.host}:{config.gateway.listen.port}",
+                gateway=str(config.gateway.listen),
+                metrics=str(config.metrics.listen or config.gateway.listen),
                 models=sorted(supervisor.instances),
             )
-            host, port = sock.getsockname()[:2]
-            task_status.started(Running(f"http://{host}:{port}", supervisor, events, metrics))
+            metrics_url = _url(metrics_sock) if metrics_sock is not None else None
+            task_status.started(Running(_url(sock), supervisor, events, metrics, metrics_url))
             tg.start_soon(_report_status, events, supervisor, notifier)
             tg.start_soon(_watchdog, notifier)
 
@@ -172,7 +214,8 @@ async def serve(
             notifier.stopping()
             notifier.extend_timeout(config.engine.drain_timeout + config.engine.stop_timeout + 30)
             gateway.accepting = False
-            server.should_exit = True
+            for each_server, _ in listeners:
+                each_server.should_exit = True
             if force is not None:
                 async with anyio.create_task_group() as stop_tg:
 
@@ -189,12 +232,16 @@ async def serve(
                     stop_tg.start_soon(force_then_end)
             else:
                 await supervisor.stop_all()
+            with anyio.CancelScope(shield=True):
+                await reaper.reap()  # what died on the way out
             tg.cancel_scope.cancel()
-    finally:
-        sock.close()
-        notifier.close()
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        log.info("stopped")
+
+
+def _spawner(reaper: Reaper, kernel_log: KernelLogOpener) -> Spawner:
+    async def spawn_engine(argv: Sequence[str], env: Mapping[str, str]) -> EngineProcess:
+        return await spawn(argv, env, reaper=reaper, kernel_log=kernel_log)
+
+    return spawn_engine
 
 
 async def _report_status(events: EventBus, supervisor: Supervisor, notifier: Notifier) -> None:

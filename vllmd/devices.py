@@ -45,7 +45,12 @@ class GpuProcess:
 
 @dataclass(frozen=True, slots=True)
 class DeviceSnapshot:
-    """One device at one moment. Measured fields are None when unknown; sizes in bytes."""
+    """One device at one moment. Measured fields are None when unknown; sizes in bytes.
+
+    `total` is what vllmd may use (a declared `memory` caps it); `device_total` is the GPU's
+    own size as NVML reports it, the base of vLLM's `--gpu-memory-utilization` fraction (None
+    for a cpu or an unread GPU).
+    """
 
     name: str
     kind: Literal["cpu", "gpu"]
@@ -60,6 +65,7 @@ class DeviceSnapshot:
     processes: tuple[GpuProcess, ...]
     up: bool
     error: str | None
+    device_total: int | None = None
 
 
 class NvmlUnavailable(DeviceError):
@@ -288,6 +294,7 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
         uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
         index=index,
         total=int(memory.total),
+        device_total=int(memory.total),
         used=int(memory.used),
         free=int(memory.free),
         utilization=utilization,
@@ -332,9 +339,10 @@ class DeclaredProbe:
     cpu: total = the configured memory (host RAM when unset), utilization = host CPU use (None
     on the first snapshot, which has nothing to compare with), used/free None: the scheduler
     accounts cpu devices by reservation and measures each instance with `process_tree_rss`.
-    gpu: the reading of the discovered GPU with the declared `uuid` (passed in as
-    `discovered`), under the declared name; a configured memory caps its total (the budget),
-    used/free stay as measured. Down when no discovered GPU has that uuid.
+    gpu: the reading of the discovered GPU (passed in as `discovered`) with the declared `uuid`,
+    or, for a gpu named by an NVML index ("0", "1", ...) without a uuid, of that index; under
+    the declared name. A configured memory caps its total (the budget), used/free stay as
+    measured. Down when no discovered GPU matches.
     """
 
     def __init__(self, devices: Mapping[str, DeclaredDevice], *, timeout: float = 5.0) -> None:
@@ -346,7 +354,7 @@ class DeclaredProbe:
     async def snapshot(
         self, discovered: Mapping[str, DeviceSnapshot] | None = None
     ) -> dict[str, DeviceSnapshot]:
-        """Reads the declared devices; gpus are looked up by uuid in `discovered`."""
+        """Reads the declared devices; gpus are looked up by uuid (else index) in `discovered`."""
         utilization = None
         if any(device.kind == "cpu" for device in self._devices.values()):
             # /proc reads go to a thread too; a stuck one leaves utilization unknown.
@@ -354,7 +362,7 @@ class DeclaredProbe:
                 utilization = await anyio.to_thread.run_sync(
                     self._read_host, abandon_on_cancel=True
                 )
-        by_uuid = {s.uuid.lower(): s for s in (discovered or {}).values() if s.uuid is not None}
+        gpus = list((discovered or {}).values())
         result: dict[str, DeviceSnapshot] = {}
         for name, device in self._devices.items():
             if device.kind == "cpu":
@@ -362,16 +370,8 @@ class DeclaredProbe:
                 result[name] = _unmeasured(
                     name, "cpu", up=True, total=total, utilization=utilization
                 )
-            elif device.uuid is None:
-                result[name] = _unmeasured(
-                    name, "gpu", error="a declared gpu needs uuid= to be found"
-                )
-            elif (gpu := by_uuid.get(device.uuid.lower())) is None:
-                error = f"no GPU with uuid {device.uuid} found through NVML"
-                result[name] = _unmeasured(name, "gpu", error=error, uuid=device.uuid)
             else:
-                total = gpu.total if device.memory is None else min(gpu.total, device.memory)
-                result[name] = replace(gpu, name=name, total=total)
+                result[name] = _declared_gpu(name, device, gpus)
         return result
 
     def _read_host(self) -> float | None:
@@ -382,10 +382,35 @@ class DeclaredProbe:
         return percent / 100 if primed else None
 
 
+def _declared_gpu(
+    name: str, device: DeclaredDevice, discovered: list[DeviceSnapshot]
+) -> DeviceSnapshot:
+    """A declared gpu: the discovered GPU with its uuid, else the one of the NVML index it is
+    named by (`[devices."0"] memory = ...` puts a budget on a GPU that needs no declaration)."""
+    if device.uuid is not None:
+        uuid = device.uuid.lower()
+        gpu = next((s for s in discovered if (s.uuid or "").lower() == uuid), None)
+        if gpu is None:
+            error = f"no GPU with uuid {device.uuid} found through NVML"
+            return _unmeasured(name, "gpu", error=error, uuid=device.uuid)
+    elif name.isascii() and name.isdigit():
+        index = int(name)
+        gpu = next((s for s in discovered if s.index == index), None)
+        if gpu is None:
+            error = f"no GPU with NVML index {index} found ({len(discovered)} discovered)"
+            return _unmeasured(name, "gpu", error=error, index=index)
+    else:  # the config refuses this; a probe must not raise for it
+        error = 'a declared gpu needs uuid= or an NVML index as its name ("0", "1", ...)'
+        return _unmeasured(name, "gpu", error=error)
+    total = gpu.total if device.memory is None else min(gpu.total, device.memory)
+    return replace(gpu, name=name, total=total)
+
+
 class CompositeProbe:
     """NVML's GPUs plus the declared devices: what the scheduler, metrics and alerts see.
 
-    A GPU claimed by a declared device (by uuid) is listed only under the declared name.
+    A GPU claimed by a declared device (by uuid or index) is listed only under the declared
+    name.
     """
 
     def __init__(self, gpus: DeviceProbe, declared: DeclaredProbe) -> None:

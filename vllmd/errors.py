@@ -5,12 +5,14 @@
     ├── ModelNotFound          no configured model has that name or alias
     ├── InvalidState           the model's state does not allow the action
     ├── ModelUnavailable       a model cannot take requests now (gateway: 503 + Retry-After)
-    │   ├── ModelFailed        the model is `failed` (too many restarts)
+    │   ├── ModelFailed        the model is `failed` (too many restarts; Retry-After 60 s)
     │   ├── InsufficientMemory the model does not fit and nothing can be evicted for it
     │   ├── QueueFull          the model's (or the host's) request queue is full
-    │   └── QueueTimeout       the request waited `queue_timeout` for the model
+    │   ├── QueueTimeout       the request waited `queue_timeout` for the model
+    │   └── ShuttingDown       the daemon is stopping and starts nothing more
     ├── StartFailed            the engine exited or timed out while starting
-    └── DeviceError            a device probe failed (no driver, timeout)
+    ├── DeviceError            a device probe failed (no driver, timeout)
+    └── ListenFailed           a listening socket could not be bound
 
 Lower-level errors (OSError, httpx errors, NVML errors) are translated into these at exactly
 one boundary each; the gateway and the CLI map them to HTTP bodies and exit codes once.
@@ -54,7 +56,13 @@ class ModelUnavailable(VllmdError):
 
 
 class ModelFailed(ModelUnavailable):
+    """Only an operator gets a failed model going again (`vllmctl load`): clients are told to
+    come back in a minute rather than hammer it."""
+
     code = "model_failed"
+
+    def __init__(self, message: str, retry_after: float | None = 60.0) -> None:
+        super().__init__(message, retry_after)
 
 
 class InsufficientMemory(ModelUnavailable):
@@ -69,9 +77,24 @@ class QueueTimeout(ModelUnavailable):
     code = "queue_timeout"
 
 
+class ShuttingDown(ModelUnavailable):
+    code = "shutting_down"
+
+    def __init__(
+        self, message: str = "vllmd is shutting down", retry_after: float | None = 5.0
+    ) -> None:
+        super().__init__(message, retry_after)
+
+
 class StartFailed(VllmdError):
     code = "start_failed"
 
 
 class DeviceError(VllmdError):
     code = "device_error"
+
+
+class ListenFailed(VllmdError):
+    """A listening socket could not be bound (address in use, not permitted, no such host)."""
+
+    code = "listen_failed"

@@ -12,48 +12,52 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
 import httpx
 import structlog
 
-from vllmd.config import Config
-from vllmd.errors import (
-    ModelNotFound,
-    ModelUnavailable,
-    StartFailed,
-    VllmdError,
+from vllmd.asgi import (
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    http_error,
+    send_bytes,
+    send_error,
+    send_json,
 )
+from vllmd.config import Config
+from vllmd.errors import ModelNotFound, ShuttingDown, VllmdError
 from vllmd.instance import Instance
 from vllmd.metrics import Metrics
+from vllmd.routes import OTHER
+from vllmd.routes import match as match_route
 from vllmd.supervisor import Supervisor
 from vllmd.views import model_view
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+# The shared ASGI helpers live in vllmd.asgi; these names stay importable from here too.
+__all__ = [
+    "Gateway",
+    "HTTPError",
+    "Receive",
+    "Scope",
+    "Send",
+    "http_error",
+    "send_bytes",
+    "send_error",
+    "send_json",
+    "sse_event_end",
+]
 
 log = structlog.get_logger("vllmd.gateway")
 
 # Recorded (never sent) when the client left first, as nginx does.
 CLIENT_CLOSED = 499
 
-# Routes that carry a `model` in their JSON body and go to that model's engine.
-MODEL_ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/rerank",
-        "/v1/score",
-        "/tokenize",
-        "/detokenize",
-    }
-)
+# `vllmd_requests_rejected_total{reason}` takes only DESIGN's values.
+REJECT_REASONS = frozenset({"queue_full", "queue_timeout", "model_failed", "insufficient_memory"})
 REQUEST_DROP = frozenset(
     {
         b"connection",
@@ -81,26 +85,6 @@ RESPONSE_DROP = frozenset(
         b"x-request-id",
     }
 )
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    405: "invalid_request_error",
-}
-
-
-class HTTPError(Exception):
-    """An error answered to the client in OpenAI's shape."""
-
-    def __init__(
-        self, status: int, code: str, message: str, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
 
 
 class ClientGone(Exception):
@@ -123,26 +107,31 @@ class Gateway:
         path: str = scope["path"]
         method: str = scope["method"]
         try:
-            if method == "POST" and path in MODEL_ROUTES:
-                self._authorize(scope)
-                await self._proxy(scope, receive, send, path, None)
-            elif path.startswith("/models/"):
-                self._authorize(scope)
-                name, _, rest = path[len("/models/") :].partition("/")
-                if not rest.startswith("v1/") or method != "POST":
-                    raise HTTPError(404, "not_found", f"no route {method} {path}")
-                route = "/" + rest
-                await self._proxy(scope, receive, send, route, name)
-            elif method == "GET":
-                await self._get(scope, send, path)
-            else:
-                raise HTTPError(404, "not_found", f"no route {method} {path}")
+            if method == "POST":
+                # Only the model routes are forwarded, and only under their template: see
+                # vllmd.routes for why a path near one (`..`, `%2F`, `//`) matches nothing.
+                hit = match_route(path, scope.get("raw_path"))
+                if hit is not None:
+                    self._authorize(scope)
+                    await self._proxy(scope, receive, send, hit[0], hit[1])
+                    return
+            elif method == "GET" and await self._get(scope, send, path):
+                return
+            await self._no_route(send, method, path)
         except HTTPError as exc:
             await send_error(send, exc)
 
+    async def _no_route(self, send: Send, method: str, path: str) -> None:
+        started = time.perf_counter()
+        shown = path if len(path) <= 100 else path[:100] + "..."
+        await send_error(send, HTTPError(404, "not_found", f"no route {method} {shown}"))
+        # One series for every path that matches nothing, however many a scanner tries.
+        self.metrics.request("", OTHER, 404, time.perf_counter() - started)
+
     # --- GET routes ------------------------------------------------------------------------
 
-    async def _get(self, scope: Scope, send: Send, path: str) -> None:
+    async def _get(self, scope: Scope, send: Send, path: str) -> bool:
+        """Answer one of the gateway's own GET routes; False when `path` is none of them."""
         if path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":
@@ -150,7 +139,8 @@ class Gateway:
             usable = sorted(d.name for d in devices if d.up)
             ready = self.accepting and bool(usable)
             await send_json(send, 200 if ready else 503, {"ready": ready, "devices_up": usable})
-        elif path == "/metrics":
+        elif path == "/metrics" and not self.config.metrics.listen:
+            # With [metrics] listen set, Prometheus is served on its own listener only.
             body, content_type = self.metrics.exposition()
             await send_bytes(send, 200, body, content_type)
         elif path == "/v1/models":
@@ -166,11 +156,12 @@ class Gateway:
             try:
                 instance = self.supervisor.get(name)
             except ModelNotFound as exc:
-                raise HTTPError(404, "model_not_found", str(exc)) from None
+                raise http_error(exc) from None
             view = model_view(instance, self.started, self.supervisor.placer.held(instance))
             await send_json(send, 200, view)
         else:
-            raise HTTPError(404, "not_found", f"no route GET {path}")
+            return False
+        return True
 
     def _authorize(self, scope: Scope) -> None:
         if not self._keys:
@@ -194,14 +185,19 @@ class Gateway:
         status = 500
         try:
             body = await self._read_body(scope, receive)
-            name, body = _model_from_body(body, path_model)
+            payload = _json_object(body)
+            name = path_model if path_model is not None else _body_model(payload)
             try:
                 instance = self.supervisor.get(name)
             except ModelNotFound as exc:
-                raise HTTPError(404, "model_not_found", str(exc)) from None
+                raise http_error(exc) from None
             model_label = instance.name
+            if path_model is not None and payload.get("model") != instance.name:
+                # The path names the model; the engine serves it under every name anyway.
+                payload["model"] = instance.name
+                body = json.dumps(payload).encode()
             if not self.accepting:
-                raise HTTPError(503, "shutting_down", "vllmd is shutting down", retry_after=5)
+                raise http_error(ShuttingDown())
             # From here the client may leave: its disconnect cancels the queue wait or the
             # upstream request (which makes vLLM abort the generation).
             status = CLIENT_CLOSED
@@ -282,13 +278,10 @@ class Gateway:
                     return await self._relay(send, response, request_id, inst.name, sent)
                 finally:
                     await response.aclose()
-        except ModelUnavailable as exc:
-            self.metrics.rejected(instance.name, exc.code)
-            raise HTTPError(503, exc.code, str(exc), exc.retry_after) from None
-        except StartFailed as exc:
-            raise HTTPError(502, exc.code, str(exc)) from None
         except VllmdError as exc:
-            raise HTTPError(500, exc.code, str(exc)) from None
+            if exc.code in REJECT_REASONS:
+                self.metrics.rejected(instance.name, exc.code)
+            raise http_error(exc) from None
 
     async def _relay(
         self, send: Send, response: httpx.Response, request_id: str, model: str, sent: float
@@ -312,18 +305,20 @@ class Gateway:
             )
             await send({"type": "http.response.body", "body": data})
             return response.status_code
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
+        status: int = response.status_code
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         first = True
+        last = b""
         try:
             async for chunk in response.aiter_raw():
                 if first:
                     self.metrics.first_byte(model, time.perf_counter() - sent)
                     first = False
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last = chunk
         except httpx.HTTPError as exc:
-            # Headers are gone already: the error travels as one last SSE event.
+            # Headers are gone already: the error travels as one last SSE event, after the
+            # end of any event the engine left half-sent (else the two would merge).
             error = {
                 "error": {
                     "message": f"the engine of model {model} broke off the stream "
@@ -332,15 +327,11 @@ class Gateway:
                     "code": "engine_unavailable",
                 }
             }
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"data: " + json.dumps(error).encode() + b"\n\n",
-                    "more_body": True,
-                }
-            )
+            event = sse_event_end(last) + b"data: " + json.dumps(error).encode() + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            status = 502  # what metrics and the log count: the engine failed this request
         await send({"type": "http.response.body", "body": b""})
-        return response.status_code
+        return status
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -351,23 +342,28 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
             return
 
 
-def _model_from_body(body: bytes, path_model: str | None) -> tuple[str, bytes]:
+def sse_event_end(sent: bytes) -> bytes:
+    """What ends the SSE event whose last bytes were `sent` (b"" when it is complete)."""
+    if sent.endswith(b"\n\n") or not sent:
+        return b""
+    return b"\n" if sent.endswith(b"\n") else b"\n\n"
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except ValueError:
         raise HTTPError(400, "invalid_request", "the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
-    if path_model is not None:
-        # The engine serves every name of the model: the path's name is one of them.
-        if payload.get("model") != path_model:
-            payload["model"] = path_model
-            body = json.dumps(payload).encode()
-        return path_model, body
+    return payload
+
+
+def _body_model(payload: dict[str, Any]) -> str:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise HTTPError(400, "invalid_request", "the request body has no `model`")
-    return model, body
+    return model
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -375,42 +371,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-async def send_bytes(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: str,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    headers = [
-        (b"content-type", content_type.encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if extra:
-        headers += extra
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_json(
-    send: Send, status: int, payload: object, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send_bytes(send, status, json.dumps(payload).encode(), "application/json", extra)
-
-
-async def send_error(
-    send: Send, exc: HTTPError, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    headers = list(extra or [])
-    if exc.retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": ERROR_TYPES.get(exc.status, "server_error"),
-            "code": exc.code,
-        }
-    }
-    await send_json(send, exc.status, body, headers)

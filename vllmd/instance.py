@@ -22,7 +22,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from vllmd.config import EngineConfig, ModelConfig
-from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, weights_bytes
+from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
 from vllmd.engine_api import EngineAPI, Upstream, make_client, new_address
 from vllmd.errors import ConfigError
 from vllmd.events import EventBus
@@ -30,10 +30,12 @@ from vllmd.output import EngineOutput
 from vllmd.process import MARKER_ENV, EngineProcess
 from vllmd.restarts import RestartPolicy
 from vllmd.states import InstanceState, check_transition
+from vllmd.weights import weights_bytes
 
 S = InstanceState
 Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
 READY_POLL = 0.1
+TREE_NOTE = 1.0  # how often a starting engine's process tree is noted
 OUTPUT_GRACE = 1.0
 
 Outcome = Literal["stopped", "crashed", "unhealthy", "start_failed", "start_timeout", "sleep"]
@@ -75,6 +77,7 @@ class Instance:
         self.state = S.STOPPED
         self.placement: tuple[PlacedDevice, ...] = ()
         self.process: EngineProcess | None = None
+        self.last_pids: frozenset[int] = frozenset()  # the previous engine's processes
         self.address: EngineAddress | None = None
         self.client: httpx.AsyncClient | None = None
         self.upstream: Upstream | None = None  # the gateway's path to the engine
@@ -334,12 +337,14 @@ class Instance:
             self._enter_backoff("unhealthy")
             await proc.terminate(self.engine.stop_timeout)
         else:
-            # The exit status is known (the leader was reaped): say so and leave READY before
-            # the rest of the group is killed and the engine's last output drained.
-            reason = "oom" if proc.killed_by_oom() else "crash"
+            # The exit status is known (the leader was reaped): leave READY at once, before
+            # the kernel log is read, the rest of the group killed and the last output drained.
             self.last_error = f"engine for {self.name} exited with {_status(proc.returncode)}"
+            self._enter_backoff("crash")
+            if await proc.killed_by_oom():
+                self._restart_reason = "oom"
+            reason = self._restart_reason or "crash"
             self._events.emit("crashed", self.name, reason=reason, status=_status(proc.returncode))
-            self._enter_backoff(reason)
             await proc.kill()
         return outcome
 
@@ -401,6 +406,8 @@ class Instance:
     async def _await_ready(
         self, api: EngineAPI, exited: anyio.Event
     ) -> Literal["ready", "exited", "timeout", "stop"]:
+        proc = self.process
+        noted = self.clock()
         with anyio.move_on_after(self.engine.startup_timeout):
             while True:
                 if exited.is_set():
@@ -409,6 +416,11 @@ class Instance:
                     return "stop"
                 if await api.healthy(timeout=1.0):
                     return "ready"
+                if proc is not None and self.clock() - noted >= TREE_NOTE:
+                    # Workers appear while the engine loads: know them (and their groups)
+                    # early, so an OOM kill or an orphan of a start is attributed.
+                    noted = self.clock()
+                    await proc.remember_descendants()
                 with anyio.move_on_after(READY_POLL):
                     await self._until(lambda: exited.is_set() or not self._keep)
         return "timeout"
@@ -439,7 +451,7 @@ class Instance:
     # --- helpers -------------------------------------------------------------------------------
 
     async def _launch(self) -> Launch:
-        weights = await anyio.to_thread.run_sync(weights_bytes, self.model.model)
+        weights = await self.weights()
         self.address = self._new_address()
         launch = build_launch(
             self.model,
@@ -447,10 +459,21 @@ class Instance:
             self.address,
             self.placement,
             self._base_env,
-            weights=weights,
+            weights=weights or 0,
         )
         env = {**launch.env, MARKER_ENV: f"{self.name}-{secrets.token_hex(6)}"}
         return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode)
+
+    def engine_environ(self) -> dict[str, str]:
+        """The environment the engine starts from (before what vllmd sets itself)."""
+        return {**clean_environ(self._base_env), **self.engine.env, **self.model.env}
+
+    async def weights(self) -> int | None:
+        """The model's weight bytes (local directory or HF cache; None: unknown), in a thread:
+        it walks the file system."""
+        return await anyio.to_thread.run_sync(
+            weights_bytes, self.model.model, self.engine_environ()
+        )
 
     def _new_address(self) -> EngineAddress:
         return new_address(self.engine, self._options.runtime_dir, self.name)
@@ -474,6 +497,8 @@ class Instance:
         """Make sure no process of this engine is left, then forget its address."""
         if self.process is not None:
             await self.process.kill()
+            # A GPU driver may hold their memory a while longer: a restart waits for it.
+            self.last_pids = frozenset({self.process.pid, *self.process.descendants})
         if self.client is not None:
             await self.client.aclose()
         if self.address is not None and self.address.uds is not None:

@@ -8,19 +8,19 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-import anyio
-import anyio.to_thread
 import psutil
+import structlog
 
 from vllmd.config import Config
 from vllmd.devices import DeviceSnapshot
-from vllmd.engine import PlacedDevice, weights_bytes
+from vllmd.engine import PlacedDevice
 from vllmd.instance import Instance
 from vllmd.meter import Meter
 from vllmd.scheduler import RECENT_USE, DeviceView, ModelView, Snapshot
 from vllmd.states import InstanceState
 
 S = InstanceState
+log = structlog.get_logger("vllmd.ledger")
 
 
 def _pgid(pid: int) -> int | None:
@@ -58,13 +58,21 @@ class Ledger:
     async def measure_weights(self) -> None:
         """Size every model's weights (for the level-1 host-memory budget), in a thread."""
         for name, inst in self.instances.items():
-            if name not in self._host_bytes:
-                self._host_bytes[name] = await anyio.to_thread.run_sync(
-                    weights_bytes, inst.model.model
+            if name in self._host_bytes:
+                continue
+            size = await inst.weights()
+            if size is None:
+                log.info(
+                    "weights_unknown",
+                    model=name,
+                    bound_bytes=inst.model.memory,
+                    reason="not a local directory nor in the HF cache: its reservation bounds "
+                    "what a level-1 sleep keeps in host RAM",
                 )
+            self._host_bytes[name] = inst.model.memory if size is None else size
 
     def host_bytes(self, inst: Instance) -> int:
-        return self._host_bytes.get(inst.name) or inst.model.memory
+        return self._host_bytes.get(inst.name, inst.model.memory)
 
     def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
         placed = []
@@ -72,7 +80,9 @@ class Ledger:
             snap = self._meter.devices.get(name)
             declared = self.config.devices.get(name)
             if snap is not None:
-                placed.append(PlacedDevice(name, snap.kind, snap.total, snap.uuid))
+                # vLLM sizes itself against the whole GPU, not a declared budget's share of it.
+                total = snap.device_total or snap.total
+                placed.append(PlacedDevice(name, snap.kind, total, snap.uuid))
             elif declared is not None:
                 total = declared.memory or instance.model.memory
                 placed.append(PlacedDevice(name, declared.kind, total, declared.uuid))

@@ -85,25 +85,46 @@ class Metrics:
             ["model", "reason", "action"],
             registry=r,
         )
-        self._children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
+        # Label children cached per label set, so the hot path skips prometheus_client's
+        # labels() (lock, tuple checks). The caller keeps every label in a closed set (model
+        # names or "", route templates or "other", status codes, DESIGN's reasons), which
+        # bounds these caches and the series alike.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._queue_children: dict[str, Histogram] = {}
+        self._ttfb_children: dict[str, Histogram] = {}
+        self._rejected_children: dict[tuple[str, str], Counter] = {}
 
     def request(self, model: str, endpoint: str, code: int, seconds: float) -> None:
-        key = (model, endpoint, str(code))
+        """One gateway request; `endpoint` is a route template or "other", never a raw path."""
+        key = (model, endpoint, code)
         pair = self._children.get(key)
         if pair is None:
-            pair = (self._requests.labels(*key), self._duration.labels(model, endpoint))
+            pair = (
+                self._requests.labels(model, endpoint, str(code)),
+                self._duration.labels(model, endpoint),
+            )
             self._children[key] = pair
         pair[0].inc()
         pair[1].observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
-        self._queue.labels(model).observe(seconds)
+        child = self._queue_children.get(model)
+        if child is None:
+            child = self._queue_children[model] = self._queue.labels(model)
+        child.observe(seconds)
 
     def first_byte(self, model: str, seconds: float) -> None:
-        self._ttfb.labels(model).observe(seconds)
+        child = self._ttfb_children.get(model)
+        if child is None:
+            child = self._ttfb_children[model] = self._ttfb.labels(model)
+        child.observe(seconds)
 
     def rejected(self, model: str, reason: str) -> None:
-        self._rejected.labels(model, reason).inc()
+        key = (model, reason)
+        child = self._rejected_children.get(key)
+        if child is None:
+            child = self._rejected_children[key] = self._rejected.labels(model, reason)
+        child.inc()
 
     def watch_instances(
         self, instances: Callable[[], Iterable[Instance]], held: Callable[[Instance], int]

@@ -27,7 +27,7 @@ from vllmd.engine import PlacedDevice
 from vllmd.errors import (
     InsufficientMemory,
     ModelFailed,
-    ModelUnavailable,
+    ShuttingDown,
     StartFailed,
     VllmdError,
 )
@@ -111,7 +111,7 @@ class Placer:
                     f"`vllmctl load {instance.name}` to try again"
                 )
             if self._closing:
-                raise ModelUnavailable("vllmd is shutting down")
+                raise ShuttingDown()
             ticket = self._ticket(instance)
             ticket.clear_failed |= clear_failed
             await ticket.done.wait()
@@ -132,7 +132,7 @@ class Placer:
         """Shutting down: no more loads. Waiting requests are told at once."""
         self._closing = True
         for ticket in list(self._queue):
-            self._finish(ticket, ModelUnavailable("vllmd is shutting down"))
+            self._finish(ticket, ShuttingDown())
         self.kick()
 
     @property
@@ -196,8 +196,28 @@ class Placer:
                 for d in i.model.devices
             }
             if not others & set(inst.model.devices) and self._start_allowed():
-                return
+                if await self._restart_released(inst):
+                    return
+                continue
             await self._tick.wait()
+
+    async def _restart_released(self, inst: Instance) -> bool:
+        """Holding the model's devices, wait (bounded) until the crashed engine's processes
+        have left its GPUs and measured free memory covers the restart: like any start, a
+        restart must not race a driver still releasing memory. False (told) if it did not."""
+        devices = set(inst.model.devices)
+        self._busy_devices |= devices
+        try:
+            need = {d: inst.model.memory for d in inst.model.devices}
+            await self.meter.wait_released(
+                inst.name, need, inst.last_pids, self.config.engine.stop_timeout
+            )
+            return True
+        except InsufficientMemory as exc:
+            self._events.emit("release_unverified", inst.name, problem=str(exc))
+            return False
+        finally:
+            self._busy_devices -= devices
 
     def _ticket(self, instance: Instance) -> Ticket:
         for ticket in self._queue:

@@ -1,9 +1,10 @@
 """Engine processes: spawn in their own process group, read their output, kill all of them.
 
-The only module that creates or signals processes. vLLM runs as three processes (API server,
-EngineCore, Worker); killing only the API server leaves the others holding memory, so every
-signal goes to the whole process group, and descendants that left the group are found through
-the process tree (the daemon is a child subreaper, so orphans re-parent to it).
+The only module that creates, signals or reaps processes. vLLM runs as three processes (API
+server, EngineCore, Worker); killing only the API server leaves the others holding memory, so
+every signal goes to the whole process group, and descendants that left the group are found
+through the process tree (the daemon is a child subreaper, so orphans re-parent to it, and the
+`Reaper` collects those that die).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from pathlib import Path
 import anyio
 import psutil
 import structlog
-from anyio.abc import Process
+from anyio.abc import Process, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
+
+from vllmd.kernel_log import KernelLog, KernelLogOpener, Kmsg, oom_victims
 
 PR_SET_CHILD_SUBREAPER = 36
 ENGINE_OOM_SCORE_ADJ = 500
 MAX_LINE = 16 * 1024
 KILL_WAIT = 10.0  # after SIGKILL, only a process stuck in the kernel (a driver) takes longer
+# How often the reaper looks for dead engine processes: a zombie lives about this long at most.
+REAP_INTERVAL = 0.25
 # Set in every engine's environment; inherited by all it forks, so its orphans are known.
 MARKER_ENV = "VLLMD_INSTANCE"
 
@@ -46,18 +51,126 @@ def become_subreaper() -> bool:
         return False
 
 
-def oom_kill_count() -> int | None:
-    """The cgroup's `oom_kill` counter (cgroup v2), the kernel's record of OOM kills here."""
+class Reaper:
+    """Waits for the engine processes that died as children of the daemon.
+
+    As a child subreaper the daemon inherits the engine processes whose parent exits first
+    (vLLM's Worker, once its EngineCore is gone); nobody else will wait for them, so each
+    would stay a zombie until the daemon stops. Reaped: a zombie child of the daemon whose
+    process group is (or was) an engine's group, or a group a known descendant of an engine
+    moved to. Never an engine leader (its status belongs to the Process that awaits it) and
+    never anything else: in tests the daemon shares its process with the test runner.
+
+    SIGCHLD cannot tell us when: the event loop's child watcher owns it (uvloop's libuv
+    installs its own handler, and replacing it would stop engine leaders from being awaited).
+    So the reaper looks every REAP_INTERVAL while engine groups exist, and only walks its
+    children when the kernel says one of them is waiting to be reaped.
+    """
+
+    def __init__(self, interval: float = REAP_INTERVAL) -> None:
+        self.interval = interval
+        self._groups: dict[int, int | None] = {}  # pgid -> the leader awaited elsewhere
+        self._wake: anyio.Event | None = None
+
+    @property
+    def groups(self) -> frozenset[int]:
+        """Process groups whose dead members are reaped (until the group is gone)."""
+        return frozenset(self._groups)
+
+    def adopt(self, pgid: int, *, leader: int | None = None) -> None:
+        """Reap this group's dead members from now on, except `leader`."""
+        if pgid <= 1 or pgid == os.getpgrp():
+            return  # the daemon's own group is never an engine's
+        if self._groups.get(pgid) is None:
+            self._groups[pgid] = leader
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._groups:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+            await self.reap()
+            await anyio.sleep(self.interval)
+
+    async def reap(self) -> list[int]:
+        """Reap what is dead now; forget the groups that no longer exist. Returns the pids."""
+        groups = dict(self._groups)
+        reaped, gone = await anyio.to_thread.run_sync(_reap, groups)
+        for pgid in gone:  # empty for good: its id is not reused while a member is left
+            self._groups.pop(pgid, None)
+        for pid, pgid, status in reaped:
+            log.debug("reaped", pid=pid, pgid=pgid, status=status)
+        return [pid for pid, _, _ in reaped]
+
+
+def _reap(groups: Mapping[int, int | None]) -> tuple[list[tuple[int, int, int]], set[int]]:
+    """Blocking: reap the zombie children in `groups` (never a leader) by pid; also return
+    the groups that have no member left (zombies count as members)."""
+    gone = set()
+    for pgid in groups:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            gone.add(pgid)
+        except PermissionError:
+            pass
+    reaped: list[tuple[int, int, int]] = []
+    if not _zombie_child_waiting():
+        return reaped, gone
+    leaders = {leader for leader in groups.values() if leader is not None}
+    for pid in _children():
+        stat = _stat(pid)
+        if stat is None or stat[0] != "Z" or stat[1] not in groups or pid in leaders:
+            continue
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue  # someone else's after all
+        if got == pid:
+            reaped.append((pid, stat[1], os.waitstatus_to_exitcode(status)))
+    return reaped, gone
+
+
+def _zombie_child_waiting() -> bool:
+    """True when any child of this process has exited and is not reaped yet (peeked at with
+    WNOWAIT: its status stays for whoever waits for it)."""
     try:
-        cgroup = Path("/proc/self/cgroup").read_text().strip().splitlines()[-1].split(":", 2)[2]
-        events = Path("/sys/fs/cgroup", cgroup.lstrip("/"), "memory.events").read_text()
-    except (OSError, IndexError):
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False  # no children at all
+    return info is not None
+
+
+def _children() -> set[int]:
+    """Pids of this process's children: from /proc/self/task/*/children where the kernel has
+    it (CONFIG_PROC_CHILDREN), else from a scan of every process."""
+    tasks = Path("/proc/self/task")
+    if not (tasks / str(os.getpid()) / "children").exists():
+        with contextlib.suppress(psutil.Error):
+            return {child.pid for child in psutil.Process().children()}
+        return set()
+    pids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):  # the thread may have ended meanwhile
+                pids.update(int(pid) for pid in (task / "children").read_text().split())
+    return pids
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, pgid) from /proc/PID/stat; a zombie keeps both until it is reaped."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
-    for line in events.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return None
+    fields = text[text.rfind(")") + 2 :].split()  # the name may contain spaces and parens
+    try:
+        return fields[0], int(fields[2])
+    except (IndexError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +188,11 @@ class EngineProcess:
 
     process: Process
     record: ProcessRecord
-    oom_kills_at_start: int | None
     marker: str | None = None  # value of MARKER_ENV in the engine's (inherited) environment
     descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    reaper: Reaper | None = None  # told the groups of descendants that left the engine's
+    kernel_log: KernelLog | None = None  # opened before the spawn; closed by kill()
+    _oom_killed: set[int] = field(default_factory=set, init=False)  # pids the kernel named
 
     @property
     def pid(self) -> int:
@@ -103,17 +218,26 @@ class EngineProcess:
                 return
             yield raw.decode("utf-8", "replace").rstrip("\r")
 
-    def killed_by_oom(self) -> bool:
-        """SIGKILL that the kernel's OOM killer recorded while this engine ran."""
-        if self.returncode != -signal.SIGKILL or self.oom_kills_at_start is None:
-            return False
-        now = oom_kill_count()
-        return now is not None and now > self.oom_kills_at_start
+    async def killed_by_oom(self) -> bool:
+        """True when the kernel's log says its OOM killer killed one of this engine's
+        processes (the leader or a known descendant) since the spawn. False where that
+        cannot be told (the log unreadable): the caller calls it a crash."""
+        await self._read_kernel_log()
+        return bool(self._oom_killed & {self.pid, *self.descendants})
+
+    async def _read_kernel_log(self) -> None:
+        if self.kernel_log is not None:
+            messages = await anyio.to_thread.run_sync(self.kernel_log.read)
+            self._oom_killed |= oom_victims(messages)
 
     async def remember_descendants(self) -> None:
-        """Note the current process tree, so members that leave the group can be killed."""
+        """Note the current process tree, so members that leave the group can be killed (and
+        reaped once dead: their groups are adopted by the reaper)."""
         found = await anyio.to_thread.run_sync(_descendants, self.pid, self.marker)
-        self.descendants.update(found)
+        self.descendants.update({pid: created for pid, (created, _) in found.items()})
+        if self.reaper is not None:
+            for _, pgid in found.values():
+                self.reaper.adopt(pgid)
 
     async def terminate(self, stop_timeout: float) -> None:
         """SIGTERM the group, wait up to stop_timeout, SIGKILL the group and every known
@@ -131,7 +255,7 @@ class EngineProcess:
     async def kill(self) -> None:
         """SIGKILL everything that belongs to this engine, then wait (bounded) until none of
         it is left: the leader reaped, the group empty, the descendants gone. Only then is
-        its memory free."""
+        its memory free. The kernel log is read one last time (see killed_by_oom) and closed."""
         with anyio.CancelScope(shield=True):
             if self.returncode is None:
                 await self.remember_descendants()
@@ -145,6 +269,10 @@ class EngineProcess:
             if self.returncode is None or left:
                 log.error("engine_processes_survive_sigkill", pgid=self.record.pgid)
             await self.process.aclose()
+            await self._read_kernel_log()
+            if self.kernel_log is not None:
+                self.kernel_log.close()
+                self.kernel_log = None
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -152,10 +280,11 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _descendants(pid: int, marker: str | None) -> dict[int, float]:
+def _descendants(pid: int, marker: str | None) -> dict[int, tuple[float, int]]:
     """The engine's process tree, plus orphans of it that re-parented to this daemon (the
-    subreaper) after their parent exited: those are told apart by the marker they inherited."""
-    found: dict[int, float] = {}
+    subreaper) after their parent exited: those are told apart by the marker they inherited.
+    pid -> (create_time, pgid)."""
+    found: dict[int, tuple[float, int]] = {}
     candidates: list[psutil.Process] = []
     with contextlib.suppress(psutil.Error):
         candidates += psutil.Process(pid).children(recursive=True)
@@ -166,8 +295,8 @@ def _descendants(pid: int, marker: str | None) -> dict[int, float]:
                     if orphan.pid != pid and orphan.environ().get(MARKER_ENV) == marker:
                         candidates += [orphan, *orphan.children(recursive=True)]
     for proc in candidates:
-        with contextlib.suppress(psutil.Error):
-            found[proc.pid] = proc.create_time()
+        with contextlib.suppress(psutil.Error, OSError):
+            found[proc.pid] = (proc.create_time(), os.getpgid(proc.pid))
     return found
 
 
@@ -181,13 +310,10 @@ def kill_pids(pids: Mapping[int, float]) -> None:
 
 
 def _wait_gone(pgid: int, pids: Mapping[int, float], timeout: float) -> None:
-    """Poll until the group and the pids are gone, reaping those that re-parented to this
-    daemon (the subreaper): nobody else will, and zombies would pile up."""
+    """Poll until the group and the pids are gone (dead: the Reaper collects the zombies
+    among the daemon's children)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
         alive = [p for p in pids if _alive(p, pids[p])]
         if not alive and not group_alive(pgid):
             return
@@ -213,10 +339,17 @@ def group_alive(pgid: int) -> bool:
 
 
 async def spawn(
-    argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    *,
+    reaper: Reaper | None = None,
+    kernel_log: KernelLogOpener = Kmsg,
 ) -> EngineProcess:
-    """Start an engine in a new session (its own process group), output piped to us."""
-    oom_before = oom_kill_count()
+    """Start an engine in a new session (its own process group), output piped to us. The
+    reaper, when given, adopts the engine's group; the kernel log is opened first, so an OOM
+    kill at any time of the engine's life can be attributed to it."""
+    log_reader = await anyio.to_thread.run_sync(kernel_log)
     wrapped = [
         "/bin/sh",
         "-c",
@@ -224,20 +357,30 @@ async def spawn(
         "vllmd-engine",
         *argv,
     ]
-    process = await anyio.open_process(
-        wrapped,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        env=dict(env),
-        start_new_session=True,
-    )
+    try:
+        process = await anyio.open_process(
+            wrapped,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+        )
+    except BaseException:
+        log_reader.close()
+        raise
+    if reaper is not None:
+        reaper.adopt(process.pid, leader=process.pid)
     try:
         created = psutil.Process(process.pid).create_time()
     except psutil.Error:
         created = 0.0
     record = ProcessRecord(pid=process.pid, pgid=process.pid, create_time=created)
     return EngineProcess(
-        process=process, record=record, oom_kills_at_start=oom_before, marker=env.get(MARKER_ENV)
+        process=process,
+        record=record,
+        marker=env.get(MARKER_ENV),
+        reaper=reaper,
+        kernel_log=log_reader,
     )

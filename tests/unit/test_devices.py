@@ -71,6 +71,7 @@ async def test_snapshot_maps_memory_utilization_temperature_and_power() -> None:
     reading = snapshot["0"]
     assert (reading.kind, reading.uuid, reading.index) == ("gpu", UUID0, 0)
     assert (reading.total, reading.used, reading.free) == (80 * GiB, 3 * GiB, 77 * GiB)
+    assert reading.device_total == 80 * GiB
     assert reading.utilization == pytest.approx(0.42)
     assert reading.temperature == 61.0
     assert reading.power == pytest.approx(250.5)  # milliwatts -> watts
@@ -240,6 +241,7 @@ async def test_declared_gpu_memory_caps_its_total() -> None:
     snapshot = await CompositeProbe(NvmlProbe(FakeNvml([FakeGpu(UUID0)])), declared).snapshot()
 
     assert snapshot["half"].total == 40 * GiB
+    assert snapshot["half"].device_total == 80 * GiB
 
 
 async def test_declared_gpu_without_a_discovered_uuid_is_down() -> None:
@@ -250,6 +252,64 @@ async def test_declared_gpu_without_a_discovered_uuid_is_down() -> None:
 
     assert list(snapshot) == ["big"]
     assert not snapshot["big"].up and UUID1 in (snapshot["big"].error or "")
+
+
+async def test_gpu_declared_by_index_takes_the_discovered_gpu_of_that_index() -> None:
+    """Regression: `[devices."0"] memory = ...` (no uuid) was reported down and replaced the
+    NVML reading, so every model on it waited forever."""
+    nvml = FakeNvml([FakeGpu(UUID0, total=80 * GiB, used=3 * GiB), FakeGpu(UUID1)])
+    declared = DeclaredProbe({"0": Declared("0", "gpu", memory=40 * GiB)})
+    snapshot = await CompositeProbe(NvmlProbe(nvml), declared).snapshot()
+
+    assert set(snapshot) == {"0", "1"}
+    gpu = snapshot["0"]
+    assert gpu.up and gpu.error is None
+    assert (gpu.uuid, gpu.index, gpu.total, gpu.used) == (UUID0, 0, 40 * GiB, 3 * GiB)
+    assert gpu.device_total == 80 * GiB  # vLLM's fraction is of this, not of the budget
+    assert snapshot["1"].uuid == UUID1 and snapshot["1"].total == 80 * GiB
+
+
+async def test_gpu_declared_by_index_without_a_memory_cap_keeps_the_measured_total() -> None:
+    declared = DeclaredProbe({"1": Declared("1", "gpu")})
+    nvml = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1, total=24 * GiB)])
+    snapshot = await CompositeProbe(NvmlProbe(nvml), declared).snapshot()
+
+    assert snapshot["1"].up and snapshot["1"].total == 24 * GiB and snapshot["1"].uuid == UUID1
+
+
+@pytest.mark.parametrize("gpus", [0, 1], ids=["no-driver", "one-gpu"])
+async def test_gpu_declared_by_an_index_nvml_does_not_have_is_down_with_a_clear_error(
+    gpus: int,
+) -> None:
+    nvml = (
+        FakeNvml([FakeGpu(UUID0)])
+        if gpus
+        else FakeNvml(init_error=FakeNvml.NVMLError_LibraryNotFound)
+    )
+    declared = DeclaredProbe({"3": Declared("3", "gpu", memory=40 * GiB)})
+    with capture_logs():
+        snapshot = await CompositeProbe(NvmlProbe(nvml), declared).snapshot()
+
+    assert not snapshot["3"].up
+    assert snapshot["3"].error == f"no GPU with NVML index 3 found ({gpus} discovered)"
+    assert snapshot["3"].index == 3 and snapshot["3"].uuid is None
+
+
+async def test_gpu_declared_by_index_that_hangs_is_down_and_listed_once(
+    release: threading.Event,
+) -> None:
+    gpu = FakeGpu(UUID0)
+    declared = DeclaredProbe({"0": Declared("0", "gpu", memory=40 * GiB)})
+    probe = CompositeProbe(NvmlProbe(FakeNvml([gpu]), timeout=1.0), declared)
+    assert (await probe.snapshot())["0"].up
+
+    gpu.hang = release
+    with capture_logs():
+        snapshot = await probe.snapshot()
+
+    assert list(snapshot) == ["0"]
+    assert not snapshot["0"].up and "did not answer" in (snapshot["0"].error or "")
+    assert snapshot["0"].uuid == UUID0  # remembered from the last good reading
 
 
 async def test_declared_cpu_device_reports_configured_memory_and_host_cpu() -> None:

@@ -112,9 +112,10 @@ def test_cpu_reservation_becomes_kv_cache_bytes_after_fixed_cost_and_weights(
 
 
 def test_cpu_reservation_too_small_for_any_kv_cache_is_a_config_error(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, {"devices": ["cpu0"], "memory": "2GiB"})
+    """The config check refuses this too; the launch stays defensive (weights known late)."""
+    cfg = _config(tmp_path, {"devices": ["cpu0"], "memory": "3GiB"})
     with pytest.raises(ConfigError, match=r"models\.m\.memory"):
-        build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {})
+        build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {}, weights=GiB)
 
 
 def test_environment_precedence_and_cleaning(tmp_path: Path) -> None:
@@ -152,6 +153,22 @@ def test_weights_bytes_counts_weight_files_of_a_local_dir(tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text("{}")
     assert weights_bytes(str(tmp_path)) == 1000
     assert weights_bytes("org/not-a-dir") == 0
+
+
+def test_weights_bytes_sizes_a_cached_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a hub id counted 0 bytes even when its snapshot was in the HF cache."""
+    repo = tmp_path / "hub" / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_bytes(b"w" * 3000)
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to("../../blobs/abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    assert weights_bytes("org/m") == 3000
+    assert weights_bytes("org/other") == 0  # the shim's "unknown"
 
 
 def test_cpu_placement_hides_the_hosts_gpus(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import anyio
 import structlog
 
 from vllmd import __version__
-from vllmd.config import Config, check_config, load_config
+from vllmd.config import Config, check_config, check_devices, load_config
 from vllmd.daemon import serve as serve_daemon
-from vllmd.errors import ConfigError
+from vllmd.errors import ConfigError, VllmdError
 from vllmd.log import configure
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -60,16 +60,33 @@ def serve(path: Path, log_format: str | None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
+    # A model larger than a GPU present now could never run (no driver: nothing to check).
+    problems = check_devices(config)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     configure(
         config.daemon.log_level,
         "json" if log_format == "json" else "console" if log_format else None,
     )
-    log = structlog.get_logger("vllmd")
+    failures: list[BaseException] = []
     try:
         return anyio.run(_run, config, backend_options={"use_uvloop": True})
-    except OSError as exc:
-        log.error("runtime_failure", error=str(exc))
-        return EXIT_FAILURE
+    # Task groups wrap what is raised in them: a plain `except OSError` would never match.
+    except* (VllmdError, OSError) as group:
+        failures = _leaves(group)
+    log = structlog.get_logger("vllmd")
+    for failure in failures:
+        log.error("runtime_failure", error=str(failure))
+    return EXIT_FAILURE
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 async def _run(config: Config) -> int:

@@ -1,6 +1,7 @@
 """vllmd's config: the TOML schema of DESIGN.md as frozen dataclasses, validated at load.
 
 load.py      load_config / parse_config / check_config
+hardware.py  checks against this host's devices (NVML), apart from parsing
 schema.py    the dataclasses
 reader.py    typed reads of one table that collect problems
 sections.py  [daemon] [gateway] [metrics] [engine] [scheduler]
@@ -9,6 +10,7 @@ alerts.py    [alerts], default rules, [[alerts.rules]] merged by name
 """
 
 from vllmd.config.alerts import DEFAULT_RULES, OPS, SIGNALS
+from vllmd.config.hardware import check_devices, device_problems, read_devices
 from vllmd.config.load import check_config, load_config, parse_config
 from vllmd.config.models import ENGINE_OWNED_FLAGS
 from vllmd.config.schema import (
@@ -43,7 +45,10 @@ __all__ = [
     "ModelConfig",
     "SchedulerConfig",
     "check_config",
+    "check_devices",
+    "device_problems",
     "load_config",
     "parse_config",
     "parse_listen",
+    "read_devices",
 ]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 from vllmd.config.alerts import parse_alerts
+from vllmd.config.hardware import check_devices
 from vllmd.config.models import check_models, parse_devices, parse_models
 from vllmd.config.reader import Table
 from vllmd.config.schema import Config
@@ -78,10 +79,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     )
 
 
-def check_config(path: Path) -> list[str]:
-    """Every problem in the config file at `path`; [] when it is valid."""
+def check_config(path: Path, *, nvml: ModuleType | None = None) -> list[str]:
+    """Every problem in the config file at `path`, then (once it is valid) those of its models
+    with this host's GPUs as NVML reads them now (`check_devices`; none without a driver).
+    [] when there are none. `nvml` replaces pynvml (tests). Runs its own event loop."""
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         return exc.problems
-    return []
+    return check_devices(config, nvml=nvml)

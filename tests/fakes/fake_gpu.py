@@ -1,0 +1,439 @@
+"""A fake GPU whose memory and compute processes follow the fake engines.
+
+The fake driver is a directory (`FAKE_GPU_DIR`) shared by the test and the fake engines:
+
+- `gpu.json`: the devices (name, uuid, total) and how the driver releases memory; written by
+  `FakeGpu`, read by the engines;
+- `proc-<pid>.json`: one process holding memory on one device, `{"pid", "created", "device",
+  "bytes", "model", "engine", "foreign", "dead_at"}`.
+
+Engine side (`WorkerMemory`, used by tests/fakes/fake_engine.py when FAKE_GPU_DIR is set): like
+vLLM, the memory is held by a Worker process, a child of the API server in its process group
+(one per GPU in CUDA_VISIBLE_DEVICES), not by the API server itself. At startup the engine
+refuses to run when a device's free memory is below `--gpu-memory-utilization` x total, with
+vLLM's message; the worker takes its share after FAKE_GPU_ALLOC_DELAY seconds (vLLM allocates
+after loading and profiling, while /health still refuses connections); /sleep leaves a residue
+on the GPU, /wake_up takes the full share again.
+
+Test side (`FakeGpu`, a vllmd `DeviceProbe`): reads the directory at each snapshot. Memory of
+a process that has exited is released the way a driver does it: its pid stays in the
+compute-process list, with its memory, for `release_lag` seconds after it was first seen dead,
+then the memory stays used (unattributed) for `free_lag` more seconds, then it is free.
+Foreign processes (not vllmd's) are added with `add_foreign`.
+
+Environment of a fake engine:
+  FAKE_GPU_DIR          the driver directory (FakeGpu.env() gives it).
+  FAKE_GPU_ALLOC_DELAY  seconds from start until the worker holds its memory (default 0.1).
+  FAKE_GPU_BYTES        bytes the worker holds per device (default: utilization x total).
+  FAKE_GPU_RESIDUE_L1   bytes left on the GPU by a level-1 sleep (default 1 GiB), and
+  FAKE_GPU_RESIDUE_L2   by a level-2 sleep (default 1 GiB).
+  FAKE_GPU_CHECK_FREE   0: skip vLLM's free-memory check at startup (default 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import psutil
+
+from vllmd.devices import DeviceSnapshot, GpuProcess
+
+GiB = 2**30
+DEFAULT_RESIDUE = GiB  # a real sleeper keeps its CUDA context and graph pools: 1-7 GB
+DRIVER_FILE = "gpu.json"
+# Above Linux's largest possible pid (PID_MAX_LIMIT = 2**22): never a real process.
+FOREIGN_PID_BASE = 5_000_000
+WORKER = "import time; time.sleep(3600)"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    name: str
+    uuid: str
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    """What gpu.json says: the devices and how memory of an exited process is released."""
+
+    devices: tuple[Device, ...]
+    release_lag: float = 0.0
+    free_lag: float = 0.0
+
+    def find(self, visible: str) -> Device | None:
+        """A device by uuid, name or index, as CUDA_VISIBLE_DEVICES may name it."""
+        for device in self.devices:
+            if visible in (device.uuid, device.name):
+                return device
+        return None
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "devices": [{"name": d.name, "uuid": d.uuid, "total": d.total} for d in self.devices],
+            "release_lag": self.release_lag,
+            "free_lag": self.free_lag,
+        }
+
+    @staticmethod
+    def load(data: Mapping[str, Any]) -> Driver:
+        return Driver(
+            devices=tuple(Device(d["name"], d["uuid"], int(d["total"])) for d in data["devices"]),
+            release_lag=float(data["release_lag"]),
+            free_lag=float(data["free_lag"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One process's memory on one device, as the fake driver sees it now."""
+
+    pid: int
+    device: str
+    bytes: int
+    listed: bool  # in the compute-process list; False: exited, memory not yet released
+    model: str | None = None
+    engine: int | None = None  # the API server (engine leader) the worker belongs to
+    foreign: bool = False
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _alive(pid: int, created: float | None) -> bool:
+    """Whether the process still exists (a zombie has released its GPU memory: not alive;
+    a pid reused by another process is not the same process)."""
+    try:
+        proc = psutil.Process(pid)
+        if created is not None and abs(proc.create_time() - created) > 0.05:
+            return False
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def read_driver(directory: Path) -> tuple[Driver, list[Held]]:
+    """The devices and every process's memory, now. Blocking (files, /proc). Marks processes
+    found dead (`dead_at`) and removes those whose memory the driver has released."""
+    driver = Driver.load(json.loads((directory / DRIVER_FILE).read_text(encoding="utf-8")))
+    now = time.time()
+    held: list[Held] = []
+    for path in sorted(directory.glob("proc-*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):  # removed meanwhile
+            continue
+        listed = True
+        if not record.get("foreign") and not _alive(record["pid"], record.get("created")):
+            dead_at = record.get("dead_at")
+            if dead_at is None:
+                dead_at = record["dead_at"] = now
+                _write_json(path, record)
+            if now >= dead_at + driver.release_lag + driver.free_lag:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            listed = now < dead_at + driver.release_lag
+        held.append(
+            Held(
+                pid=record["pid"],
+                device=record["device"],
+                bytes=int(record["bytes"]),
+                listed=listed,
+                model=record.get("model"),
+                engine=record.get("engine"),
+                foreign=bool(record.get("foreign")),
+            )
+        )
+    return driver, held
+
+
+def used_on(held: Iterable[Held], device: str) -> int:
+    return sum(h.bytes for h in held if h.device == device)
+
+
+# --- the test's side: a DeviceProbe ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A change the probe saw between two snapshots (time.time() of the snapshot)."""
+
+    time: float
+    kind: str  # "listed" or "unlisted"
+    pid: int
+    model: str | None
+
+
+class FakeGpu:
+    """`count` GPUs named "0", "1", ... of `total` bytes each, backed by `directory`.
+
+    Give the fake engines `env()`; read what vllmd saw in `readings` and `sightings`, or wait
+    for a snapshot with `wait_for`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        count: int = 1,
+        total: int = 20 * GiB,
+        release_lag: float = 0.0,
+        free_lag: float = 0.0,
+    ) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4()
+        self._driver = Driver(
+            devices=tuple(Device(str(i), f"GPU-{tag}-{i}", total) for i in range(count)),
+            release_lag=release_lag,
+            free_lag=free_lag,
+        )
+        _write_json(directory / DRIVER_FILE, self._driver.dump())
+        self._down: dict[str, str] = {}  # device -> error
+        self._foreign = 0
+        self._lock = anyio.Lock()
+        self._listed: set[int] = set()
+        self._waiters: list[anyio.Event] = []
+        self.snapshots = 0
+        self.last: Mapping[str, DeviceSnapshot] = {}
+        self.sightings: list[Sighting] = []
+        self.readings: list[tuple[float, Mapping[str, DeviceSnapshot]]] = []  # every snapshot
+
+    def env(self) -> dict[str, str]:
+        """What a fake engine needs to find this GPU."""
+        return {"FAKE_GPU_DIR": str(self.directory)}
+
+    def uuid(self, device: str = "0") -> str:
+        found = self._driver.find(device)
+        assert found is not None
+        return found.uuid
+
+    def set_release(self, release_lag: float, free_lag: float = 0.0) -> None:
+        """Change how long the driver keeps an exited process's memory."""
+        self._driver = Driver(self._driver.devices, release_lag, free_lag)
+        _write_json(self.directory / DRIVER_FILE, self._driver.dump())
+
+    def add_foreign(self, nbytes: int, device: str = "0") -> int:
+        """A process that is not vllmd's takes `nbytes` on `device`; returns its (fake) pid."""
+        pid = FOREIGN_PID_BASE + self._foreign
+        self._foreign += 1
+        record = {"pid": pid, "device": device, "bytes": nbytes, "foreign": True}
+        _write_json(self.directory / f"proc-{pid}.json", record)
+        return pid
+
+    def remove_foreign(self, pid: int) -> None:
+        (self.directory / f"proc-{pid}.json").unlink()
+
+    def set_up(self, device: str, up: bool, error: str = "NVML did not answer within 5 s") -> None:
+        """Make a device stop (or start again) answering, as a wedged GPU would."""
+        if up:
+            self._down.pop(device, None)
+        else:
+            self._down[device] = error
+
+    def held(self) -> list[Held]:
+        """Every process's memory now (blocking: reads the directory)."""
+        return read_driver(self.directory)[1]
+
+    def workers(self, model: str) -> list[Held]:
+        """The fake engine workers of `model` that hold memory now."""
+        return [h for h in self.held() if h.model == model]
+
+    async def snapshot(self) -> dict[str, DeviceSnapshot]:
+        async with self._lock:
+            driver, held = await anyio.to_thread.run_sync(read_driver, self.directory)
+            now = time.time()
+            snaps = {d.name: self._device(d, held) for d in driver.devices}
+            listed = {h.pid: h for h in held if h.listed}
+            models = {h.pid: h.model for h in held}
+            for pid in sorted(set(listed) - self._listed):
+                self.sightings.append(Sighting(now, "listed", pid, models.get(pid)))
+            for pid in sorted(self._listed - set(listed)):
+                self.sightings.append(Sighting(now, "unlisted", pid, models.get(pid)))
+            self._listed = set(listed)
+            self.snapshots += 1
+            self.last = snaps
+            self.readings.append((now, snaps))
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.set()
+            return snaps
+
+    async def wait_for(
+        self, condition: Callable[[Mapping[str, DeviceSnapshot]], bool]
+    ) -> Mapping[str, DeviceSnapshot]:
+        """Wait until a snapshot (taken by whoever asks the probe) satisfies `condition`."""
+        while not (self.snapshots and condition(self.last)):
+            waiter = anyio.Event()
+            self._waiters.append(waiter)
+            await waiter.wait()
+        return self.last
+
+    def _device(self, device: Device, held: list[Held]) -> DeviceSnapshot:
+        index = int(device.name) if device.name.isdigit() else None
+        if device.name in self._down:  # like NvmlProbe's reading of a device that timed out
+            return DeviceSnapshot(
+                name=device.name,
+                kind="gpu",
+                uuid=device.uuid,
+                index=index,
+                total=0,
+                used=None,
+                free=None,
+                utilization=None,
+                temperature=None,
+                power=None,
+                processes=(),
+                up=False,
+                error=self._down[device.name],
+            )
+        mine = [h for h in held if h.device == device.name]
+        used = min(device.total, used_on(mine, device.name))
+        return DeviceSnapshot(
+            name=device.name,
+            kind="gpu",
+            uuid=device.uuid,
+            index=index,
+            total=device.total,
+            device_total=device.total,
+            used=used,
+            free=device.total - used,
+            utilization=0.0,
+            temperature=40.0,
+            power=100.0,
+            processes=tuple(GpuProcess(h.pid, h.bytes) for h in mine if h.listed),
+            up=True,
+            error=None,
+        )
+
+
+# --- the engine's side ---------------------------------------------------------------------------
+
+
+class StartupRefused(Exception):
+    """vLLM's refusal to start: too little free memory on a device."""
+
+
+class WorkerMemory:
+    """The GPU memory of one fake engine: a worker process per visible GPU holding its share."""
+
+    def __init__(
+        self,
+        directory: Path,
+        devices: list[Device],
+        full: int | None,
+        utilization: float | None,
+        model: str,
+        environ: Mapping[str, str],
+    ) -> None:
+        self._directory = directory
+        self._devices = devices
+        self._full = {d.name: full if full is not None else _share(d, utilization) for d in devices}
+        self._residue = {
+            level: int(environ.get(f"FAKE_GPU_RESIDUE_L{level}", DEFAULT_RESIDUE))
+            for level in (1, 2)
+        }
+        self._model = model
+        self._lock = threading.Lock()
+        self._allocated = False
+        self._asleep_level = 0
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self._created: dict[str, float] = {}
+
+    @classmethod
+    def start(
+        cls, utilization: float | None, model: str, environ: Mapping[str, str]
+    ) -> WorkerMemory:
+        """Check free memory like vLLM (raises StartupRefused), spawn the workers and have
+        them take their memory after FAKE_GPU_ALLOC_DELAY seconds."""
+        directory = Path(environ["FAKE_GPU_DIR"])
+        driver, held = read_driver(directory)
+        devices = []
+        for visible in filter(None, environ.get("CUDA_VISIBLE_DEVICES", "").split(",")):
+            device = driver.find(visible.strip())
+            if device is None:
+                raise StartupRefused(f"RuntimeError: CUDA error: no device {visible!r}")
+            devices.append(device)
+        if not devices:
+            raise StartupRefused("RuntimeError: No CUDA GPUs are available")
+        full = int(environ["FAKE_GPU_BYTES"]) if environ.get("FAKE_GPU_BYTES") else None
+        memory = cls(directory, devices, full, utilization, model, environ)
+        if environ.get("FAKE_GPU_CHECK_FREE", "1") != "0":
+            for device in devices:
+                free = device.total - used_on(held, device.name)
+                wanted = _share(device, utilization) if utilization else memory._full[device.name]
+                if free < wanted:
+                    raise StartupRefused(
+                        f"ValueError: Free memory on device ({free / GiB:.2f}/"
+                        f"{device.total / GiB:.2f} GiB) on startup is less than desired GPU "
+                        f"memory utilization ({utilization}, {wanted / GiB:.2f} GiB). Decrease "
+                        "GPU memory utilization or reduce GPU memory used by other processes."
+                    )
+        for device in devices:
+            # In the engine's process group, like vLLM's workers (not setsid).
+            worker = subprocess.Popen([sys.executable, "-c", WORKER, "VLLM::Worker"])
+            memory.workers[device.name] = worker
+            memory._created[device.name] = psutil.Process(worker.pid).create_time()
+        timer = threading.Timer(float(environ.get("FAKE_GPU_ALLOC_DELAY", "0.1")), memory.allocate)
+        timer.daemon = True
+        timer.start()
+        return memory
+
+    def allocate(self) -> None:
+        with self._lock:
+            self._allocated = True
+            self._write()
+
+    def sleep(self, level: int) -> None:
+        with self._lock:
+            self._asleep_level = level
+            self._write()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._asleep_level = 0
+            self._write()
+
+    def _write(self) -> None:
+        if not self._allocated:
+            return
+        for device in self._devices:
+            worker = self.workers[device.name]
+            if worker.poll() is not None:
+                continue  # a dead worker's memory is the driver's business now
+            nbytes = self._full[device.name]
+            if self._asleep_level:
+                nbytes = min(nbytes, self._residue[self._asleep_level])
+            record = {
+                "pid": worker.pid,
+                "created": self._created[device.name],
+                "device": device.name,
+                "bytes": nbytes,
+                "model": self._model,
+                "engine": os.getpid(),
+            }
+            _write_json(self._directory / f"proc-{worker.pid}.json", record)
+
+
+def _share(device: Device, utilization: float | None) -> int:
+    """vLLM's budget on a device: the fraction of its TOTAL memory (FACTS.md)."""
+    if utilization is None:
+        utilization = 0.9  # vLLM's default
+    return math.floor(utilization * device.total)

@@ -1,0 +1,85 @@
+"""Why an engine died, as the daemon tells it: `oom` only where the kernel's OOM record names
+one of the engine's processes, else `crash` (DESIGN "Supervision")."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.integration.harness import client, eventually, fake_config
+from vllmd.config import Config
+from vllmd.daemon import Running, Seams, serve
+from vllmd.devices import DeclaredProbe
+from vllmd.events import Event
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeKernel:
+    """The kernel's log as the test writes it; each reader sees what came after its opening."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def open(self) -> FakeKernel.Reader:
+        return FakeKernel.Reader(self)
+
+    class Reader:
+        def __init__(self, kernel: FakeKernel) -> None:
+            self.kernel, self.at = kernel, len(kernel.lines)
+
+        def read(self) -> list[str]:
+            new = self.kernel.lines[self.at :]
+            self.at += len(new)
+            return new
+
+        def close(self) -> None:
+            pass
+
+
+@asynccontextmanager
+async def running_with(config: Config, kernel: FakeKernel) -> AsyncIterator[Running]:
+    stop = anyio.Event()
+    seams = Seams(probe=DeclaredProbe(config.devices), kernel_log=kernel.open, recent_use=0.0)
+    async with anyio.create_task_group() as tg:
+        run: Running = await tg.start(partial(serve, config, stop.wait, seams))
+        try:
+            yield run
+        finally:
+            stop.set()
+
+
+def _crashes(run: Running) -> list[Event]:
+    return [e for e in run.events.history if e.kind == "crashed"]
+
+
+async def _killed(tmp_path: Path, kernel_says: str) -> Event:
+    """Start the model, let the kernel's log say `kernel_says` (with {pid}), SIGKILL it."""
+    kernel = FakeKernel()
+    async with running_with(fake_config(tmp_path, {"m": {}}), kernel) as run, client(run) as http:
+        assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
+        process = run.supervisor.instances["m"].process
+        assert process is not None
+        kernel.lines.append(kernel_says.format(pid=process.pid))
+        os.killpg(process.record.pgid, signal.SIGKILL)
+        await eventually(lambda: bool(_crashes(run)), timeout=10)
+        return _crashes(run)[0]
+
+
+async def test_sigkill_the_kernel_says_was_an_oom_kill_is_oom(tmp_path: Path) -> None:
+    crash = await _killed(tmp_path, "Out of memory: Killed process {pid} (python3) UID:0")
+    assert crash.fields["reason"] == "oom"
+
+
+async def test_sigkill_while_another_process_was_oom_killed_is_a_crash(tmp_path: Path) -> None:
+    """Regression: any OOM kill in the daemon's cgroup during the engine's life made the
+    engine's SIGKILL an `oom`."""
+    crash = await _killed(tmp_path, "Out of memory: Killed process 1{pid} (other) UID:0")
+    assert crash.fields["reason"] == "crash"

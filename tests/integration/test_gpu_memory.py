@@ -1,0 +1,423 @@
+"""GPU memory through the whole daemon, on a fake GPU that follows the fake engines (see
+tests/fakes/fake_gpu.py): measured footprints, sleep residue, leaky and failed sleeps, the
+release of a stopped engine's memory, foreign memory, and a starting engine's workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import anyio
+import httpx
+import psutil
+import pytest
+
+from tests.fakes.fake_gpu import FakeGpu
+from tests.integration.harness import FAKE_ENGINE, client, eventually, fake_config, running
+from vllmd.config import Config
+from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceSnapshot
+from vllmd.events import Event
+from vllmd.states import InstanceState
+
+pytestmark = pytest.mark.anyio
+GiB = 2**30
+S = InstanceState
+
+
+def _req(model: str) -> dict[str, object]:
+    return {"model": model, "prompt": "x", "max_tokens": 1}
+
+
+def _events(history: list[Event], kind: str, model: str | None = None) -> list[Event]:
+    return [e for e in history if e.kind == kind and (model is None or e.model == model)]
+
+
+def _config(
+    tmp_path: Path, models: Mapping[str, Mapping[str, object]], **sections: Mapping[str, object]
+) -> Config:
+    """8 GiB models on the fake GPU "0" (20 GiB, 1 GiB headroom: two fit, not three)."""
+    specs = {name: {"devices": ["0"], "memory": "8GiB", **spec} for name, spec in models.items()}
+    scheduler = {"headroom": "1GiB", "min_residency": "0s", "sleep_residue": "1GiB"}
+    return fake_config(
+        tmp_path,
+        specs,
+        devices={},
+        scheduler={**scheduler, **sections.pop("scheduler", {})},
+        **sections,
+    )
+
+
+def _worker_pids(gpu: FakeGpu, model: str) -> set[int]:
+    return {h.pid for h in gpu.workers(model)}
+
+
+async def _post_all(http: httpx.AsyncClient, *models: str) -> None:
+    for name in models:
+        r = await http.post("/v1/completions", json=_req(name))
+        assert r.status_code == 200, (name, r.text)
+
+
+# --- the fake itself, against what FACTS.md says of the real part --------------------------------
+
+
+def _spawn_engine(
+    gpu: FakeGpu, tmp_path: Path, output: int = subprocess.DEVNULL, **env: str
+) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, str(FAKE_ENGINE), "--model", "fake/m", "--served-model-name", "m"]
+    argv += ["--gpu-memory-utilization", "0.4", "--uds", str(tmp_path / "engine.sock")]
+    environ = {**os.environ, **gpu.env(), "CUDA_VISIBLE_DEVICES": gpu.uuid("0"), **env}
+    return subprocess.Popen(
+        argv, env=environ, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+async def test_fake_engines_worker_child_holds_the_memory_until_the_driver_lets_go(
+    tmp_path: Path,
+) -> None:
+    """The memory is the worker's (a child in the engine's process group, as in vLLM), taken
+    after the allocation delay; after the group is killed the pid stays listed for the
+    release lag, then the memory is free."""
+    gpu = FakeGpu(tmp_path / "gpu", release_lag=0.5)
+    engine = _spawn_engine(gpu, tmp_path, FAKE_STARTUP_DELAY="60", FAKE_GPU_ALLOC_DELAY="0.3")
+    try:
+        with anyio.fail_after(10):
+            snap = await _next_snapshot_where(gpu, lambda s: bool(s["0"].processes))
+        (worker,) = snap["0"].processes
+        assert worker.pid != engine.pid
+        assert psutil.Process(worker.pid).ppid() == engine.pid
+        assert os.getpgid(worker.pid) == engine.pid
+        assert worker.used_bytes == 8 * GiB  # 0.4 x 20 GiB
+        assert (snap["0"].used, snap["0"].free) == (8 * GiB, 12 * GiB)
+    finally:
+        os.killpg(engine.pid, signal.SIGKILL)
+        engine.wait()
+    await eventually(lambda: _gone(worker.pid))
+    snap = await gpu.snapshot()
+    assert [p.pid for p in snap["0"].processes] == [worker.pid]  # the driver has not let go
+    with anyio.fail_after(10):
+        snap = await _next_snapshot_where(gpu, lambda s: not s["0"].processes)
+    assert snap["0"].free == 20 * GiB
+
+
+async def test_fake_engine_refuses_to_start_without_free_memory_like_vllm(tmp_path: Path) -> None:
+    gpu = FakeGpu(tmp_path / "gpu")
+    gpu.add_foreign(13 * GiB)
+    engine = _spawn_engine(gpu, tmp_path, subprocess.PIPE)
+    out, _ = engine.communicate(timeout=30)
+    assert engine.returncode == 1
+    assert b"on startup is less than desired GPU memory utilization" in out
+    assert gpu.workers("m") == []
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited. Its parent is gone: it was re-parented to init, or to this
+    process when an earlier test made it a subreaper (then it is ours to reap)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return True
+
+
+async def _next_snapshot_where(
+    gpu: FakeGpu, condition: Callable[[Mapping[str, DeviceSnapshot]], bool]
+) -> Mapping[str, DeviceSnapshot]:
+    """Take snapshots (nobody else does here) until `condition` holds."""
+    while True:
+        snap = await gpu.snapshot()
+        if condition(snap):
+            return snap
+        await anyio.sleep(0.05)
+
+
+# --- measured footprint ---------------------------------------------------------------------------
+
+
+async def test_footprint_over_reservation_is_held_and_exported(tmp_path: Path) -> None:
+    """a reserves 8 GiB but its worker takes 10: the accounting holds 10, so b (10 GiB) needs
+    a out of the way. Held at its reservation, a would leave 11 GiB and b would just start."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    config = _config(
+        tmp_path, {"a": {"env": {"FAKE_GPU_BYTES": str(10 * GiB)}}, "b": {"memory": "10GiB"}}
+    )
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+        registry = run.metrics.registry
+        labels = {"model": "a", "device": "0"}
+        used = registry.get_sample_value("vllmd_model_memory_used_bytes", labels)
+        reserved = registry.get_sample_value("vllmd_model_reserved_bytes", labels)
+        await _post_all(http, "b")
+        history = list(run.events.history)
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+    (measured,) = _events(history, "measured", "a")
+    assert measured.fields["used_bytes"] == 10 * GiB
+    assert measured.fields["over_reservation_bytes"] == 2 * GiB
+    assert used == 10 * GiB and reserved == 10 * GiB
+    evicted = _events(history, "evicted")
+    assert [(e.model, e.fields["for_model"]) for e in evicted] == [("a", "b")]
+    assert states == {"a": S.SLEEPING, "b": S.READY}
+
+
+async def test_a_declared_budget_on_a_gpu_sizes_the_engine_against_the_whole_gpu(
+    tmp_path: Path,
+) -> None:
+    """Defect: with `[devices."0"] memory` (a budget below the GPU's size), the engine was
+    told `--gpu-memory-utilization` = reservation / budget, a fraction of the WHOLE GPU to vLLM:
+    a 6 GiB model on a 20 GiB GPU budgeted at 10 GiB took 12 GiB."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    config = fake_config(
+        tmp_path,
+        {"a": {"devices": ["0"], "memory": "6GiB"}},
+        devices={"0": {"kind": "gpu", "memory": "10GiB"}},
+        scheduler={"headroom": "1GiB"},
+    )
+    probe = CompositeProbe(gpu, DeclaredProbe(config.devices))  # as the daemon builds it
+    async with running(config, gpu.env(), probe=probe) as run, client(run) as http:
+        await _post_all(http, "a")
+        history = list(run.events.history)
+    (measured,) = _events(history, "measured", "a")
+    assert measured.fields["used_bytes"] <= 6 * GiB
+    assert measured.fields["used_bytes"] > 5 * GiB
+
+
+# --- sleep --------------------------------------------------------------------------------------
+
+
+async def test_measured_sleep_residue_is_what_a_sleeper_holds(tmp_path: Path) -> None:
+    """The residue is measured on the GPU once asleep: 2 GiB here, more than the assumed
+    1 GiB but not leaky (at most half the reservation), so a stays asleep holding 2 GiB."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    config = _config(
+        tmp_path, {"a": {"env": {"FAKE_GPU_RESIDUE_L1": str(2 * GiB)}}, "b": {}, "c": {}}
+    )
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")
+        a = run.supervisor.instances["a"]
+        held = run.supervisor.placer.held(a)
+        state = a.state
+        reserved = run.metrics.registry.get_sample_value(
+            "vllmd_model_reserved_bytes", {"model": "a", "device": "0"}
+        )
+    assert state is S.SLEEPING
+    assert held == reserved == 2 * GiB
+
+
+async def test_leaky_sleep_escalates_to_stop(tmp_path: Path) -> None:
+    """a keeps 6 GiB asleep (assumed: 1 GiB): it is stopped, and c, which would not fit beside
+    that residue, starts."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    config = _config(
+        tmp_path, {"a": {"env": {"FAKE_GPU_RESIDUE_L1": str(6 * GiB)}}, "b": {}, "c": {}}
+    )
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")
+        history = list(run.events.history)
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+        a_left = _worker_pids(gpu, "a")
+    (leak,) = _events(history, "leaky_sleep")
+    assert leak.model == "a"
+    assert leak.fields["residue_bytes"] == 6 * GiB and leak.fields["assumed_bytes"] == 1 * GiB
+    assert states == {"a": S.STOPPED, "b": S.READY, "c": S.READY}
+    assert [(e.model, e.fields["action"]) for e in _events(history, "evicted")] == [("a", "stop")]
+    assert not a_left
+    assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
+
+
+@pytest.mark.parametrize("failure", ["refuse", "unconfirmed"])
+async def test_failed_sleep_stops_the_victim_instead(tmp_path: Path, failure: str) -> None:
+    gpu = FakeGpu(tmp_path / "gpu")
+    config = _config(tmp_path, {"a": {"env": {"FAKE_SLEEP": failure}}, "b": {}, "c": {}})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")
+        history = list(run.events.history)
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+    assert [e.model for e in _events(history, "sleep_failed")] == ["a"]
+    assert states == {"a": S.STOPPED, "b": S.READY, "c": S.READY}
+    assert [(e.model, e.fields["action"]) for e in _events(history, "evicted")] == [("a", "stop")]
+    assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
+
+
+async def test_failed_wake_restarts_the_engine_and_the_request_is_answered(tmp_path: Path) -> None:
+    gpu = FakeGpu(tmp_path / "gpu")
+    starts = tmp_path / "starts"
+    env = {"FAKE_SLEEP": "wake_fails", "FAKE_STARTS_FILE": str(starts)}
+    config = _config(tmp_path, {"a": {"env": env}, "b": {}, "c": {}})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")
+        a = run.supervisor.instances["a"]
+        before = a.state
+        assert before is S.SLEEPING and a.process is not None
+        asleep_pid, asleep_workers = a.process.pid, _worker_pids(gpu, "a")
+        assert asleep_workers
+        r = await http.post("/v1/completions", json=_req("a"))
+        history = list(run.events.history)
+        state, pid = a.state, a.process.pid if a.process else None
+        workers = _worker_pids(gpu, "a")
+    assert r.status_code == 200, r.text
+    assert [e.model for e in _events(history, "wake_failed")] == ["a"]
+    assert state is S.READY and pid is not None and pid != asleep_pid
+    assert len(starts.read_text().splitlines()) == 2
+    assert workers and not workers & asleep_workers  # the old worker's memory is gone
+
+
+# --- release after a stop -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("release_lag", "free_lag"),
+    [(1.5, 0.0), (0.0, 1.5)],
+    ids=["pid-lingers", "memory-lingers"],
+)
+async def test_start_waits_until_the_victims_memory_is_released(
+    tmp_path: Path, release_lag: float, free_lag: float
+) -> None:
+    """c needs a's memory: c is spawned only once a's worker has left the GPU's process list
+    and measured free memory covers c."""
+    gpu = FakeGpu(tmp_path / "gpu", release_lag=release_lag, free_lag=free_lag)
+    config = _config(tmp_path, {n: {"sleep_level": 0} for n in ("a", "b", "c")})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b")
+        a_workers = _worker_pids(gpu, "a")
+        await _post_all(http, "c")
+        history = list(run.events.history)
+    assert a_workers
+    (evicted,) = _events(history, "evicted")
+    assert (evicted.model, evicted.fields["action"]) == ("a", "stop")
+    (spawned,) = _events(history, "spawned", "c")
+    assert spawned.time - evicted.time >= 1.0  # the lag (1.5 s), waited out
+    seen_before = [snap for t, snap in gpu.readings if t <= spawned.time]
+    last = seen_before[-1]["0"]
+    assert not {p.pid for p in last.processes} & a_workers
+    assert last.free is not None and last.free >= 8 * GiB
+    # The fake engine would have refused a blind start ("less than desired"): none happened.
+    assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
+
+
+@pytest.mark.parametrize(
+    ("release_lag", "free_lag", "problem"),
+    [(1e6, 0.0, "still on the device"), (0.0, 1e6, "below the need")],
+    ids=["pid-stays", "memory-stays"],
+)
+async def test_release_that_never_comes_fails_the_load_clearly(
+    tmp_path: Path, release_lag: float, free_lag: float, problem: str
+) -> None:
+    gpu = FakeGpu(tmp_path / "gpu", release_lag=release_lag, free_lag=free_lag)
+    config = _config(tmp_path, {n: {"sleep_level": 0} for n in ("a", "b", "c")})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b")
+        r = await http.post("/v1/completions", json=_req("c"))
+        history = list(run.events.history)
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "insufficient_memory"
+    assert problem in r.json()["error"]["message"]
+    assert [e.model for e in _events(history, "release_unverified")] == ["c"]
+    assert states == {"a": S.STOPPED, "b": S.READY, "c": S.STOPPED}
+    assert not _events(history, "spawned", "c")  # never started blindly
+
+
+# --- foreign memory -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("foreign", "evicted"), [(0, []), (4 * GiB, ["a"])])
+async def test_foreign_memory_reduces_the_budget(
+    tmp_path: Path, foreign: int, evicted: list[str]
+) -> None:
+    """19 GiB usable fit a and b (8 GiB each); 4 GiB used by someone else leave room for one."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    if foreign:
+        gpu.add_foreign(foreign)
+    config = _config(tmp_path, {"a": {}, "b": {}})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b")
+        history = list(run.events.history)
+    assert [e.model for e in _events(history, "evicted")] == evicted
+    assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
+
+
+async def test_starting_engines_workers_are_not_counted_as_foreign(tmp_path: Path) -> None:
+    """Regression: while a starts, its worker already holds a's memory but is not yet among
+    a's known descendants. Counted as foreign, a's 8 GiB would count twice (reservation +
+    foreign) and b, which fits beside a, would be refused (a is pinned: no victim)."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    slow = {"FAKE_STARTUP_DELAY": "8", "FAKE_GPU_ALLOC_DELAY": "0.2"}
+    config = _config(
+        tmp_path,
+        {"a": {"pinned": True, "env": slow}, "b": {}},
+        engine={"startup_timeout": "60s"},
+        gateway={"queue_timeout": "60s"},
+    )
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        a = run.supervisor.instances["a"]
+        answers: dict[str, httpx.Response] = {}
+
+        async def call(name: str) -> None:
+            answers[name] = await http.post("/v1/completions", json=_req(name))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "a")
+            # vllmd's periodic device refresh sees a's worker holding memory while a starts.
+            with anyio.fail_after(30):
+                await gpu.wait_for(lambda s: any(p.used_bytes for p in s["0"].processes))
+            assert a.state is S.STARTING  # the premise: b is asked for during a's start
+            tg.start_soon(call, "b")
+        history = list(run.events.history)
+    assert answers["a"].status_code == 200
+    assert answers["b"].status_code == 200, answers["b"].text
+    assert not _events(history, "rejected")
+
+
+async def test_crash_restart_waits_until_the_crashed_engines_memory_is_released(
+    tmp_path: Path,
+) -> None:
+    """A restart is a start: the crashed engine's worker must have left the GPU first (here
+    3 s after the crash, beyond the 1 s backoff), or vLLM refuses to start for lack of free
+    memory and the refusal is retried as if a neighbour had raced it."""
+    gpu = FakeGpu(tmp_path / "gpu", release_lag=3.0)
+    # Request 1 is the warm-up, 2 the first request, 3 crashes the engine.
+    config = _config(tmp_path, {"a": {"env": {"FAKE_MODE": "crash_after_requests:3"}}, "b": {}})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b")
+        crashed_workers = _worker_pids(gpu, "a")
+        crash = await http.post("/v1/completions", json=_req("a"))
+        # Asked before vllmd has seen the exit, a request would meet the dead engine's socket.
+        await eventually(lambda: _events(list(run.events.history), "crashed", "a"))
+        again = await http.post("/v1/completions", json=_req("a"))
+        history = list(run.events.history)
+    assert crash.status_code == 502
+    assert again.status_code == 200, again.text
+    assert [e.model for e in _events(history, "crashed")] == ["a"]
+    respawned = _events(history, "spawned", "a")[1]
+    last = [snap for t, snap in gpu.readings if t <= respawned.time][-1]["0"]
+    assert not {p.pid for p in last.processes} & crashed_workers
+    assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
+
+
+async def test_models_wait_while_their_gpu_is_down_and_load_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    gpu = FakeGpu(tmp_path / "gpu")
+    gpu.set_up("0", False)
+    config = _config(tmp_path, {"a": {}})
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        answers: list[httpx.Response] = []
+
+        async def call() -> None:
+            answers.append(await http.post("/v1/completions", json=_req("a")))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await eventually(lambda: run.supervisor.instances["a"].queue_depth == 1)
+            unready = await http.get("/ready")
+            assert run.supervisor.instances["a"].state is S.STOPPED
+            gpu.set_up("0", True)
+        ready = await http.get("/ready")
+    assert unready.status_code == 503
+    assert [r.status_code for r in answers] == [200]
+    assert ready.status_code == 200

@@ -1,0 +1,144 @@
+"""The gateway's route matching, error mapping and stream-error framing, without a server."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from vllmd.asgi import http_error
+from vllmd.errors import (
+    InsufficientMemory,
+    ModelFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    StartFailed,
+    VllmdError,
+)
+from vllmd.gateway import sse_event_end
+from vllmd.metrics import Metrics
+from vllmd.routes import MODEL_ROUTES, OTHER, match
+
+
+def _match(raw: str) -> tuple[str, str | None] | None:
+    """As uvicorn hands a request target to the app: decoded `path`, undecoded `raw_path`."""
+    raw_path = raw.partition("?")[0]
+    return match(urllib.parse.unquote(raw_path), raw_path.encode())
+
+
+@pytest.mark.parametrize("route", MODEL_ROUTES)
+def test_every_model_route_matches_bare_and_under_a_model(route: str) -> None:
+    assert _match(route) == (route, None)
+    assert _match(f"/models/qwen2.5{route}") == (route, "qwen2.5")
+    assert _match(f"/models/qwen2%2e5{route}") == (route, "qwen2.5")  # compared decoded
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/collective_rpc",
+        "/sleep",
+        "/v1/../collective_rpc",
+        "/models/m/v1/../collective_rpc",
+        "/models/m/v1/%2e%2e/collective_rpc",
+        "/models/m/v1/%2E%2E/sleep",
+        "/models/m/v1/%252e%252e/sleep",
+        "/models/m/x/../../collective_rpc",
+        "/models/m/collective_rpc",
+        "/models/m/v1/models",
+        "/v1/chat/completions/",
+        "/v1//chat/completions",
+        "/v1/./chat/completions",
+        "//v1/chat/completions",
+        "/v1%2fchat/completions",
+        "/v1%2Fchat/completions",
+        "/models/m%2fv1/chat/completions",
+        "/models/m/v1/chat%2Fcompletions",
+        "/models//v1/chat/completions",
+        "/models/./v1/chat/completions",
+        "/models/../v1/chat/completions",
+        "/models/%2e%2e/v1/chat/completions",
+        "/models/m//v1/chat/completions",
+        "/models/m/./v1/chat/completions",
+        "/models/m/v1/tokenize",
+        "/v1/tokenize",
+        "/models/m",
+        "/models/",
+        "/models",
+        "/",
+        "",
+    ],
+)
+def test_anything_else_matches_nothing(target: str) -> None:
+    assert _match(target) is None
+
+
+def test_a_missing_raw_path_is_matched_on_the_path_alone() -> None:
+    assert match("/v1/completions", None) == ("/v1/completions", None)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "retry_after"),
+    [
+        (ModelFailed("m failed"), "model_failed", 60),
+        (QueueFull("full", retry_after=12), "queue_full", 12),
+        (QueueTimeout("slow"), "queue_timeout", 5),
+        (InsufficientMemory("too big", retry_after=30), "insufficient_memory", 30),
+        (ShuttingDown(), "shutting_down", 5),
+        (ModelUnavailable("no"), "model_unavailable", 5),
+    ],
+)
+def test_every_503_carries_retry_after(error: VllmdError, code: str, retry_after: float) -> None:
+    answer = http_error(error)
+    assert (answer.status, answer.code, answer.retry_after) == (503, code, retry_after)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (ModelNotFound("x"), 404, "model_not_found"),
+        (StartFailed("exit 3"), 502, "start_failed"),
+        (VllmdError("bug"), 500, "internal_error"),
+    ],
+)
+def test_other_errors_map_to_their_status_without_retry_after(
+    error: VllmdError, status: int, code: str
+) -> None:
+    answer = http_error(error)
+    assert (answer.status, answer.code, answer.retry_after) == (status, code, None)
+
+
+@pytest.mark.parametrize(
+    ("sent", "end"),
+    [
+        (b"", b""),
+        (b'data: {"a": 1}\n\n', b""),
+        (b'data: {"a": 1}\n', b"\n"),
+        (b'data: {"a"', b"\n\n"),
+    ],
+)
+def test_a_stream_error_starts_its_own_event(sent: bytes, end: bytes) -> None:
+    """An engine that dies mid-event must not have the error appended to its half event."""
+    assert sse_event_end(sent) == end
+
+
+def test_request_series_are_bounded_by_their_labels() -> None:
+    metrics = Metrics(CollectorRegistry())
+    for i in range(500):
+        metrics.request("", OTHER, 404, 0.001 * i)
+    metrics.request("m", "/v1/completions", 200, 0.1)
+    r = metrics.registry
+    labels = {"model": "", "endpoint": OTHER, "code": "404"}
+    assert r.get_sample_value("vllmd_requests_total", labels) == 500
+    series = {
+        tuple(sorted(s.labels.items()))
+        for family in r.collect()
+        if family.name == "vllmd_requests"
+        for s in family.samples
+        if s.name == "vllmd_requests_total"
+    }
+    assert len(series) == 2
