@@ -7,14 +7,12 @@ in `engine_api.py`.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vllmd import weights
 from vllmd.config import EngineConfig, ModelConfig
 from vllmd.errors import ConfigError
 from vllmd.weights import CPU_ENGINE_FIXED_COST as CPU_ENGINE_FIXED_COST
@@ -65,12 +63,6 @@ class Launch:
 def clean_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """The daemon's environment minus what belongs to systemd's contract with vllmd itself."""
     return {k: v for k, v in environ.items() if not k.startswith(_DAEMON_ONLY_PREFIXES)}
-
-
-def weights_bytes(model: str) -> int:
-    """Compatibility shim, 0 when unknown: call `vllmd.weights.weights_bytes(model, environ)`
-    with the engine's environment (it finds the HF cache there) and handle its None."""
-    return weights.weights_bytes(model, os.environ) or 0
 
 
 def sleep_mode_enabled(
