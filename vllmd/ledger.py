@@ -145,6 +145,10 @@ class Ledger:
                 ours.add(inst.process.pid)
                 ours.update(inst.process.descendants)
                 groups.add(inst.process.record.pgid)
+            elif inst.state is S.BACKOFF:
+                # A crashed engine's pids linger while the driver releases its memory; its
+                # reservation is still held: counted once, as ours.
+                ours.update(inst.last_pids)
         return sum(
             p.used_bytes or 0
             for p in snap.processes

@@ -184,10 +184,11 @@ class Placer:
         starting = sum(1 for i in self.instances.values() if i.state in STARTS)
         return max(starting, self._starts) < self.config.engine.max_concurrent_starts
 
-    async def _start_slot(self, inst: Instance) -> None:
-        """Wait until `inst` (in backoff) may restart: its devices free of other operations and
-        a start slot free. The restart itself then marks its devices busy (STARTING). Returns
-        early when the model is no longer wanted (stopped or evicted while in backoff)."""
+    async def _start_slot(self, inst: Instance) -> bool:
+        """Wait until `inst` (in backoff) may restart: its devices free of other operations, a
+        start slot free and (on GPUs) the crashed engine's memory released. True: restart now
+        (the instance becomes STARTING before anything else runs, which then holds the slot
+        and the devices). False: the model is no longer wanted, or vllmd is shutting down."""
         while not self._closing and inst.wanted_up:
             others = self._busy_devices | {
                 d
@@ -195,29 +196,50 @@ class Placer:
                 if i is not inst and i.state in MEMORY_OPERATIONS
                 for d in i.model.devices
             }
-            if not others & set(inst.model.devices) and self._start_allowed():
-                if await self._restart_released(inst):
-                    return
-                continue
-            await self._tick.wait()
+            if others & set(inst.model.devices) or not self._start_allowed():
+                await self._tick.wait()
+            elif await self._restart_released(inst):
+                return True
+        return False
 
     async def _restart_released(self, inst: Instance) -> bool:
-        """Holding the model's devices, wait (bounded) until the crashed engine's processes
-        have left its GPUs and measured free memory covers the restart: like any start, a
-        restart must not race a driver still releasing memory. False (told) if it did not."""
+        """Holding the model's devices and a start slot, wait (bounded) until the crashed
+        engine's processes have left its GPUs and measured free memory covers the restart:
+        like any start, a restart must not race a driver still releasing memory. Gives up at
+        once when the model is no longer wanted or vllmd shuts down. False when the memory
+        did not come back (told; tried again after the next change, the devices free
+        meanwhile) or when given up."""
+        if not self.meter.gpus(inst.model.devices):
+            return True  # nothing to measure: the old processes are gone (kill waited)
         devices = set(inst.model.devices)
         self._busy_devices |= devices
+        self._starts += 1
+        released = False
         try:
-            need = {d: inst.model.memory for d in inst.model.devices}
-            await self.meter.wait_released(
-                inst.name, need, inst.last_pids, self.config.engine.stop_timeout
-            )
-            return True
-        except InsufficientMemory as exc:
-            self._events.emit("release_unverified", inst.name, problem=str(exc))
-            return False
+            async with anyio.create_task_group() as tg:
+
+                async def give_up_when_unwanted() -> None:
+                    while inst.wanted_up and not self._closing:
+                        await self._tick.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(give_up_when_unwanted)
+                need = {d: inst.model.memory for d in inst.model.devices}
+                try:
+                    await self.meter.wait_released(
+                        inst.name, need, inst.last_pids, self.config.engine.stop_timeout
+                    )
+                    released = True
+                except InsufficientMemory as exc:
+                    self._events.emit("release_unverified", inst.name, problem=str(exc))
+                tg.cancel_scope.cancel()
         finally:
             self._busy_devices -= devices
+            self._starts -= 1
+        if not released and inst.wanted_up and not self._closing:
+            self.kick()  # the devices are free again for others
+            await self._tick.wait()
+        return released
 
     def _ticket(self, instance: Instance) -> Ticket:
         for ticket in self._queue:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -397,6 +398,67 @@ async def test_crash_restart_waits_until_the_crashed_engines_memory_is_released(
     last = [snap for t, snap in gpu.readings if t <= respawned.time][-1]["0"]
     assert not {p.pid for p in last.processes} & crashed_workers
     assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
+
+
+async def test_restarts_waiting_for_released_memory_hold_their_start_slot(
+    tmp_path: Path,
+) -> None:
+    """Review defect: a restart waiting for its GPU memory to come back held no start slot,
+    so two crashed engines on two GPUs restarted side by side past max_concurrent_starts=1."""
+    gpu = FakeGpu(tmp_path / "gpu", count=2, release_lag=1.5)
+    crash = {"env": {"FAKE_MODE": "crash_after_requests:3"}}
+    config = _config(
+        tmp_path,
+        {"a": {**crash, "devices": ["0"]}, "b": {**crash, "devices": ["1"]}},
+        engine={"max_concurrent_starts": 1},
+    )
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b")
+        async with anyio.create_task_group() as tg:
+            for name in ("a", "b"):
+                tg.start_soon(partial(http.post, "/v1/completions", json=_req(name)))
+        with anyio.fail_after(30):
+            for name in ("a", "b"):
+                await run.supervisor.instances[name].wait_state(S.BACKOFF)
+            for name in ("a", "b"):
+                await run.supervisor.instances[name].wait_state(S.READY)
+        history = list(run.events.history)
+    starts: dict[str, list[tuple[int, int]]] = {}
+    opened: dict[str, int] = {}
+    for e in history:
+        if e.kind == "state" and e.model is not None:
+            if e.fields["new"] == "starting":
+                opened[e.model] = e.id
+            elif e.model in opened:
+                starts.setdefault(e.model, []).append((opened.pop(e.model), e.id))
+    (a0, a1), (b0, b1) = starts["a"][1], starts["b"][1]  # the restarts
+    assert a1 < b0 or b1 < a0, "two restarts at once despite max_concurrent_starts = 1"
+
+
+async def test_shutdown_while_a_restart_waits_for_its_memory_spawns_nothing(
+    tmp_path: Path,
+) -> None:
+    """Review defect: shutting down while a restart waited for its memory to come back waited
+    out the whole bound (stop_timeout) before the stop could proceed."""
+    gpu = FakeGpu(tmp_path / "gpu", release_lag=60.0)  # the crashed worker's memory lingers
+    config = _config(
+        tmp_path,
+        {"a": {"env": {"FAKE_MODE": "crash_after_requests:3"}}},
+        engine={"stop_timeout": "20s"},  # the bound of the wait for released memory
+    )
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+        await http.post("/v1/completions", json=_req("a"))
+        a = run.supervisor.instances["a"]
+        with anyio.fail_after(10):
+            await a.wait_state(S.BACKOFF)
+        await anyio.sleep(1.5)  # past the backoff delay: waiting for the memory
+        assert a.state is S.BACKOFF
+        with anyio.fail_after(5):
+            await run.supervisor.stop_all()
+        history = list(run.events.history)
+    assert len(_events(history, "spawned", "a")) == 1
+    assert a.state is S.STOPPED
 
 
 async def test_models_wait_while_their_gpu_is_down_and_load_when_it_is_back(

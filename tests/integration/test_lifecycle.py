@@ -178,6 +178,31 @@ async def test_unloading_a_model_waiting_to_restart_stops_it(tmp_path: Path) -> 
         assert _spawns(run, "a") == 1
 
 
+async def test_shutdown_while_a_restart_waits_for_its_slot_spawns_nothing(
+    tmp_path: Path,
+) -> None:
+    """Review defect: shutdown told the waiting restart "go" (the placer closing) before the
+    model was unwanted, so it spawned a new engine on its way out."""
+    config = fake_config(
+        tmp_path,
+        {
+            "a": {"env": {"FAKE_MODE": "crash_after_requests:3"}},
+            "b": {"env": {"FAKE_STARTUP_DELAY": "8"}},
+            "c": {},
+        },
+    )
+    async with running(config) as run, client(run) as http:
+        await _crash_a_while_b_starts(run, http)
+        a = run.supervisor.instances["a"]
+        with anyio.fail_after(5):
+            await a.wait_state(S.BACKOFF)
+        await anyio.sleep(1.5)  # past the backoff delay: waiting for the slot
+        with anyio.fail_after(15):
+            await run.supervisor.stop_all()
+        assert _spawns(run, "a") == 1
+        assert a.state is S.STOPPED
+
+
 class TwoGpus:
     """Two idle 20 GiB GPUs, "0" and "1"."""
 

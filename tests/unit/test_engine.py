@@ -12,9 +12,9 @@ from vllmd.engine import (
     PlacedDevice,
     build_launch,
     clean_environ,
-    weights_bytes,
 )
 from vllmd.errors import ConfigError
+from vllmd.weights import weights_bytes
 
 GiB = 2**30
 
@@ -151,13 +151,11 @@ def test_extra_args_come_last(tmp_path: Path) -> None:
 def test_weights_bytes_counts_weight_files_of_a_local_dir(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     (tmp_path / "config.json").write_text("{}")
-    assert weights_bytes(str(tmp_path)) == 1000
-    assert weights_bytes("org/not-a-dir") == 0
+    assert weights_bytes(str(tmp_path), {}) == 1000
+    assert weights_bytes("org/not-a-dir", {"HF_HUB_CACHE": str(tmp_path / "hub")}) is None
 
 
-def test_weights_bytes_sizes_a_cached_hub_id(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_weights_bytes_sizes_a_cached_hub_id(tmp_path: Path) -> None:
     """Regression: a hub id counted 0 bytes even when its snapshot was in the HF cache."""
     repo = tmp_path / "hub" / "models--org--m"
     (repo / "blobs").mkdir(parents=True)
@@ -165,10 +163,10 @@ def test_weights_bytes_sizes_a_cached_hub_id(
     snapshot = repo / "snapshots" / "rev1"
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").symlink_to("../../blobs/abc123")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
 
-    assert weights_bytes("org/m") == 3000
-    assert weights_bytes("org/other") == 0  # the shim's "unknown"
+    assert weights_bytes("org/m", env) == 3000
+    assert weights_bytes("org/other", env) is None  # unknown: not cached
 
 
 def test_cpu_placement_hides_the_hosts_gpus(tmp_path: Path) -> None:
