@@ -16,6 +16,8 @@ import httpx
 from vllmd.config import Config, parse_config
 from vllmd.daemon import Running, Seams, serve
 from vllmd.devices import DeclaredProbe, DeviceProbe
+from vllmd.kernel_log import KernelLogOpener
+from vllmd.process import Reaper
 
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"
 
@@ -57,15 +59,22 @@ async def running(
     *,
     probe: DeviceProbe | None = None,
     recent_use: float = 0.0,
+    reaper: Reaper | None = None,
+    kernel_log: KernelLogOpener | None = None,
 ) -> AsyncIterator[Running]:
     """The daemon, READY, until the block ends; then a graceful shutdown. Models count as
-    'recently used' for `recent_use` seconds (DESIGN's 30 s would slow every test down)."""
+    'recently used' for `recent_use` seconds (DESIGN's 30 s would slow every test down).
+    A `reaper` or `kernel_log` the test holds replaces the daemon's own."""
     stop = anyio.Event()
     seams = Seams(
         probe=probe or DeclaredProbe(config.devices),
         base_env={**os.environ, **(env or {})},
         recent_use=recent_use,
     )
+    if reaper is not None:
+        seams.reaper = reaper
+    if kernel_log is not None:
+        seams.kernel_log = kernel_log
     async with anyio.create_task_group() as tg:
         run: Running = await tg.start(partial(serve, config, stop.wait, seams))
         try:

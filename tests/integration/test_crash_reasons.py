@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
-import anyio
 import pytest
 
-from tests.integration.harness import client, eventually, fake_config
-from vllmd.config import Config
-from vllmd.daemon import Running, Seams, serve
-from vllmd.devices import DeclaredProbe
+from tests.integration.harness import client, eventually, fake_config, running
+from vllmd.daemon import Running
 from vllmd.events import Event
 
 pytestmark = pytest.mark.anyio
@@ -44,18 +38,6 @@ class FakeKernel:
             pass
 
 
-@asynccontextmanager
-async def running_with(config: Config, kernel: FakeKernel) -> AsyncIterator[Running]:
-    stop = anyio.Event()
-    seams = Seams(probe=DeclaredProbe(config.devices), kernel_log=kernel.open, recent_use=0.0)
-    async with anyio.create_task_group() as tg:
-        run: Running = await tg.start(partial(serve, config, stop.wait, seams))
-        try:
-            yield run
-        finally:
-            stop.set()
-
-
 def _crashes(run: Running) -> list[Event]:
     return [e for e in run.events.history if e.kind == "crashed"]
 
@@ -63,7 +45,10 @@ def _crashes(run: Running) -> list[Event]:
 async def _killed(tmp_path: Path, kernel_says: str) -> Event:
     """Start the model, let the kernel's log say `kernel_says` (with {pid}), SIGKILL it."""
     kernel = FakeKernel()
-    async with running_with(fake_config(tmp_path, {"m": {}}), kernel) as run, client(run) as http:
+    async with (
+        running(fake_config(tmp_path, {"m": {}}), kernel_log=kernel.open) as run,
+        client(run) as http,
+    ):
         assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
         process = run.supervisor.instances["m"].process
         assert process is not None

@@ -9,19 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import anyio
 import psutil
 import pytest
 
-from tests.integration.harness import client, eventually, fake_config
-from vllmd.config import Config
-from vllmd.daemon import Running, Seams, serve
-from vllmd.devices import DeclaredProbe
+from tests.integration.harness import client, eventually, fake_config, running
 from vllmd.process import Reaper, become_subreaper
 from vllmd.states import InstanceState
 
@@ -34,19 +28,6 @@ FORK_AND_EXIT = (
     "    time.sleep(float(sys.argv[1])); os._exit(0)\n"
     "os._exit(3)\n"
 )
-
-
-@asynccontextmanager
-async def running_with(config: Config, reaper: Reaper) -> AsyncIterator[Running]:
-    """The daemon with a reaper the test holds (to ask it to look now)."""
-    stop = anyio.Event()
-    seams = Seams(probe=DeclaredProbe(config.devices), reaper=reaper, recent_use=0.0)
-    async with anyio.create_task_group() as tg:
-        run: Running = await tg.start(partial(serve, config, stop.wait, seams))
-        try:
-            yield run
-        finally:
-            stop.set()
 
 
 def _pids(path: Path) -> dict[str, int]:
@@ -90,7 +71,7 @@ async def test_engine_process_that_dies_after_the_engine_stopped_is_reaped(
         {"m": {"env": env}},
         engine={"command": [sys.executable, str(ORPHANING_ENGINE)]},
     )
-    async with running_with(config, Reaper()) as run, client(run) as http:
+    async with running(config, reaper=Reaper()) as run, client(run) as http:
         assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
         instance = run.supervisor.instances["m"]
         assert instance.process is not None
@@ -150,7 +131,7 @@ async def test_children_of_the_daemon_process_that_are_no_engines_are_left_alone
     """While engines run the reaper looks, yet a test's own subprocess keeps its status."""
     reaper = Reaper()
     config = fake_config(tmp_path, {"m": {"env": {"FAKE_SPAWN_CHILDREN": "1"}}})
-    async with running_with(config, reaper) as run, client(run) as http:
+    async with running(config, reaper=reaper) as run, client(run) as http:
         assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
         instance = run.supervisor.instances["m"]
         assert instance.process is not None
