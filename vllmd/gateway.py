@@ -37,20 +37,6 @@ from vllmd.routes import match as match_route
 from vllmd.supervisor import Supervisor
 from vllmd.views import model_view
 
-# The shared ASGI helpers live in vllmd.asgi; these names stay importable from here too.
-__all__ = [
-    "Gateway",
-    "HTTPError",
-    "Receive",
-    "Scope",
-    "Send",
-    "http_error",
-    "send_bytes",
-    "send_error",
-    "send_json",
-    "sse_event_end",
-]
-
 log = structlog.get_logger("vllmd.gateway")
 
 # Recorded (never sent) when the client left first, as nginx does.

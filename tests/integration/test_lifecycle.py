@@ -12,11 +12,13 @@ import anyio
 import httpx
 import pytest
 
+from tests.fakes.fake_gpu import FakeGpu
 from tests.integration.harness import client, eventually, fake_config, running
+from vllmd.config import Config
 from vllmd.daemon import Running
-from vllmd.devices import DeviceSnapshot
 from vllmd.errors import VllmdError
 from vllmd.events import Event
+from vllmd.instance import Instance
 from vllmd.states import InstanceState
 
 pytestmark = pytest.mark.anyio
@@ -116,6 +118,26 @@ async def test_unloading_a_failed_model_stops_it(tmp_path: Path) -> None:
         assert _spawns(run, "m") == spawns + 1
 
 
+def _slot_config(tmp_path: Path, b_startup: str, c: Mapping[str, object] | None = None) -> Config:
+    """a crashes on its second request; b starts slowly on the same device; c is idle."""
+    return fake_config(
+        tmp_path,
+        {
+            "a": {"env": {"FAKE_MODE": "crash_after_requests:3"}},
+            "b": {"env": {"FAKE_STARTUP_DELAY": b_startup}},
+            "c": dict(c or {}),
+        },
+        scheduler={"min_residency": "0s"},
+    )
+
+
+async def _past_the_backoff_delay(a: Instance) -> None:
+    """a crashed: wait until its restart waits for the start slot, past its 1 s backoff."""
+    with anyio.fail_after(5):
+        await a.wait_state(S.BACKOFF)
+    await anyio.sleep(1.5)
+
+
 async def _crash_a_while_b_starts(run: Running, http: httpx.AsyncClient) -> None:
     """a and c ready; b starting slowly (it holds cpu0's one memory operation); a crashes and
     its restart waits for the device."""
@@ -134,15 +156,7 @@ async def test_restart_waiting_for_a_start_slot_is_not_lost_when_the_placer_wake
 ) -> None:
     """Defect: a restart waited for a start slot on an event the placer's loop replaced
     without setting when it woke on its timer (here: c's idle_ttl): it waited forever."""
-    config = fake_config(
-        tmp_path,
-        {
-            "a": {"env": {"FAKE_MODE": "crash_after_requests:3"}},
-            "b": {"env": {"FAKE_STARTUP_DELAY": "4"}},
-            "c": {"idle_ttl": "2s"},
-        },
-        scheduler={"min_residency": "0s"},
-    )
+    config = _slot_config(tmp_path, b_startup="4", c={"idle_ttl": "2s"})
     async with running(config) as run, client(run) as http:
         await _crash_a_while_b_starts(run, http)
         a = run.supervisor.instances["a"]
@@ -156,21 +170,12 @@ async def test_restart_waiting_for_a_start_slot_is_not_lost_when_the_placer_wake
 async def test_unloading_a_model_waiting_to_restart_stops_it(tmp_path: Path) -> None:
     """Defect: the start slot never checked whether the model was still wanted: stopping a
     model in backoff (and shutdown with it) hung until the slot came."""
-    config = fake_config(
-        tmp_path,
-        {
-            "a": {"env": {"FAKE_MODE": "crash_after_requests:3"}},
-            "b": {"env": {"FAKE_STARTUP_DELAY": "8"}},
-            "c": {},
-        },
-    )
+    config = _slot_config(tmp_path, b_startup="8")
     async with running(config) as run, client(run) as http:
         await _crash_a_while_b_starts(run, http)
         a = run.supervisor.instances["a"]
         b = run.supervisor.instances["b"]
-        with anyio.fail_after(5):
-            await a.wait_state(S.BACKOFF)
-        await anyio.sleep(1.5)  # past the backoff delay: waiting for the slot
+        await _past_the_backoff_delay(a)
         assert b.state is S.STARTING and a.state is S.BACKOFF
         with anyio.fail_after(3):
             await run.supervisor.unload(a)
@@ -183,48 +188,15 @@ async def test_shutdown_while_a_restart_waits_for_its_slot_spawns_nothing(
 ) -> None:
     """Review defect: shutdown told the waiting restart "go" (the placer closing) before the
     model was unwanted, so it spawned a new engine on its way out."""
-    config = fake_config(
-        tmp_path,
-        {
-            "a": {"env": {"FAKE_MODE": "crash_after_requests:3"}},
-            "b": {"env": {"FAKE_STARTUP_DELAY": "8"}},
-            "c": {},
-        },
-    )
+    config = _slot_config(tmp_path, b_startup="8")
     async with running(config) as run, client(run) as http:
         await _crash_a_while_b_starts(run, http)
         a = run.supervisor.instances["a"]
-        with anyio.fail_after(5):
-            await a.wait_state(S.BACKOFF)
-        await anyio.sleep(1.5)  # past the backoff delay: waiting for the slot
+        await _past_the_backoff_delay(a)
         with anyio.fail_after(15):
             await run.supervisor.stop_all()
         assert _spawns(run, "a") == 1
         assert a.state is S.STOPPED
-
-
-class TwoGpus:
-    """Two idle 20 GiB GPUs, "0" and "1"."""
-
-    async def snapshot(self) -> Mapping[str, DeviceSnapshot]:
-        return {
-            str(i): DeviceSnapshot(
-                name=str(i),
-                kind="gpu",
-                uuid=f"GPU-fake-{i}",
-                index=i,
-                total=20 * GiB,
-                used=0,
-                free=20 * GiB,
-                utilization=0.0,
-                temperature=40.0,
-                power=100.0,
-                processes=(),
-                up=True,
-                error=None,
-            )
-            for i in (0, 1)
-        }
 
 
 async def test_wakes_count_toward_max_concurrent_starts(tmp_path: Path) -> None:
@@ -240,7 +212,10 @@ async def test_wakes_count_toward_max_concurrent_starts(tmp_path: Path) -> None:
         engine={"max_concurrent_starts": 1},
         scheduler={"min_residency": "0s", "sleep_residue": "1GiB", "host_memory": "64GiB"},
     )
-    async with running(config, probe=TwoGpus()) as run, client(run) as http:
+    async with (
+        running(config, probe=FakeGpu(tmp_path / "gpu", count=2)) as run,
+        client(run) as http,
+    ):
         a, b = run.supervisor.instances["a"], run.supervisor.instances["b"]
         assert (await http.post("/v1/completions", json=_req("a"))).status_code == 200
         with anyio.fail_after(5):
