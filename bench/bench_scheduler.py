@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from vllmd.scheduler import DeviceView, ModelView, Snapshot, plan_idle, plan_load
-from vllmd.states import InstanceState
+from vllmd.instance.states import InstanceState
+from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot, plan_idle, plan_load
 
 S = InstanceState
 GB = 1 << 30

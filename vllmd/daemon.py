@@ -30,15 +30,15 @@ from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
+from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
+from vllmd.engine.process import EngineProcess, Reaper, become_subreaper, spawn
 from vllmd.errors import ListenFailed
 from vllmd.events import EventBus
-from vllmd.gateway import Gateway
-from vllmd.instance import RuntimeOptions, Spawner
-from vllmd.kernel_log import KernelLogOpener, Kmsg
+from vllmd.http.gateway import Gateway
+from vllmd.http.metrics_app import MetricsApp
+from vllmd.instance.instance import RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
-from vllmd.metrics_app import MetricsApp
-from vllmd.process import EngineProcess, Reaper, become_subreaper, spawn
-from vllmd.scheduler import RECENT_USE
+from vllmd.placement.scheduler import RECENT_USE
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 

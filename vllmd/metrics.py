@@ -17,10 +17,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from vllmd import __version__
-from vllmd.states import InstanceState
+from vllmd.instance.states import InstanceState
 
 if TYPE_CHECKING:
-    from vllmd.instance import Instance
+    from vllmd.instance.instance import Instance
 
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)

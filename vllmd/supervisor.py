@@ -18,12 +18,12 @@ from vllmd.config import Config
 from vllmd.devices import DeviceProbe
 from vllmd.errors import ModelNotFound, QueueFull, QueueTimeout
 from vllmd.events import EventBus
-from vllmd.instance import Instance, RuntimeOptions, Spawner
+from vllmd.instance.instance import Instance, RuntimeOptions, Spawner
+from vllmd.instance.states import InstanceState
 from vllmd.metrics import Metrics
 from vllmd.metrics_feed import count_events
-from vllmd.placer import Placer
-from vllmd.scheduler import RECENT_USE
-from vllmd.states import InstanceState
+from vllmd.placement.placer import Placer
+from vllmd.placement.scheduler import RECENT_USE
 
 S = InstanceState
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Daemon, model_block, require_engine_and_models
-from vllmd.process import group_alive
+from vllmd.engine.process import group_alive
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 GiB = 2**30

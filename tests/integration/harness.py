@@ -16,8 +16,8 @@ import httpx
 from vllmd.config import Config, parse_config
 from vllmd.daemon import Running, Seams, serve
 from vllmd.devices import DeclaredProbe, DeviceProbe
-from vllmd.kernel_log import KernelLogOpener
-from vllmd.process import Reaper
+from vllmd.engine.kernel_log import KernelLogOpener
+from vllmd.engine.process import Reaper
 
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.integration.harness import FAKE_ENGINE
-from vllmd.process import group_alive
+from vllmd.engine.process import group_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLMD = [sys.executable, "-m", "vllmd.cli.vllmd"]

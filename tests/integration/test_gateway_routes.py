@@ -17,7 +17,7 @@ import pytest
 from tests.integration.harness import client, eventually, fake_config, running
 from vllmd.config import Config
 from vllmd.devices import DeviceSnapshot
-from vllmd.states import InstanceState
+from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 

@@ -23,7 +23,7 @@ from tests.integration.harness import FAKE_ENGINE, client, eventually, fake_conf
 from vllmd.config import Config
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceSnapshot
 from vllmd.events import Event
-from vllmd.states import InstanceState
+from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 GiB = 2**30

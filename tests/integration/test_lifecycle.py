@@ -18,8 +18,8 @@ from vllmd.config import Config
 from vllmd.daemon import Running
 from vllmd.errors import VllmdError
 from vllmd.events import Event
-from vllmd.instance import Instance
-from vllmd.states import InstanceState
+from vllmd.instance.instance import Instance
+from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 S = InstanceState

@@ -13,9 +13,9 @@ import structlog
 from tests.integration.harness import client, eventually, fake_config, running
 from vllmd.config import Config
 from vllmd.devices import DeviceSnapshot, GpuProcess
+from vllmd.engine.process import group_alive
 from vllmd.events import Event
-from vllmd.process import group_alive
-from vllmd.states import InstanceState
+from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 GiB = 2**30

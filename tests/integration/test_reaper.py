@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from tests.integration.harness import client, eventually, fake_config, running
-from vllmd.process import Reaper, become_subreaper
-from vllmd.states import InstanceState
+from vllmd.engine.process import Reaper, become_subreaper
+from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 ORPHANING_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "orphaning_engine.py"

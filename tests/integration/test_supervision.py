@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from tests.integration.harness import chat, client, eventually, fake_config, running
-from vllmd.states import InstanceState
+from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 

@@ -6,15 +6,15 @@ from typing import Any
 import pytest
 
 from vllmd.config import Config, parse_config
-from vllmd.engine import (
+from vllmd.engine.argv import (
     CPU_ENGINE_FIXED_COST,
     EngineAddress,
     PlacedDevice,
     build_launch,
     clean_environ,
 )
+from vllmd.engine.weights import weights_bytes
 from vllmd.errors import ConfigError
-from vllmd.weights import weights_bytes
 
 GiB = 2**30
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from vllmd.kernel_log import Kmsg, oom_victims
-from vllmd.process import EngineProcess, spawn
+from vllmd.engine.kernel_log import Kmsg, oom_victims
+from vllmd.engine.process import EngineProcess, spawn
 
 pytestmark = pytest.mark.anyio
 # An engine whose child (vLLM's Worker) is what the kernel would pick: it prints the child's pid.

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import structlog
 
-from vllmd.output import EngineOutput
+from vllmd.engine.output import EngineOutput
 
 
 def test_since_start_sees_only_the_current_engines_lines() -> None:

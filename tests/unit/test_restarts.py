@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from vllmd.restarts import BACKOFF_MAX, PROFILING_RETRIES, RestartPolicy
+from vllmd.instance.restarts import BACKOFF_MAX, PROFILING_RETRIES, RestartPolicy
 
 
 class Clock:

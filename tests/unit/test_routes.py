@@ -7,7 +7,6 @@ import urllib.parse
 import pytest
 from prometheus_client import CollectorRegistry
 
-from vllmd.asgi import http_error
 from vllmd.errors import (
     InsufficientMemory,
     ModelFailed,
@@ -19,9 +18,10 @@ from vllmd.errors import (
     StartFailed,
     VllmdError,
 )
-from vllmd.gateway import sse_event_end
+from vllmd.http.asgi import http_error
+from vllmd.http.gateway import sse_event_end
+from vllmd.http.routes import MODEL_ROUTES, OTHER, match
 from vllmd.metrics import Metrics
-from vllmd.routes import MODEL_ROUTES, OTHER, match
 
 
 def _match(raw: str) -> tuple[str, str | None] | None:

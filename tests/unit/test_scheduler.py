@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from vllmd.scheduler import (
+from vllmd.instance.states import InstanceState
+from vllmd.placement.scheduler import (
     RECENT_USE,
     DeviceView,
     Eviction,
@@ -19,7 +20,6 @@ from vllmd.scheduler import (
     plan_idle,
     plan_load,
 )
-from vllmd.states import InstanceState
 
 S = InstanceState
 GB = 1 << 30

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllmd.states import (
+from vllmd.instance.states import (
     HOLDS_RESERVATION,
     TRANSITIONS,
     IllegalTransition,

@@ -13,11 +13,11 @@ import structlog
 
 from vllmd.config import Config
 from vllmd.devices import DeviceSnapshot
-from vllmd.engine import PlacedDevice
-from vllmd.instance import Instance
-from vllmd.meter import Meter
-from vllmd.scheduler import RECENT_USE, DeviceView, ModelView, Snapshot
-from vllmd.states import InstanceState
+from vllmd.engine.argv import PlacedDevice
+from vllmd.instance.instance import Instance
+from vllmd.instance.states import InstanceState
+from vllmd.placement.meter import Meter
+from vllmd.placement.scheduler import RECENT_USE, DeviceView, ModelView, Snapshot
 
 S = InstanceState
 log = structlog.get_logger("vllmd.ledger")

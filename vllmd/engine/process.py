@@ -25,7 +25,7 @@ import structlog
 from anyio.abc import Process, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vllmd.kernel_log import KernelLog, KernelLogOpener, Kmsg, oom_victims
+from vllmd.engine.kernel_log import KernelLog, KernelLogOpener, Kmsg, oom_victims
 
 PR_SET_CHILD_SUBREAPER = 36
 ENGINE_OOM_SCORE_ADJ = 500

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllmd.asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
+from vllmd.http.asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 from vllmd.metrics import Metrics
 
 

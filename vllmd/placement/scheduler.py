@@ -19,7 +19,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Literal
 
-from vllmd.states import HOLDS_RESERVATION, InstanceState
+from vllmd.instance.states import HOLDS_RESERVATION, InstanceState
 
 S = InstanceState
 RECENT_USE = 30.0  # a model used this recently is never a victim (it is probably in use)

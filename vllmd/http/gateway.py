@@ -18,7 +18,9 @@ import anyio
 import httpx
 import structlog
 
-from vllmd.asgi import (
+from vllmd.config import Config
+from vllmd.errors import ModelNotFound, ShuttingDown, VllmdError
+from vllmd.http.asgi import (
     HTTPError,
     Receive,
     Scope,
@@ -28,14 +30,12 @@ from vllmd.asgi import (
     send_error,
     send_json,
 )
-from vllmd.config import Config
-from vllmd.errors import ModelNotFound, ShuttingDown, VllmdError
-from vllmd.instance import Instance
+from vllmd.http.routes import OTHER
+from vllmd.http.routes import match as match_route
+from vllmd.http.views import model_view
+from vllmd.instance.instance import Instance
 from vllmd.metrics import Metrics
-from vllmd.routes import OTHER
-from vllmd.routes import match as match_route
 from vllmd.supervisor import Supervisor
-from vllmd.views import model_view
 
 log = structlog.get_logger("vllmd.gateway")
 

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd.config import Config
 from vllmd.devices import DeviceProbe, DeviceSnapshot
-from vllmd.engine import PlacedDevice
+from vllmd.engine.argv import PlacedDevice
 from vllmd.errors import (
     InsufficientMemory,
     ModelFailed,
@@ -32,10 +32,11 @@ from vllmd.errors import (
     VllmdError,
 )
 from vllmd.events import EventBus
-from vllmd.instance import Instance
-from vllmd.ledger import Ledger
-from vllmd.meter import Meter
-from vllmd.scheduler import (
+from vllmd.instance.instance import Instance
+from vllmd.instance.states import InstanceState
+from vllmd.placement.ledger import Ledger
+from vllmd.placement.meter import Meter
+from vllmd.placement.scheduler import (
     RECENT_USE,
     Eviction,
     Plan,
@@ -44,7 +45,6 @@ from vllmd.scheduler import (
     plan_idle,
     plan_load,
 )
-from vllmd.states import InstanceState
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")

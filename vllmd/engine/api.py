@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from vllmd.config import EngineConfig
-from vllmd.engine import EngineAddress
+from vllmd.engine.argv import EngineAddress
 
 
 def make_client(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vllmd.instance import Instance
+from vllmd.instance.instance import Instance
 
 
 def wall_time(instance: Instance, clock_value: float) -> float | None:

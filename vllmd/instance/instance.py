@@ -22,15 +22,15 @@ import structlog
 from anyio.abc import TaskStatus
 
 from vllmd.config import EngineConfig, ModelConfig
-from vllmd.engine import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
-from vllmd.engine_api import EngineAPI, Upstream, make_client, new_address
+from vllmd.engine.api import EngineAPI, Upstream, make_client, new_address
+from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
+from vllmd.engine.output import EngineOutput
+from vllmd.engine.process import MARKER_ENV, EngineProcess
+from vllmd.engine.weights import weights_bytes
 from vllmd.errors import ConfigError
 from vllmd.events import EventBus
-from vllmd.output import EngineOutput
-from vllmd.process import MARKER_ENV, EngineProcess
-from vllmd.restarts import RestartPolicy
-from vllmd.states import InstanceState, check_transition
-from vllmd.weights import weights_bytes
+from vllmd.instance.restarts import RestartPolicy
+from vllmd.instance.states import InstanceState, check_transition
 
 S = InstanceState
 Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import anyio
 import structlog
 
-from vllmd.process import EngineProcess
+from vllmd.engine.process import EngineProcess
 
 OUTPUT_LINES = 2000
 
