@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,6 @@ from vllmd.http.gateway import Gateway
 from vllmd.http.metrics_app import MetricsApp
 from vllmd.instance.instance import RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
-from vllmd.placement.scheduler import RECENT_USE
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 
@@ -67,7 +67,7 @@ class Seams:
     probe: DeviceProbe | None = None
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     notifier: Notifier = field(default_factory=Notifier)
-    recent_use: float = RECENT_USE  # DESIGN's 30 s; tests shorten it
+    clock: Callable[[], float] = time.monotonic  # tests skip ahead (past RECENT_USE, say)
     reaper: Reaper = field(default_factory=Reaper)
     kernel_log: KernelLogOpener = Kmsg
 
@@ -176,7 +176,7 @@ async def serve(
             probe=probe,
             metrics=metrics,
             base_env=seams.base_env,
-            recent_use=seams.recent_use,
+            clock=seams.clock,
         )
         metrics.watch_instances(lambda: supervisor.instances.values(), supervisor.placer.held)
         gateway = Gateway(config, supervisor, metrics)

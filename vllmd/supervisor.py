@@ -23,7 +23,6 @@ from vllmd.instance.states import InstanceState
 from vllmd.metrics import Metrics
 from vllmd.metrics_feed import count_events
 from vllmd.placement.placer import Placer
-from vllmd.placement.scheduler import RECENT_USE
 
 S = InstanceState
 
@@ -40,7 +39,6 @@ class Supervisor:
         metrics: Metrics,
         base_env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
-        recent_use: float = RECENT_USE,
     ) -> None:
         self.config = config
         self.events = events
@@ -64,7 +62,6 @@ class Supervisor:
             probe=probe,
             events=events,
             clock=clock,
-            recent_use=recent_use,
         )
 
     def get(self, name: str) -> Instance:

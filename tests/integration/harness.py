@@ -58,19 +58,20 @@ async def running(
     env: Mapping[str, str] | None = None,
     *,
     probe: DeviceProbe | None = None,
-    recent_use: float = 0.0,
+    clock: Callable[[], float] | None = None,
     reaper: Reaper | None = None,
     kernel_log: KernelLogOpener | None = None,
 ) -> AsyncIterator[Running]:
-    """The daemon, READY, until the block ends; then a graceful shutdown. Models count as
-    'recently used' for `recent_use` seconds (DESIGN's 30 s would slow every test down).
-    A `reaper` or `kernel_log` the test holds replaces the daemon's own."""
+    """The daemon, READY, until the block ends; then a graceful shutdown. A `clock`, a
+    `reaper` or a `kernel_log` the test holds replaces the daemon's own (a `SkipClock` lets a
+    test move past the scheduler's RECENT_USE without waiting 30 s)."""
     stop = anyio.Event()
     seams = Seams(
         probe=probe or DeclaredProbe(config.devices),
         base_env={**os.environ, **(env or {})},
-        recent_use=recent_use,
     )
+    if clock is not None:
+        seams.clock = clock
     if reaper is not None:
         seams.reaper = reaper
     if kernel_log is not None:

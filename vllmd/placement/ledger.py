@@ -17,7 +17,7 @@ from vllmd.engine.argv import PlacedDevice
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
 from vllmd.placement.meter import Meter
-from vllmd.placement.scheduler import RECENT_USE, DeviceView, ModelView, Snapshot
+from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot
 
 S = InstanceState
 log = structlog.get_logger("vllmd.ledger")
@@ -39,13 +39,11 @@ class Ledger:
         meter: Meter,
         *,
         clock: Callable[[], float] = time.monotonic,
-        recent_use: float = RECENT_USE,
     ) -> None:
         self.config = config
         self.instances = instances
         self._meter = meter
         self._clock = clock
-        self._recent_use = recent_use
         self.busy_models: set[str] = set()  # under a placer operation
         self.residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
         # Weights held in host RAM by a level-1 sleeper, per model: sized once by
@@ -108,7 +106,6 @@ class Ledger:
             min_residency=sched.min_residency,
             evict_to=sched.evict_to,
             host_memory_free=self._host_budget - level1,
-            recent_use=self._recent_use,
         )
 
     def _device_budgets(self) -> dict[str, DeviceView]:

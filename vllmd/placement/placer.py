@@ -37,7 +37,6 @@ from vllmd.instance.states import InstanceState
 from vllmd.placement.ledger import Ledger
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import (
-    RECENT_USE,
     Eviction,
     Plan,
     Snapshot,
@@ -79,7 +78,6 @@ class Placer:
         probe: DeviceProbe,
         events: EventBus,
         clock: Callable[[], float] = time.monotonic,
-        recent_use: float = RECENT_USE,
     ) -> None:
         self.config = config
         self.instances = instances
@@ -94,7 +92,7 @@ class Placer:
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
         self._tg: TaskGroup | None = None
-        self.ledger = Ledger(config, instances, self.meter, clock=clock, recent_use=recent_use)
+        self.ledger = Ledger(config, instances, self.meter, clock=clock)
         for inst in instances.values():
             inst.listeners.append(self.kick)
             inst.start_gate = partial(self._start_slot, inst)
