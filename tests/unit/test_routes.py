@@ -19,7 +19,7 @@ from vllmd.errors import (
     VllmdError,
 )
 from vllmd.http.asgi import http_error
-from vllmd.http.gateway import sse_event_end
+from vllmd.http.proxy import sse_event_end
 from vllmd.http.routes import MODEL_ROUTES, OTHER, match
 from vllmd.metrics import Metrics
 

@@ -17,15 +17,23 @@ from vllmd.engine.argv import EngineAddress
 
 
 def make_client(
-    address: EngineAddress, *, connect_timeout: float, max_connections: int
+    address: EngineAddress,
+    *,
+    connect_timeout: float,
+    max_connections: int,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[httpx.AsyncClient, Upstream]:
     """One connection pool per engine, used two ways: an httpx client for vllmd's own calls,
-    and an `Upstream` for proxying. Read timeouts are left to each call (streams are long)."""
-    transport = httpx.AsyncHTTPTransport(
-        uds=str(address.uds) if address.uds is not None else None,
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
-        retries=0,
-    )
+    and an `Upstream` for proxying. Read timeouts are left to each call (streams are long).
+
+    `transport` replaces the pooled transport (tests pass an `httpx.MockTransport`); both
+    paths then go through it, so a test sees every request vllmd would send the engine."""
+    if transport is None:
+        transport = httpx.AsyncHTTPTransport(
+            uds=str(address.uds) if address.uds is not None else None,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+            retries=0,
+        )
     headers = {"Authorization": f"Bearer {address.api_key}"} if address.api_key else {}
     client = httpx.AsyncClient(
         transport=transport,
@@ -42,7 +50,7 @@ class Upstream:
     merging); URLs and fixed headers are built once."""
 
     def __init__(
-        self, transport: httpx.AsyncHTTPTransport, address: EngineAddress, connect_timeout: float
+        self, transport: httpx.AsyncBaseTransport, address: EngineAddress, connect_timeout: float
     ) -> None:
         self._transport = transport
         self._base = address.base_url

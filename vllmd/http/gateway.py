@@ -1,9 +1,9 @@
 """The OpenAI-compatible gateway: a plain ASGI app served by uvicorn.
 
 It only asks and forwards: the model named by the request is resolved, a ready instance is
-leased from the supervisor (which starts it if needed), and the bytes are proxied unbuffered
-to the engine over its pooled client. While a request is queued or streaming, the client's
-disconnect is watched: it cancels the wait or the upstream request.
+leased from the supervisor (which starts it if needed), and `vllmd.http.proxy` moves the
+bytes to and from the engine over its pooled transport. While a request is queued or
+streaming, the client's disconnect is watched: it cancels the wait or the upstream request.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import uuid
 from typing import Any
 
 import anyio
-import httpx
 import structlog
 
 from vllmd.config import Config
@@ -30,6 +29,7 @@ from vllmd.http.asgi import (
     send_error,
     send_json,
 )
+from vllmd.http.proxy import Proxy
 from vllmd.http.routes import OTHER
 from vllmd.http.routes import match as match_route
 from vllmd.http.views import model_view
@@ -44,33 +44,6 @@ CLIENT_CLOSED = 499
 
 # `vllmd_requests_rejected_total{reason}` takes only DESIGN's values.
 REJECT_REASONS = frozenset({"queue_full", "queue_timeout", "model_failed", "insufficient_memory"})
-REQUEST_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"authorization",
-        b"x-request-id",  # set once by the gateway
-    }
-)
-RESPONSE_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"content-length",
-        b"date",
-        b"server",
-        b"x-request-id",
-    }
-)
 
 
 class ClientGone(Exception):
@@ -82,6 +55,7 @@ class Gateway:
         self.config = config
         self.supervisor = supervisor
         self.metrics = metrics
+        self.proxy = Proxy(metrics)
         self.started = int(time.time())
         self._keys = tuple(k.encode() for k in config.gateway.api_keys)
         self._max_body = config.gateway.max_body
@@ -249,75 +223,19 @@ class Gateway:
                 self.metrics.queued(inst.name, time.perf_counter() - queued)
                 upstream = inst.upstream
                 assert upstream is not None
-                headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
-                headers.append((b"x-request-id", request_id.encode()))
-                sent = time.perf_counter()
-                try:
-                    response = await upstream.post(route, body, headers)
-                except httpx.HTTPError as exc:
-                    raise HTTPError(
-                        502,
-                        "engine_unavailable",
-                        f"the engine of model {inst.name} did not answer ({type(exc).__name__})",
-                    ) from None
-                try:
-                    return await self._relay(send, response, request_id, inst.name, sent)
-                finally:
-                    await response.aclose()
+                return await self.proxy.forward(
+                    send,
+                    upstream,
+                    route,
+                    body,
+                    scope["headers"],
+                    request_id=request_id,
+                    model=inst.name,
+                )
         except VllmdError as exc:
             if exc.code in REJECT_REASONS:
                 self.metrics.rejected(instance.name, exc.code)
             raise http_error(exc) from None
-
-    async def _relay(
-        self, send: Send, response: httpx.Response, request_id: str, model: str, sent: float
-    ) -> int:
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
-        headers.append((b"x-request-id", request_id.encode()))
-        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
-        if not streaming:
-            try:
-                data = await response.aread()
-            except httpx.HTTPError as exc:  # nothing sent yet: still a proper error answer
-                raise HTTPError(
-                    502,
-                    "engine_unavailable",
-                    f"the engine of model {model} broke off its answer ({type(exc).__name__})",
-                ) from None
-            self.metrics.first_byte(model, time.perf_counter() - sent)
-            headers.append((b"content-length", str(len(data)).encode()))
-            await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
-            )
-            await send({"type": "http.response.body", "body": data})
-            return response.status_code
-        status: int = response.status_code
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        first = True
-        last = b""
-        try:
-            async for chunk in response.aiter_raw():
-                if first:
-                    self.metrics.first_byte(model, time.perf_counter() - sent)
-                    first = False
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                last = chunk
-        except httpx.HTTPError as exc:
-            # Headers are gone already: the error travels as one last SSE event, after the
-            # end of any event the engine left half-sent (else the two would merge).
-            error = {
-                "error": {
-                    "message": f"the engine of model {model} broke off the stream "
-                    f"({type(exc).__name__})",
-                    "type": "server_error",
-                    "code": "engine_unavailable",
-                }
-            }
-            event = sse_event_end(last) + b"data: " + json.dumps(error).encode() + b"\n\n"
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            status = 502  # what metrics and the log count: the engine failed this request
-        await send({"type": "http.response.body", "body": b""})
-        return status
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -326,13 +244,6 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
-
-
-def sse_event_end(sent: bytes) -> bytes:
-    """What ends the SSE event whose last bytes were `sent` (b"" when it is complete)."""
-    if sent.endswith(b"\n\n") or not sent:
-        return b""
-    return b"\n" if sent.endswith(b"\n") else b"\n\n"
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
