@@ -15,13 +15,11 @@ deterministically; the CLI passes one fed by SIGTERM/SIGINT.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -30,17 +28,16 @@ import uvicorn
 from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
-from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
-from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
-from vllmd.engine.process import EngineProcess, Reaper, become_subreaper, spawn
+from vllmd.engine.process import become_subreaper
 from vllmd.errors import ListenFailed
-from vllmd.events import EventBus
+from vllmd.events import EventBus, Kind
 from vllmd.http.gateway import Gateway
 from vllmd.http.metrics_app import MetricsApp
-from vllmd.instance.instance import RuntimeOptions, Spawner
+from vllmd.http.unix import bind_unix
 from vllmd.metrics import Metrics
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
+from vllmd.wiring import Seams, build
 
 log = structlog.get_logger("vllmd.daemon")
 
@@ -56,20 +53,6 @@ async def _start_server(server: uvicorn.Server, sock: socket.socket) -> None:
 async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
     await server.main_loop()
     await server.shutdown(sockets=[sock])
-
-
-@dataclass
-class Seams:
-    """What tests replace: how engines are spawned and reaped, how devices are probed, where
-    OOM kills are read, the environment (also the daemon's: RUNTIME_DIRECTORY)."""
-
-    spawner: Spawner | None = None  # None: `spawn`, with the reaper and kernel log below
-    probe: DeviceProbe | None = None
-    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    notifier: Notifier = field(default_factory=Notifier)
-    clock: Callable[[], float] = time.monotonic  # tests skip ahead (past RECENT_USE, say)
-    reaper: Reaper = field(default_factory=Reaper)
-    kernel_log: KernelLogOpener = Kmsg
 
 
 def bind(listen: Listen, key: str = "gateway.listen") -> socket.socket:
@@ -115,10 +98,10 @@ def _url(sock: socket.socket) -> str:
 
 def status_line(supervisor: Supervisor) -> str:
     counts: dict[str, int] = {}
-    for inst in supervisor.instances.values():
-        counts[inst.state.value] = counts.get(inst.state.value, 0) + 1
+    for st in supervisor.statuses():
+        counts[st.state.value] = counts.get(st.state.value, 0) + 1
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{len(supervisor.instances)} models: {parts}"
+    return f"{sum(counts.values())} models: {parts}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +112,7 @@ class Running:
     supervisor: Supervisor
     events: EventBus
     metrics: Metrics
+    control_socket: Path
     metrics_url: str | None = None  # the `[metrics] listen` listener, when configured
 
 
@@ -143,10 +127,6 @@ async def serve(
     """Run the daemon until `shutdown()` returns, then stop cleanly. `force()` returning
     skips the drain: every engine is killed at once."""
     seams = seams or Seams()
-    events = EventBus()
-    metrics = Metrics()
-    probe = seams.probe or CompositeProbe(NvmlProbe(), DeclaredProbe(config.devices))
-    reaper = seams.reaper
     notifier = seams.notifier
     if become_subreaper():
         log.debug("child_subreaper")
@@ -158,28 +138,13 @@ async def serve(
             tempfile.mkdtemp(prefix="vllmd-", dir=seams.base_env.get("RUNTIME_DIRECTORY"))
         )
         undo.callback(shutil.rmtree, runtime_dir, ignore_errors=True)
-        devices = await probe.snapshot()
+        parts = build(config, seams, runtime_dir)
+        supervisor, gateway, reaper = parts.supervisor, parts.gateway, parts.reaper
+        devices = await parts.ctx.probe.snapshot()
         log.info(
             "devices",
             devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()},
         )
-
-        supervisor = Supervisor(
-            config,
-            events=events,
-            spawner=seams.spawner or _spawner(reaper, seams.kernel_log),
-            options=RuntimeOptions(
-                runtime_dir=runtime_dir,
-                connect_timeout=config.gateway.upstream_connect_timeout,
-                max_connections=config.gateway.max_connections,
-            ),
-            probe=probe,
-            metrics=metrics,
-            base_env=seams.base_env,
-            clock=seams.clock,
-        )
-        metrics.watch_instances(lambda: supervisor.instances.values(), supervisor.placer.held)
-        gateway = Gateway(config, supervisor, metrics)
         sock = undo.enter_context(bind(config.gateway.listen))
         server = _http_server(
             gateway, config.gateway.max_connections, int(config.engine.drain_timeout) + 1
@@ -188,32 +153,46 @@ async def serve(
         metrics_sock: socket.socket | None = None
         if config.metrics.listen is not None:
             metrics_sock = undo.enter_context(bind(config.metrics.listen, "metrics.listen"))
-            listeners.append((_http_server(MetricsApp(metrics), 64, 1), metrics_sock))
+            listeners.append((_http_server(parts.metrics_app, 64, 1), metrics_sock))
+        control_path = config.daemon.control_socket
+        control_sock = undo.enter_context(
+            bind_unix(
+                control_path, config.daemon.control_socket_mode, config.daemon.control_socket_group
+            )
+        )
+        undo.callback(_unlink, control_path)
 
         async with anyio.create_task_group() as tg:
             await tg.start(reaper.run)
             await tg.start(supervisor.run)
+            await tg.start(parts.control.run)
+            await tg.start(parts.control_server.serve, control_sock)
             for each_server, each_sock in listeners:
                 await _start_server(each_server, each_sock)
                 tg.start_soon(_run_server, each_server, each_sock)
-            gateway.accepting = True
+            gateway.open()
             notifier.ready(status_line(supervisor))
             log.info(
                 "ready",
                 gateway=str(config.gateway.listen),
+                control=str(control_path),
                 metrics=str(config.metrics.listen or config.gateway.listen),
                 models=sorted(supervisor.instances),
             )
             metrics_url = _url(metrics_sock) if metrics_sock is not None else None
-            task_status.started(Running(_url(sock), supervisor, events, metrics, metrics_url))
-            tg.start_soon(_report_status, events, supervisor, notifier)
+            task_status.started(
+                Running(
+                    _url(sock), supervisor, parts.events, parts.metrics, control_path, metrics_url
+                )
+            )
+            tg.start_soon(_report_status, parts.events, supervisor, notifier)
             tg.start_soon(_watchdog, notifier)
 
             await shutdown()
             log.info("shutting_down")
             notifier.stopping()
             notifier.extend_timeout(config.engine.drain_timeout + config.engine.stop_timeout + 30)
-            gateway.accepting = False
+            gateway.close()
             for each_server, _ in listeners:
                 each_server.should_exit = True
             if force is not None:
@@ -237,17 +216,15 @@ async def serve(
             tg.cancel_scope.cancel()
 
 
-def _spawner(reaper: Reaper, kernel_log: KernelLogOpener) -> Spawner:
-    async def spawn_engine(argv: Sequence[str], env: Mapping[str, str]) -> EngineProcess:
-        return await spawn(argv, env, reaper=reaper, kernel_log=kernel_log)
-
-    return spawn_engine
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 async def _report_status(events: EventBus, supervisor: Supervisor, notifier: Notifier) -> None:
-    with events.subscribe() as stream:
+    with events.subscribe("systemd-status") as stream:
         async for event in stream:
-            if event.kind == "state":
+            if event.kind is Kind.STATE:
                 notifier.status(status_line(supervisor))
 
 

@@ -85,6 +85,29 @@ class DeclaredDevice(Protocol):
     def uuid(self) -> str | None: ...
 
 
+def budget_total(snap: DeviceSnapshot | None, declared: DeclaredDevice | None) -> int:
+    """What vllmd may reserve on a device: its size, capped by a declared `memory` (0 when
+    the device is neither seen nor declared with a size)."""
+    if snap is None:
+        return declared.memory if declared is not None and declared.memory else 0
+    if declared is not None and declared.memory:
+        return min(snap.total, declared.memory)
+    return snap.total
+
+
+def engine_total(
+    snap: DeviceSnapshot | None, declared: DeclaredDevice | None, fallback: int
+) -> int:
+    """What an engine sizes itself against on a device: a GPU's own size, not a declared
+    budget's share of it (vLLM's --gpu-memory-utilization is a fraction of the whole GPU);
+    a cpu device's budget. `fallback` (the model's reservation) when nothing is known."""
+    if snap is not None:
+        return snap.device_total or snap.total
+    if declared is not None and declared.memory:
+        return declared.memory
+    return fallback
+
+
 class DeviceProbe(Protocol):
     """Anything that reads devices: NVML, declared devices, a fake in tests."""
 

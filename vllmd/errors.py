@@ -98,3 +98,11 @@ class ListenFailed(VllmdError):
     """A listening socket could not be bound (address in use, not permitted, no such host)."""
 
     code = "listen_failed"
+
+
+def failure(model: str, error: str | None, *, failed: bool) -> ModelFailed | StartFailed:
+    """What a client is told when `model` could not be made ready: `failed` (its restarts
+    used up: only an operator gets it going again) or this start failed. The one wording."""
+    if failed:
+        return ModelFailed(f"model {model} failed: {error}; `vllmctl load {model}` to try again")
+    return StartFailed(f"{error}; see `vllmctl logs {model}`")

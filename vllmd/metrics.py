@@ -7,7 +7,6 @@ time by a collector, so nothing has to remember to update it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,8 @@ from vllmd import __version__
 from vllmd.instance.states import InstanceState
 
 if TYPE_CHECKING:
-    from vllmd.instance.instance import Instance
+    from vllmd.events import Event, EventBus
+    from vllmd.instance.status import ModelStatus
 
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
@@ -126,23 +126,41 @@ class Metrics:
             child = self._rejected_children[key] = self._rejected.labels(model, reason)
         child.inc()
 
-    def watch_instances(
-        self, instances: Callable[[], Iterable[Instance]], held: Callable[[Instance], int]
-    ) -> None:
-        self.registry.register(_InstanceCollector(instances, held))
+    def watch(self, statuses: Callable[[], Iterable[ModelStatus]]) -> None:
+        """Read the models' state at scrape time through `statuses`."""
+        self.registry.register(_StatusCollector(statuses))
+
+    def count_events(self, bus: EventBus) -> None:
+        """Count loads, restarts and evictions where they are told (a synchronous subscriber:
+        cheap, never misses one), so no code path that starts, restarts or evicts an engine
+        can forget to count it."""
+        bus.on_event(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        model = event.model or ""
+        fields = event.fields
+        if event.kind == "state":
+            if fields.get("new") == "ready" and fields.get("old") == "starting":
+                self.loads.labels(model, "ok").inc()
+                seconds = fields.get("load_seconds")
+                if isinstance(seconds, int | float):
+                    self.load_duration.labels(model).observe(seconds)
+            elif fields.get("new") == "starting" and "restart_reason" in fields:
+                self.restarts.labels(model, str(fields["restart_reason"])).inc()
+        elif event.kind == "start_failed":
+            self.loads.labels(model, str(fields.get("result", "failed"))).inc()
+        elif event.kind == "evicted":
+            self.evictions.labels(model, str(fields["reason"]), str(fields["action"])).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _InstanceCollector(Collector):
+class _StatusCollector(Collector):
     """Model state read at scrape time."""
 
-    def __init__(
-        self, instances: Callable[[], Iterable[Instance]], held: Callable[[Instance], int]
-    ) -> None:
-        self._instances = instances
-        self._held = held
+    def __init__(self, statuses: Callable[[], Iterable[ModelStatus]]) -> None:
+        self._statuses = statuses
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -167,16 +185,15 @@ class _InstanceCollector(Collector):
             "When a request last ended.",
             labels=["model"],
         )
-        for inst in self._instances():
+        for st in self._statuses():
             for s in InstanceState:
-                state.add_metric([inst.name, s.value], 1.0 if inst.state is s else 0.0)
-            in_flight.add_metric([inst.name], inst.in_flight)
-            queue.add_metric([inst.name], inst.queue_depth)
-            held = self._held(inst)
-            for device in inst.model.devices:
-                reserved.add_metric([inst.name, device], held)
-                if inst.measured_bytes:
-                    used.add_metric([inst.name, device], inst.measured_bytes)
-            if inst.last_used:
-                last_used.add_metric([inst.name], time.time() - (inst.clock() - inst.last_used))
+                state.add_metric([st.name, s.value], 1.0 if st.state is s else 0.0)
+            in_flight.add_metric([st.name], st.in_flight)
+            queue.add_metric([st.name], st.queue_depth)
+            for device in st.model.devices:
+                reserved.add_metric([st.name, device], st.held_bytes)
+                if st.measured_bytes:
+                    used.add_metric([st.name, device], st.measured_bytes)
+            if st.last_used is not None:
+                last_used.add_metric([st.name], st.last_used)
         yield from (state, in_flight, queue, reserved, used, last_used)

@@ -1,149 +1,224 @@
-"""The supervisor: every configured model's `Instance`, and the way requests get a ready one.
+"""The supervisor: the command surface the gateway (and the control API) call.
 
-The gateway asks `lease(model)`; the supervisor queues the request (bounded), has the engine
-started if needed (concurrent requests share one start), and counts the request in flight
-until it is done. Placement and eviction decisions are the scheduler's.
+It holds every model's `Instance` and runs their actors; requests get a ready instance through
+`lease` (queued by `Admission`, placed and started by the placer; concurrent requests share
+one start); operators load, unload and add models. Readers get `ModelStatus` views. Placement
+and eviction decisions are the scheduler's.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
-from vllmd.config import Config
-from vllmd.devices import DeviceProbe
-from vllmd.errors import ModelNotFound, QueueFull, QueueTimeout
-from vllmd.events import EventBus
-from vllmd.instance.instance import Instance, RuntimeOptions, Spawner
+from vllmd.admission import Admission
+from vllmd.config import ModelConfig
+from vllmd.context import Context
+from vllmd.devices import DeviceSnapshot
+from vllmd.errors import InvalidState, ModelNotFound
+from vllmd.events import Kind
+from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
-from vllmd.metrics import Metrics
-from vllmd.metrics_feed import count_events
+from vllmd.instance.status import ModelStatus
+from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
 
 S = InstanceState
 
 
 class Supervisor:
-    def __init__(
-        self,
-        config: Config,
-        *,
-        events: EventBus,
-        spawner: Spawner,
-        options: RuntimeOptions,
-        probe: DeviceProbe,
-        metrics: Metrics,
-        base_env: Mapping[str, str],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.config = config
-        self.events = events
-        self.instances: dict[str, Instance] = {
-            name: Instance(
-                model,
-                config.engine,
-                options=options,
-                events=events,
-                spawner=spawner,
-                base_env=base_env,
-                clock=clock,
-            )
-            for name, model in config.models.items()
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._instances: dict[str, Instance] = {
+            name: Instance(model, ctx) for name, model in ctx.config.models.items()
         }
-        self.queued_total = 0
-        count_events(events, metrics)
-        self.placer = Placer(
-            config,
-            self.instances,
-            probe=probe,
-            events=events,
-            clock=clock,
-        )
+        self._served: dict[str, Instance] = {}  # every served name (name or alias) -> instance
+        self._index()
+        self.admission = Admission(ctx)
+        self._placer = Placer(ctx, self._instances)
+        self._tg: TaskGroup | None = None
+        self._actors: dict[str, anyio.CancelScope] = {}
+
+    # --- readers -------------------------------------------------------------------------------
+
+    @property
+    def instances(self) -> Mapping[str, Instance]:
+        """Every model's instance by name (read only)."""
+        return MappingProxyType(self._instances)
 
     def get(self, name: str) -> Instance:
         """The instance of a model named by its name or an alias."""
-        model = self.config.model_for(name)
-        if model is None:
+        instance = self._served.get(name)
+        if instance is None:
             raise ModelNotFound(f"The model `{name}` does not exist.")
-        return self.instances[model.name]
+        return instance
+
+    def status(self, instance: Instance) -> ModelStatus:
+        return instance.status(
+            queue_depth=self.admission.depth(instance.name),
+            held=self._placer.held(instance),
+            measured=self._placer.measured(instance),
+            pinned=self._pinned(instance),
+        )
+
+    def statuses(self) -> Iterator[ModelStatus]:
+        return (self.status(i) for i in list(self._instances.values()))
+
+    def accounts(self) -> list[DeviceAccount]:
+        """Every device's memory: total, reserved, used, free, and what each model holds."""
+        return self._placer.accounts()
+
+    def devices(self) -> Mapping[str, DeviceSnapshot]:
+        """The latest device snapshots."""
+        return self._placer.meter.devices
+
+    # --- the actors ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
-            for instance in self.instances.values():
-                await tg.start(instance.run)
-            await tg.start(self.placer.run)
+            self._tg = tg
+            for instance in self._instances.values():
+                await tg.start(self._run_actor, instance)
+            await tg.start(self._placer.run)
             task_status.started()
+
+    async def _run_actor(
+        self, instance: Instance, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self._actors[instance.name] = scope
+            await instance.run(task_status=task_status)
+
+    async def add(self, model: ModelConfig) -> Instance:
+        """Add a model to the running daemon, or replace a changed one (stopped first: its
+        next request starts it as configured now). An unchanged model is left as it is."""
+        old = self._instances.get(model.name)
+        engine = self._ctx.config.engine
+        if old is not None:
+            if old.model == model and old.engine == engine:
+                return old
+            await self._stop(old)
+            self._actors.pop(model.name).cancel()
+        instance = Instance(model, self._ctx)
+        self._instances[model.name] = instance
+        self._index()
+        self._placer.attach(instance)
+        assert self._tg is not None, "add() needs the supervisor running"
+        await self._tg.start(self._run_actor, instance)
+        self._ctx.events.emit(Kind.MODEL_ADDED, model.name, replaced=old is not None)
+        return instance
+
+    def _index(self) -> None:
+        self._served = {
+            served: inst for inst in self._instances.values() for served in inst.model.served_names
+        }
+
+    # --- requests ------------------------------------------------------------------------------
 
     async def ensure_ready(self, instance: Instance) -> None:
         """Have the instance placed and started if needed; return once it is READY."""
-        await self.placer.ensure(instance)
+        await self._placer.ensure(instance)
 
     @asynccontextmanager
     async def lease(self, instance: Instance) -> AsyncIterator[Instance]:
         """A READY instance for one request, counted in flight while the caller holds it."""
         if instance.state is not S.READY:
-            await self._queue(instance)
+            if instance.state is S.FAILED and not instance.wanted_up:
+                await self.ensure_ready(instance)  # raises ModelFailed at once, queue or not
+            await self.admission.wait(instance, lambda: self.ensure_ready(instance))
         instance.begin_request()
         try:
             yield instance
         finally:
             instance.end_request()
 
-    async def _queue(self, instance: Instance) -> None:
-        gateway = self.config.gateway
-        if instance.state is S.FAILED and not instance.wanted_up:
-            await self.ensure_ready(instance)  # raises ModelFailed at once, queue or not
-        if instance.queue_depth >= gateway.max_queue:
-            raise QueueFull(
-                f"the queue of model {instance.name} is full ({gateway.max_queue} requests)",
-                retry_after=self._retry_after(instance),
+    # --- operators (the control API's verbs) ------------------------------------------------
+    # Each checks what it can at once (raising InvalidState before anything happens) and
+    # returns the operation to await: `wait=false` callers start it and answer at once.
+
+    def load(self, instance: Instance) -> Awaitable[None]:
+        """A deliberate load: marks the model loaded on purpose; clears `failed`; may evict
+        by LRU like any request's load."""
+        self._ctx.overrides.mark_loaded(instance.name)
+        return self._placer.ensure(instance, clear_failed=True)
+
+    def unload(self, instance: Instance) -> Awaitable[None]:
+        """Stop the model and clear its loaded-on-purpose mark; refused while it is pinned."""
+        if self._pinned(instance):
+            where = "in the config (set pinned = false and reload)" if instance.model.pinned else ""
+            raise InvalidState(
+                f"model {instance.name} is pinned{' ' + where if where else ''}: "
+                f"unpin first (`vllmctl unpin {instance.name}`)"
             )
-        if self.queued_total >= gateway.max_queue_total:
-            raise QueueFull(
-                f"the request queue is full ({gateway.max_queue_total} requests)",
-                retry_after=self._retry_after(instance),
+        self._ctx.overrides.clear_loaded(instance.name)
+        return self._placer.evict(instance, "stop")
+
+    def sleep(self, instance: Instance) -> Awaitable[None]:
+        """Put a ready model to sleep (drained first), where it can sleep."""
+        name = instance.name
+        if not self._placer.can_sleep(instance):
+            raise InvalidState(
+                f"model {name} cannot sleep (sleep mode needs NVML GPUs, transport uds and "
+                f"sleep_level > 0): use unload (`vllmctl unload {name}`)"
             )
-        instance.queue_depth += 1
-        self.queued_total += 1
-        try:
-            with anyio.fail_after(gateway.queue_timeout):
-                await self.ensure_ready(instance)
-        except TimeoutError:
-            raise QueueTimeout(
-                f"model {instance.name} was not ready within {gateway.queue_timeout:g}s "
-                f"(state {instance.state})",
-                retry_after=self._retry_after(instance),
-            ) from None
-        finally:
-            instance.queue_depth -= 1
-            self.queued_total -= 1
+        if instance.state is S.SLEEPING:
+            return _done()
+        if instance.state is not S.READY:
+            raise InvalidState(f"model {name} is {instance.state}: only a ready model can sleep")
+        return self._placer.evict(instance, "sleep")
 
-    def _retry_after(self, instance: Instance) -> float:
-        """The estimated remaining load time: the last load's duration less the time this
-        one has run; 5 s before any load was measured."""
-        if instance.load_seconds is None:
-            return 5.0
-        if instance.state is S.STARTING:
-            elapsed = instance.clock() - instance.state_since
-            return max(1.0, instance.load_seconds - elapsed)
-        return max(1.0, instance.load_seconds)
+    def wake(self, instance: Instance) -> Awaitable[None]:
+        """Wake a sleeping model; a stopped one is loaded."""
+        if instance.state is S.SLEEPING:
+            return self._placer.ensure(instance)
+        return self.load(instance)
 
-    async def load(self, instance: Instance) -> None:
-        """A deliberate load: clears `failed`."""
-        await self.placer.ensure(instance, clear_failed=True)
+    def restart(self, instance: Instance) -> Awaitable[None]:
+        """Stop and start the model's engine again (counted as a restart, reason manual); a
+        stopped model is loaded."""
+        if instance.state in (S.STOPPED, S.FAILED):
+            return self.load(instance)
+        return self._restart(instance)
 
-    async def unload(self, instance: Instance) -> None:
+    async def _restart(self, instance: Instance) -> None:
+        instance.restart_next("manual")
+        await self._stop(instance)
+        await self.load(instance)
+
+    def pin(self, instance: Instance) -> Awaitable[None]:
+        """Never evict the model (a stopped one is pinned without being loaded)."""
+        self._ctx.overrides.pin(instance.name)
+        self._placer.kick()
+        return _done()
+
+    def unpin(self, instance: Instance) -> Awaitable[None]:
+        if instance.model.pinned:
+            raise InvalidState(
+                f"model {instance.name} is pinned in the config: change it and reload"
+            )
+        self._ctx.overrides.unpin(instance.name)
+        self._placer.kick()
+        return _done()
+
+    def _pinned(self, instance: Instance) -> bool:
+        return self._ctx.overrides.pinned(instance.model)
+
+    async def _stop(self, instance: Instance) -> None:
         instance.want_down()
         await instance.wait_state(S.STOPPED, S.FAILED)
 
     async def stop_all(self) -> None:
         """Stop every engine (in parallel), waiting until each one's processes are gone. No
         load starts once this is called."""
-        self.placer.close()
+        self._placer.close()
         async with anyio.create_task_group() as tg:
-            for instance in self.instances.values():
-                tg.start_soon(self.unload, instance)
+            for instance in self._instances.values():
+                tg.start_soon(self._stop, instance)
+
+
+async def _done() -> None:
+    """An operation that was complete when it was asked for."""

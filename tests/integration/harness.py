@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,19 @@ from typing import Any
 import anyio
 import httpx
 
+from tests.fakes.clock import SkipClock
 from vllmd.config import Config, parse_config
-from vllmd.daemon import Running, Seams, serve
+from vllmd.daemon import Running, serve
 from vllmd.devices import DeclaredProbe, DeviceProbe
 from vllmd.engine.kernel_log import KernelLogOpener
 from vllmd.engine.process import Reaper
+from vllmd.placement.scheduler import RECENT_USE
+from vllmd.wiring import Seams
+
+# The daemon's clock while `running` runs without a clock of the test's: every answer a test
+# `client` gets moves it past the scheduler's RECENT_USE, as if each request came a while after
+# the previous one (DESIGN's 30 s would otherwise hold every victim of an eviction test).
+_aging: ContextVar[SkipClock | None] = ContextVar("aging_clock", default=None)
 
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"
 
@@ -63,15 +72,17 @@ async def running(
     kernel_log: KernelLogOpener | None = None,
 ) -> AsyncIterator[Running]:
     """The daemon, READY, until the block ends; then a graceful shutdown. A `clock`, a
-    `reaper` or a `kernel_log` the test holds replaces the daemon's own (a `SkipClock` lets a
-    test move past the scheduler's RECENT_USE without waiting 30 s)."""
+    `reaper` or a `kernel_log` the test holds replaces the daemon's own. Without a `clock`,
+    the daemon's moves past RECENT_USE after every answer a `client` gets (see `_aging`); a
+    test that holds its own `SkipClock` moves it itself."""
     stop = anyio.Event()
     seams = Seams(
         probe=probe or DeclaredProbe(config.devices),
         base_env={**os.environ, **(env or {})},
     )
-    if clock is not None:
-        seams.clock = clock
+    aging = SkipClock() if clock is None else None
+    seams.clock = clock or aging or seams.clock
+    token = _aging.set(aging)
     if reaper is not None:
         seams.reaper = reaper
     if kernel_log is not None:
@@ -82,6 +93,7 @@ async def running(
             yield run
         finally:
             stop.set()
+            _aging.reset(token)
 
 
 async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
@@ -92,7 +104,15 @@ async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> N
 
 
 def client(run: Running, timeout: float = 60.0) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=run.gateway_url, timeout=timeout)
+    aging = _aging.get()
+    hooks: dict[str, list[Callable[[httpx.Response], Awaitable[None]]]] = {}
+    if aging is not None:
+
+        async def later(response: httpx.Response) -> None:
+            aging.skip(RECENT_USE + 1)
+
+        hooks["response"] = [later]
+    return httpx.AsyncClient(base_url=run.gateway_url, timeout=timeout, event_hooks=hooks)
 
 
 def chat(model: str, stream: bool = False, max_tokens: int = 5) -> dict[str, Any]:

@@ -50,10 +50,10 @@ async def _killed(tmp_path: Path, kernel_says: str) -> Event:
         client(run) as http,
     ):
         assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
-        process = run.supervisor.instances["m"].process
-        assert process is not None
-        kernel.lines.append(kernel_says.format(pid=process.pid))
-        os.killpg(process.record.pgid, signal.SIGKILL)
+        pgid = run.supervisor.instances["m"].pgid()  # the engine's leader is its group's
+        assert pgid is not None
+        kernel.lines.append(kernel_says.format(pid=pgid))
+        os.killpg(pgid, signal.SIGKILL)
         await eventually(lambda: bool(_crashes(run)), timeout=10)
         return _crashes(run)[0]
 

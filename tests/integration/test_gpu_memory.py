@@ -200,7 +200,7 @@ async def test_measured_sleep_residue_is_what_a_sleeper_holds(tmp_path: Path) ->
     async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
         await _post_all(http, "a", "b", "c")
         a = run.supervisor.instances["a"]
-        held = run.supervisor.placer.held(a)
+        held = run.supervisor.status(a).held_bytes
         state = a.state
         reserved = run.metrics.registry.get_sample_value(
             "vllmd_model_reserved_bytes", {"model": "a", "device": "0"}
@@ -253,12 +253,12 @@ async def test_failed_wake_restarts_the_engine_and_the_request_is_answered(tmp_p
         await _post_all(http, "a", "b", "c")
         a = run.supervisor.instances["a"]
         before = a.state
-        assert before is S.SLEEPING and a.process is not None
-        asleep_pid, asleep_workers = a.process.pid, _worker_pids(gpu, "a")
+        assert before is S.SLEEPING and a.pgid() is not None
+        asleep_pid, asleep_workers = a.pgid(), _worker_pids(gpu, "a")
         assert asleep_workers
         r = await http.post("/v1/completions", json=_req("a"))
         history = list(run.events.history)
-        state, pid = a.state, a.process.pid if a.process else None
+        state, pid = a.state, a.pgid()
         workers = _worker_pids(gpu, "a")
     assert r.status_code == 200, r.text
     assert [e.model for e in _events(history, "wake_failed")] == ["a"]
@@ -475,7 +475,7 @@ async def test_models_wait_while_their_gpu_is_down_and_load_when_it_is_back(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
-            await eventually(lambda: run.supervisor.instances["a"].queue_depth == 1)
+            await eventually(lambda: run.supervisor.admission.depth("a") == 1)
             unready = await http.get("/ready")
             assert run.supervisor.instances["a"].state is S.STOPPED
             gpu.set_up("0", True)

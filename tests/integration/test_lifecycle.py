@@ -69,7 +69,7 @@ async def test_crashed_engine_leaves_ready_before_its_processes_are_cleaned_up(
 
         def on_event(event: Event) -> None:
             if event.kind == "state" and event.fields["new"] == "backoff":
-                seen.append(m.process is not None)  # the engine not yet cleaned up
+                seen.append(m.pgid() is not None)  # the engine not yet cleaned up
 
         run.events.on_event(on_event)
         assert (await http.post("/v1/completions", json=_req("m"))).status_code == 502
@@ -282,13 +282,12 @@ async def test_freed_memory_is_held_for_the_head_of_the_queue(tmp_path: Path) ->
     )
     async with running(config) as run, client(run) as http:
         assert (await http.post("/v1/completions", json=_req("busy"))).status_code == 200
-        big = run.supervisor.instances["big"]
         async with anyio.create_task_group() as tg:
             # busy is serving for ~2 s: big (5 GiB) must wait for it to be evicted
             tg.start_soon(_post, http, _req("busy", max_tokens=4))
             await eventually(lambda: run.supervisor.instances["busy"].in_flight == 1)
             tg.start_soon(_post, http, _req("big"))
-            await eventually(lambda: big.queue_depth == 1)
+            await eventually(lambda: run.supervisor.admission.depth("big") == 1)
             # small (3 GiB) fits beside busy right now, but big came first
             tg.start_soon(_post, http, _req("small"))
         history = list(run.events.history)
@@ -310,7 +309,7 @@ async def test_max_queue_total_bounds_requests_waiting_across_models(tmp_path: P
         async with anyio.create_task_group() as tg:
             tg.start_soon(ask, "a")
             tg.start_soon(ask, "b")
-            await eventually(lambda: run.supervisor.queued_total == 2)
+            await eventually(lambda: run.supervisor.admission.total == 2)
             tg.start_soon(ask, "c")
     assert codes["a"].status_code == codes["b"].status_code == 200
     assert codes["c"].status_code == 503

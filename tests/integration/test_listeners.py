@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from tests.integration.harness import fake_config, running
-from vllmd.daemon import Seams, serve
+from vllmd.daemon import serve
 from vllmd.devices import DeclaredProbe
 from vllmd.errors import ListenFailed
+from vllmd.wiring import Seams
 
 pytestmark = pytest.mark.anyio
 
@@ -66,7 +67,7 @@ async def test_metrics_listener_serves_only_metrics(tmp_path: Path) -> None:
     assert [r.status_code for r in others] == [404] * len(others)
     assert on_gateway.status_code == 404  # served on its own listener only
     assert all(r.json()["error"]["code"] == "not_found" for r in others)
-    assert run.supervisor.instances["m"].process is None  # nothing reached an engine
+    assert run.supervisor.instances["m"].pgid() is None  # nothing reached an engine
 
 
 async def test_without_metrics_listen_there_is_no_second_listener(tmp_path: Path) -> None:

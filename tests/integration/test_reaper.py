@@ -74,8 +74,8 @@ async def test_engine_process_that_dies_after_the_engine_stopped_is_reaped(
     async with running(config, reaper=Reaper()) as run, client(run) as http:
         assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
         instance = run.supervisor.instances["m"]
-        assert instance.process is not None
-        engine_group = instance.process.record.pgid
+        engine_group = instance.pgid()
+        assert engine_group is not None
         pids = _pids(pids_file)
         zombie, lingerer = pids["zombie"], pids["lingerer"]
         assert _zombie(zombie) and os.getpgid(zombie) == engine_group
@@ -134,8 +134,8 @@ async def test_children_of_the_daemon_process_that_are_no_engines_are_left_alone
     async with running(config, reaper=reaper) as run, client(run) as http:
         assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
         instance = run.supervisor.instances["m"]
-        assert instance.process is not None
-        assert instance.process.record.pgid in reaper.groups
+        pgid = instance.pgid()
+        assert pgid is not None and pgid in reaper.groups
         foreign = _child(["sh", "-c", "exit 7"])
         await eventually(lambda: _zombie(foreign.pid))
         assert foreign.pid not in await reaper.reap()

@@ -154,7 +154,7 @@ async def test_engine_that_never_becomes_ready_times_out(tmp_path: Path) -> None
     )
     async with running(config) as run, client(run) as http:
         r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
-        assert run.supervisor.instances["m"].process is None  # killed, not left hanging
+        assert run.supervisor.instances["m"].pgid() is None  # killed, not left hanging
     assert r.status_code == 502
     assert "not ready within 1s" in r.json()["error"]["message"]
 
@@ -236,8 +236,8 @@ async def test_shutdown_kills_engines_that_ignore_sigterm_and_escaped_children(
             await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
         ).status_code == 200
         instance = run.supervisor.instances["m"]
-        assert instance.process is not None
-        leader = instance.process.pid
+        leader = instance.pgid()  # the engine's leader is its group's
+        assert leader is not None
         await eventually(pids_file.exists)
     pids = [int(line.split()[0]) for line in _lines(pids_file)]
     assert len(pids) == 2  # one in the group, one that left it with setsid
@@ -268,7 +268,7 @@ async def test_full_queue_is_503_queue_full(tmp_path: Path) -> None:
         body = {"model": "m", "prompt": "x"}
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(http.post, "/v1/completions", json=body))
-            await eventually(lambda: run.supervisor.instances["m"].queue_depth >= 1)
+            await eventually(lambda: run.supervisor.admission.depth("m") >= 1)
             r = await http.post("/v1/completions", json=body)
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "queue_full"
@@ -323,8 +323,9 @@ async def test_engine_environment_is_cleaned_of_systemd_variables(tmp_path: Path
     async with running(config, env=env) as run, client(run) as http:
         await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
         instance = run.supervisor.instances["m"]
-        assert instance.process is not None
-        leader = psutil.Process(instance.process.pid)
+        pgid = instance.pgid()
+        assert pgid is not None
+        leader = psutil.Process(pgid)
         children = [leader, *leader.children(recursive=True)]
         environ = next(p.environ() for p in children if "fake_engine" in " ".join(p.cmdline()))
         oom = [Path(f"/proc/{p.pid}/oom_score_adj").read_text().strip() for p in children]

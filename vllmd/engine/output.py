@@ -4,7 +4,7 @@ an engine exited), each line also sent to the structured log with the model boun
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import structlog
@@ -20,6 +20,7 @@ class EngineOutput:
         self._log = log
         self._seen = 0  # lines ever read
         self._start = 0  # _seen when the current engine was spawned
+        self._appended = anyio.Event()  # set (and replaced) on every new line: followers wait
 
     def mark_start(self) -> None:
         """A new engine process: `since_start` covers only its lines from now on."""
@@ -40,6 +41,25 @@ class EngineOutput:
         self.lines.append(line)
         self._seen += 1
         self._log.info("engine_output", line=line)
+        appended, self._appended = self._appended, anyio.Event()
+        appended.set()
+
+    def tail(self, n: int) -> tuple[list[str], int]:
+        """The last `n` lines kept (fewer when fewer are), and the cursor to `follow` from."""
+        return (list(self.lines)[-n:] if n > 0 else []), self._seen
+
+    async def follow(self, cursor: int) -> AsyncIterator[str]:
+        """Every line appended after `cursor` (from `tail`), as it comes (`vllmctl logs -f`).
+        A follower that falls more than the ring behind skips what the ring no longer holds."""
+        seen = cursor
+        while True:
+            if self._seen == seen:
+                await self._appended.wait()
+            fresh = self._seen - seen
+            kept = list(self.lines)[-min(fresh, len(self.lines)) :]
+            seen = self._seen
+            for line in kept:
+                yield line
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -179,7 +180,8 @@ class ProcessRecord:
 
     pid: int
     pgid: int
-    create_time: float
+    create_time: float  # unix seconds (psutil's create_time)
+    boot_id: str = ""  # the kernel's boot id: a record from another boot names no process
 
 
 @dataclass
@@ -197,6 +199,10 @@ class EngineProcess:
     @property
     def pid(self) -> int:
         return self.record.pid
+
+    def pids(self) -> frozenset[int]:
+        """The engine's processes as known: the leader and its remembered descendants."""
+        return frozenset({self.record.pid, *self.descendants})
 
     async def wait(self) -> int:
         return await self.process.wait()
@@ -273,6 +279,15 @@ class EngineProcess:
             if self.kernel_log is not None:
                 self.kernel_log.close()
                 self.kernel_log = None
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's id (Linux); "" where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -376,7 +391,7 @@ async def spawn(
         created = psutil.Process(process.pid).create_time()
     except psutil.Error:
         created = 0.0
-    record = ProcessRecord(pid=process.pid, pgid=process.pid, create_time=created)
+    record = ProcessRecord(process.pid, process.pid, created, boot_id())
     return EngineProcess(
         process=process,
         record=record,

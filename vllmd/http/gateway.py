@@ -18,6 +18,7 @@ import anyio
 import structlog
 
 from vllmd.config import Config
+from vllmd.context import Context
 from vllmd.errors import ModelNotFound, ShuttingDown, VllmdError
 from vllmd.http.asgi import (
     HTTPError,
@@ -51,15 +52,32 @@ class ClientGone(Exception):
 
 
 class Gateway:
-    def __init__(self, config: Config, supervisor: Supervisor, metrics: Metrics) -> None:
-        self.config = config
+    def __init__(self, ctx: Context, supervisor: Supervisor, metrics: Metrics) -> None:
+        self._ctx = ctx
         self.supervisor = supervisor
         self.metrics = metrics
         self.proxy = Proxy(metrics)
         self.started = int(time.time())
-        self._keys = tuple(k.encode() for k in config.gateway.api_keys)
-        self._max_body = config.gateway.max_body
-        self.accepting = False  # set by the daemon once serving, cleared at shutdown
+        self._config: Config | None = None  # what the settings below were read from
+        self._keys: tuple[bytes, ...] = ()
+        self._max_body = 0
+        self._settings()
+        self.accepting = False  # from open() (the daemon serves) until close() (shutdown)
+
+    def open(self) -> None:
+        self.accepting = True
+
+    def close(self) -> None:
+        self.accepting = False
+
+    def _settings(self) -> Config:
+        """The config in force, with what requests need of it prepared once per config."""
+        config = self._ctx.config
+        if config is not self._config:
+            self._config = config
+            self._keys = tuple(k.encode() for k in config.gateway.api_keys)
+            self._max_body = config.gateway.max_body
+        return config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,20 +113,17 @@ class Gateway:
         if path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":
-            devices = self.supervisor.placer.devices.values()
+            devices = self.supervisor.devices().values()
             usable = sorted(d.name for d in devices if d.up)
             ready = self.accepting and bool(usable)
             await send_json(send, 200 if ready else 503, {"ready": ready, "devices_up": usable})
-        elif path == "/metrics" and not self.config.metrics.listen:
+        elif path == "/metrics" and not self._settings().metrics.listen:
             # With [metrics] listen set, Prometheus is served on its own listener only.
             body, content_type = self.metrics.exposition()
             await send_bytes(send, 200, body, content_type)
         elif path == "/v1/models":
             self._authorize(scope)
-            held = self.supervisor.placer.held
-            data = [
-                model_view(i, self.started, held(i)) for i in self.supervisor.instances.values()
-            ]
+            data = [model_view(st, self.started) for st in self.supervisor.statuses()]
             await send_json(send, 200, {"object": "list", "data": data})
         elif path.startswith("/v1/models/"):
             self._authorize(scope)
@@ -117,13 +132,14 @@ class Gateway:
                 instance = self.supervisor.get(name)
             except ModelNotFound as exc:
                 raise http_error(exc) from None
-            view = model_view(instance, self.started, self.supervisor.placer.held(instance))
+            view = model_view(self.supervisor.status(instance), self.started)
             await send_json(send, 200, view)
         else:
             return False
         return True
 
     def _authorize(self, scope: Scope) -> None:
+        self._settings()
         if not self._keys:
             return
         for key, value in scope["headers"]:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from vllmd.instance.instance import Instance
+from vllmd.instance.status import ModelStatus
 
 
-def wall_time(instance: Instance, clock_value: float) -> float | None:
-    """A clock reading of the instance, as unix time (None for 'never')."""
-    if not clock_value:
-        return None
-    return time.time() - (instance.clock() - clock_value)
-
-
-def model_view(instance: Instance, created: int, held: int) -> dict[str, Any]:
-    """OpenAI's model object, with vllmd's own fields under `vllmd`; `held` is what the
-    memory accounting holds for it on each of its devices."""
-    model = instance.model
+def model_view(status: ModelStatus, created: int) -> dict[str, Any]:
+    """OpenAI's model object, with vllmd's own fields under `vllmd`."""
+    model = status.model
     return {
         "id": model.name,
         "object": "model",
@@ -26,17 +17,17 @@ def model_view(instance: Instance, created: int, held: int) -> dict[str, Any]:
         "owned_by": "vllmd",
         "max_model_len": model.max_model_len,
         "vllmd": {
-            "state": str(instance.state),
+            "state": str(status.state),
             "aliases": list(model.aliases),
             "devices": list(model.devices),
-            "reserved_bytes": {device: held for device in model.devices},
-            "measured_bytes": instance.measured_bytes or None,
-            "last_used": wall_time(instance, instance.last_used),
-            "in_flight": instance.in_flight,
-            "queue_depth": instance.queue_depth,
-            "pinned": model.pinned,
-            "pid": instance.process.pid if instance.process is not None else None,
-            "restarts": len(instance.restarts),
-            "error": instance.last_error,
+            "reserved_bytes": {device: status.held_bytes for device in model.devices},
+            "measured_bytes": status.measured_bytes or None,
+            "last_used": status.last_used,
+            "in_flight": status.in_flight,
+            "queue_depth": status.queue_depth,
+            "pinned": status.pinned,
+            "pid": status.pid,
+            "restarts": status.restarts,
+            "error": status.error,
         },
     }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
+
+Want = Literal["up", "down", "asleep"]  # what is asked of an instance: its desired state
 
 
 class InstanceState(StrEnum):

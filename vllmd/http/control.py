@@ -1,0 +1,397 @@
+"""The control API (DESIGN "Control API"): HTTP/1.1 + JSON on the control socket, prefix /v1.
+
+It only asks: every state change goes through the supervisor, the same paths the gateway's
+requests take. Each connection's peer (SO_PEERCRED) is known; mutating calls are allowed to
+root, the daemon's uid and `daemon.control_allow_uids` (when that list is set; otherwise the
+socket's file mode is the gate) and recorded in the event log with the peer's uid and pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from vllmd import __version__
+from vllmd.context import Context
+from vllmd.errors import (
+    ConfigError,
+    InsufficientMemory,
+    InvalidState,
+    ModelNotFound,
+    ShuttingDown,
+    StartFailed,
+    VllmdError,
+)
+from vllmd.events import Event, EventBus, Kind
+from vllmd.http.unix import Peer, Reply, Request, Streamed
+from vllmd.http.views import model_view
+from vllmd.instance.instance import Instance
+from vllmd.metrics import Metrics
+from vllmd.supervisor import Supervisor
+
+log = structlog.get_logger("vllmd.control")
+VERBS = frozenset({"load", "unload", "sleep", "wake", "restart", "pin", "unpin"})
+MAX_TAIL = 2000
+DEFAULT_EVENTS = 100
+MAX_EVENTS = 1000
+# The closed set of the control API's error codes and their statuses.
+STATUSES = {
+    "bad_request": 400,
+    "forbidden": 403,
+    "model_not_found": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "invalid_state": 409,
+    "insufficient_memory": 409,
+    "body_too_large": 413,
+    "config_invalid": 422,
+    "start_failed": 502,
+    "shutting_down": 503,
+    "timeout": 504,
+}
+
+
+class ControlError(Exception):
+    """An answer with one of the closed set of codes (`STATUSES`)."""
+
+    def __init__(self, code: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        assert code in STATUSES, code
+        self.code = code
+        self.message = message
+        self.extra = extra or {}
+
+
+def control_error(exc: VllmdError) -> ControlError:
+    """The control API's answer to one of vllmd's errors: the one place this mapping lives."""
+    message = str(exc)
+    if isinstance(exc, ModelNotFound):
+        return ControlError("model_not_found", message)
+    if isinstance(exc, InsufficientMemory):
+        return ControlError("insufficient_memory", message)
+    if isinstance(exc, ShuttingDown):
+        return ControlError("shutting_down", message)
+    if isinstance(exc, StartFailed):
+        return ControlError("start_failed", message)
+    if isinstance(exc, ConfigError):
+        return ControlError("config_invalid", message, {"problems": exc.problems})
+    if isinstance(exc, InvalidState):
+        return ControlError("invalid_state", message)
+    # Anything else that stops a verb (a failed model, a full queue) is the model's state.
+    return ControlError("invalid_state", message)
+
+
+def reply(status: int, payload: object) -> Reply:
+    return Reply(status, json.dumps(payload, default=str).encode())
+
+
+def error_reply(code: str, message: str, extra: dict[str, Any] | None = None) -> Reply:
+    return reply(STATUSES[code], {"error": {"code": code, "message": message, **(extra or {})}})
+
+
+def refusal(status: int, code: str, message: str) -> Reply:
+    """What the listener answers a request that breaks its limits (`unix.Refusal`)."""
+    return error_reply(code if code in STATUSES else "bad_request", message)
+
+
+def ndjson(item: object) -> bytes:
+    return json.dumps(item, default=str).encode() + b"\n"
+
+
+class ControlAPI:
+    def __init__(
+        self,
+        ctx: Context,
+        supervisor: Supervisor,
+        metrics: Metrics,
+        *,
+        daemon_uid: int | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._supervisor = supervisor
+        self._events: EventBus = ctx.events
+        self._metrics = metrics
+        self._daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
+        self._started = time.time()
+        self._followers = 0
+        self._tg: TaskGroup | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Holds the operations that outlive their call (`wait=false`, a timed-out wait)."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # --- the handler (unix.Handler) ------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Reply | Streamed:
+        try:
+            return await self._route(request)
+        except ControlError as exc:
+            return error_reply(exc.code, exc.message, exc.extra)
+        except VllmdError as exc:
+            err = control_error(exc)
+            return error_reply(err.code, err.message, err.extra)
+
+    async def _route(self, request: Request) -> Reply | Streamed:
+        parts = request.path.strip("/").split("/")
+        method = request.method
+        if parts == ["metrics"]:
+            _allow(method, "GET")
+            body, content_type = self._metrics.exposition()
+            return Reply(200, body, content_type)
+        if not parts or parts[0] != "v1" or len(parts) < 2:
+            raise ControlError("not_found", f"no such route: {request.path}")
+        route = parts[1:]
+        if route == ["status"]:
+            _allow(method, "GET")
+            return reply(200, self.status())
+        if route == ["devices"]:
+            _allow(method, "GET")
+            return reply(200, {"devices": self.devices(with_models=True)})
+        if route == ["events"]:
+            _allow(method, "GET")
+            return self._events_reply(request)
+        if route == ["models"]:
+            _allow(method, "GET")
+            return reply(200, {"models": [self._view(st) for st in self._supervisor.statuses()]})
+        if route[0] == "models" and len(route) == 2:
+            _allow(method, "GET")
+            instance = self._supervisor.get(route[1])
+            return reply(200, self._view(self._supervisor.status(instance)))
+        if route[0] == "models" and len(route) == 3 and route[2] == "logs":
+            _allow(method, "GET")
+            return self._logs(self._supervisor.get(route[1]), request)
+        if route[0] == "models" and len(route) == 3 and route[2] in VERBS:
+            _allow(method, "POST")
+            return await self._verb(request, route[1], route[2])
+        raise ControlError("not_found", f"no such route: {request.path}")
+
+    # --- readers -----------------------------------------------------------------------------
+
+    def _view(self, status: Any) -> dict[str, Any]:
+        view = model_view(status, int(self._started))["vllmd"]
+        return {"name": status.name, **view}
+
+    def devices(self, *, with_models: bool = False) -> list[dict[str, Any]]:
+        accounts = self._supervisor.accounts()
+        out = []
+        for dev in accounts:
+            entry: dict[str, Any] = {
+                "name": dev.name,
+                "kind": dev.kind,
+                "total_bytes": dev.total,
+                "reserved_bytes": dev.reserved,
+                "used_bytes": dev.used,
+                "free_bytes": dev.free,
+                "up": dev.up,
+            }
+            if with_models:
+                entry["models"] = [
+                    {"name": name, "reserved_bytes": held} for name, held in dev.models.items()
+                ]
+            out.append(entry)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        by_state: dict[str, int] = {}
+        for st in self._supervisor.statuses():
+            by_state[str(st.state)] = by_state.get(str(st.state), 0) + 1
+        path = self._ctx.config.path
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self._started, 3),
+            "config_path": str(path) if path is not None else None,
+            "devices": self.devices(),
+            "models_by_state": by_state,
+        }
+
+    def _logs(self, instance: Instance, request: Request) -> Reply | Streamed:
+        tail = _int(request.query, "tail", 100, 0, MAX_TAIL)
+        output = instance.output
+        lines, cursor = output.tail(tail)
+        if not _flag(request.query, "follow"):
+            return reply(200, {"model": instance.name, "lines": lines})
+
+        async def stream() -> AsyncIterator[bytes]:
+            for line in lines:
+                yield ndjson({"line": line})
+            async for line in output.follow(cursor):  # nothing after the tail is lost
+                yield ndjson({"line": line})
+
+        return Streamed(stream())
+
+    def _events_reply(self, request: Request) -> Reply | Streamed:
+        since = request.query.get("since")
+        limit = _int(request.query, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
+        keep = _since(since)
+
+        def backlog() -> list[Event]:
+            found = [e for e in self._events.history if keep(e)]
+            return found[-limit:] if since is None else found[:limit]
+
+        if not _flag(request.query, "follow"):
+            return reply(200, {"events": [e.as_dict() for e in backlog()]})
+        self._followers += 1
+        name = f"control-follower-{self._followers}"
+
+        async def stream() -> AsyncIterator[bytes]:
+            # Subscribed before the backlog is read: an event in between comes once.
+            with self._events.subscribe(name, bound=1000) as events:
+                past = backlog()
+                last = past[-1].id if past else 0
+                for event in past:
+                    yield ndjson(event.as_dict())
+                async for event in events:
+                    if event.id > last:
+                        yield ndjson(event.as_dict())
+
+        return Streamed(stream())
+
+    # --- verbs ---------------------------------------------------------------------------------
+
+    async def _verb(self, request: Request, name: str, verb: str) -> Reply:
+        instance = self._supervisor.get(name)
+        peer = request.peer
+        if not self._may_mutate(peer):
+            self._events.emit(
+                Kind.CONTROL,
+                instance.name,
+                action=verb,
+                uid=peer.uid,
+                pid=peer.pid,
+                result="forbidden",
+            )
+            raise ControlError(
+                "forbidden",
+                f"uid {peer.uid} may not {verb} models: only root, the daemon's uid and "
+                "daemon.control_allow_uids may",
+            )
+        wait = request.query.get("wait", "true").lower() not in ("false", "0", "no")
+        default_timeout = self._ctx.config.engine.startup_timeout + 30
+        timeout = _float(request.query, "timeout", default_timeout)
+        operation = self._operation(instance, verb)  # raises at once when refused
+        self._events.emit(
+            Kind.CONTROL,
+            instance.name,
+            action=verb,
+            uid=peer.uid,
+            pid=peer.pid,
+            result="accepted",
+        )
+        done = anyio.Event()
+        outcome: list[VllmdError] = []
+
+        async def carry_out() -> None:
+            try:
+                await operation
+            except VllmdError as exc:
+                outcome.append(exc)
+                if not wait:
+                    log.warning(
+                        "control_action_failed", model=instance.name, action=verb, error=str(exc)
+                    )
+            finally:
+                done.set()
+
+        assert self._tg is not None, "the control API's run() is not running"
+        self._tg.start_soon(carry_out)
+        if not wait:
+            return reply(202, self._view(self._supervisor.status(instance)))
+        with anyio.move_on_after(timeout):
+            await done.wait()
+        view = self._view(self._supervisor.status(instance))
+        if not done.is_set():
+            raise ControlError(
+                "timeout",
+                f"{verb} of {instance.name} not done within {timeout:g}s (state "
+                f"{view['state']}); it goes on: `vllmctl ps` shows how it ends",
+                {"model": view},
+            )
+        if outcome:
+            err = control_error(outcome[0])
+            raise ControlError(err.code, err.message, {**err.extra, "model": view})
+        return reply(200, view)
+
+    def _operation(self, instance: Instance, verb: str) -> Awaitable[None]:
+        sup = self._supervisor
+        ops: dict[str, Callable[[Instance], Awaitable[None]]] = {
+            "load": sup.load,
+            "unload": sup.unload,
+            "sleep": sup.sleep,
+            "wake": sup.wake,
+            "restart": sup.restart,
+            "pin": sup.pin,
+            "unpin": sup.unpin,
+        }
+        return ops[verb](instance)
+
+    def _may_mutate(self, peer: Peer) -> bool:
+        allowed = self._ctx.config.daemon.control_allow_uids
+        if not allowed:
+            return True  # the socket's mode and group are the gate
+        return peer.uid in (0, self._daemon_uid) or peer.uid in allowed
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise ControlError("method_not_allowed", f"{method} is not allowed here: use {allowed}")
+
+
+def _flag(query: dict[str, str], key: str) -> bool:
+    return query.get(key, "").lower() in ("1", "true", "yes")
+
+
+def _int(query: dict[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ControlError("bad_request", f"{key}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ControlError("bad_request", f"{key} must be between {low} and {high}")
+    return value
+
+
+def _float(query: dict[str, str], key: str, default: float) -> float:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ControlError("bad_request", f"{key}={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise ControlError("bad_request", f"{key} must be between 0 and 86400 seconds")
+    return value
+
+
+def _since(raw: str | None) -> Callable[[Event], bool]:
+    """Which events `since=` asks for: after an event id, or from an RFC 3339 time on."""
+    if raw is None:
+        return lambda e: True
+    if raw.isdigit():
+        after = int(raw)
+        return lambda e: e.id > after
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ControlError(
+            "bad_request", f"since={raw!r} is neither an event id nor an RFC 3339 time"
+        ) from None
+    if moment.tzinfo is None:
+        raise ControlError("bad_request", f"since={raw!r} needs a time zone (e.g. Z)")
+    start = moment.timestamp()
+    return lambda e: e.time >= start

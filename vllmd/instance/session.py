@@ -1,0 +1,374 @@
+"""One engine process's life: spawn -> ready -> serve -> sleep/wake -> stop.
+
+A `Session` owns what exists only while one engine process does: the process, its address,
+the HTTP client of vllmd's own calls and the gateway's `Upstream`. It carries out single
+steps and reports typed results; deciding which step comes next (the model's desired state,
+backoff, restarts) is the instance's (`instance.py`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+import httpx
+import structlog
+
+from vllmd.config import EngineConfig
+from vllmd.engine.api import EngineAPI, make_client
+from vllmd.engine.argv import EngineAddress, Launch
+from vllmd.engine.output import EngineOutput
+from vllmd.engine.process import EngineProcess
+from vllmd.events import Kind
+from vllmd.instance.states import InstanceState, Want
+
+S = InstanceState
+
+Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
+Until = Callable[[Callable[[], bool]], Awaitable[None]]
+READY_POLL = 0.1
+TREE_NOTE = 1.0  # how often a starting engine's process tree is noted
+OUTPUT_GRACE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """What every session shares: where engine sockets live and how to reach engines."""
+
+    runtime_dir: Path
+    connect_timeout: float = 5.0
+    max_connections: int = 1024
+
+
+class Startup(Enum):
+    """How waiting for a new engine's readiness ended."""
+
+    READY = "ready"
+    EXITED = "exited"  # the engine died while starting
+    TIMEOUT = "timeout"  # not ready within engine.startup_timeout
+    UNWANTED = "unwanted"  # no longer wanted: to be stopped
+
+
+class End(StrEnum):
+    """How one engine's session ended (its processes are gone by then)."""
+
+    STOPPED = "stopped"  # on purpose
+    CRASHED = "crashed"  # exited by itself after it was ready
+    UNHEALTHY = "unhealthy"  # failed engine.health_failures checks in a row
+    START_FAILED = "start_failed"  # could not be spawned, or died while starting
+    START_TIMEOUT = "start_timeout"
+
+
+START_FAILURES = frozenset({End.START_FAILED, End.START_TIMEOUT})
+
+
+class Owner(Protocol):
+    """What a session needs of its model's instance (instance.py): what is wanted, the
+    requests in flight, and the transitions and failures it reports."""
+
+    name: str
+    in_flight: int
+
+    @property
+    def want(self) -> Want: ...
+
+    @property
+    def sleep_to(self) -> int: ...
+
+    async def until(self, condition: Callable[[], bool]) -> None: ...
+
+    def transition(self, new: InstanceState, **fields: object) -> None: ...
+
+    def ready(self) -> None:
+        """STARTING -> READY: the start is over."""
+
+    def woke(self, seconds: float) -> None:
+        """WAKING -> READY."""
+
+    def failed(self, error: str, reason: str | None = None) -> None:
+        """The engine failed (`error` for clients); with a `reason` it has died or must be
+        restarted: the instance leaves its state at once (BACKOFF)."""
+
+    def oom_killed(self) -> None: ...
+
+    def tell(self, kind: Kind, **fields: object) -> None: ...
+
+
+class Session:
+    def __init__(
+        self,
+        process: EngineProcess,
+        address: EngineAddress,
+        launch: Launch,
+        options: RuntimeOptions,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.process = process
+        self.log = log
+        self.address = address
+        self.sleep_mode = launch.sleep_mode  # started with vLLM's sleep mode
+        self.sleep_level = 0  # while asleep: the level it sleeps at
+        self.exited = anyio.Event()
+        self.client, self.upstream = make_client(
+            address,
+            connect_timeout=options.connect_timeout,
+            max_connections=options.max_connections,
+        )
+        self.api = EngineAPI(self.client)
+        self.pids_at_end: frozenset[int] = frozenset()  # what it had when it was closed
+
+    @staticmethod
+    async def spawn(
+        spawner: Spawner,
+        launch: Launch,
+        address: EngineAddress,
+        options: RuntimeOptions,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> Session:
+        """Start the engine process (raises OSError/ConfigError; the address is then gone)."""
+        try:
+            process = await spawner(launch.argv, launch.env)
+        except BaseException:
+            discard_address(address)
+            raise
+        return Session(process, address, launch, options, log)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def pids(self) -> frozenset[int]:
+        return self.process.pids()
+
+    def exit_status(self) -> str:
+        return exit_status(self.process.returncode)
+
+    @asynccontextmanager
+    async def supervised(
+        self, output: EngineOutput, changed: Callable[[], None]
+    ) -> AsyncIterator[None]:
+        """While the block runs: the engine's output is pumped into `output` and its exit
+        sets `exited` (and calls `changed`). After it: the engine's last words are read (they
+        arrive just after its exit) and nothing of the engine is left."""
+        try:
+            async with anyio.create_task_group() as tg:
+                output_done = anyio.Event()
+                tg.start_soon(output.pump, self.process, output_done)
+                tg.start_soon(self._watch_exit, changed)
+                yield
+                with anyio.move_on_after(OUTPUT_GRACE):
+                    await output_done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+
+    async def run(self, owner: Owner, engine: EngineConfig, served_name: str) -> End:
+        """The engine's whole life once spawned, inside `supervised`: wait for readiness,
+        serve, sleep and wake, stop; or its crash."""
+        proc = self.process
+        startup = await self.wait_ready(
+            engine.startup_timeout, lambda: owner.want != "down", owner.until
+        )
+        if startup is Startup.UNWANTED:
+            owner.transition(S.STOPPING)  # STARTING -> STOPPING
+            await proc.terminate(engine.stop_timeout)
+            return End.STOPPED
+        if startup is not Startup.READY:
+            await proc.kill()  # the leader may be gone; its group may not be
+            if startup is Startup.TIMEOUT:
+                owner.failed(
+                    f"engine for {owner.name} not ready within {engine.startup_timeout:g}s"
+                )
+                return End.START_TIMEOUT
+            status = self.exit_status()
+            owner.failed(f"engine for {owner.name} exited with {status} while starting")
+            return End.START_FAILED
+
+        await proc.remember_descendants()
+        await self.api.warm_up(served_name)
+        owner.ready()  # STARTING -> READY
+        while True:
+            end = await self.serve(
+                engine, lambda: owner.want != "up", lambda: owner.in_flight > 0, owner.until
+            )
+            if end is not End.STOPPED:
+                break
+            to_sleep = owner.want == "asleep"  # else to stop
+            owner.transition(S.DRAINING)  # READY -> DRAINING
+            with anyio.move_on_after(engine.drain_timeout):
+                await owner.until(lambda: owner.in_flight == 0 or self.exited.is_set())
+            if to_sleep and await self._sleep(owner):
+                if not await self._wake(owner, served_name):
+                    end = End.CRASHED  # it died asleep or waking
+                    break
+                if owner.want == "up" and self.sleep_level == 0:
+                    continue  # awake and wanted: serving again
+            if self.exited.is_set():
+                end = End.CRASHED
+                break
+            owner.transition(S.STOPPING)  # DRAINING/SLEEPING/WAKING -> STOPPING
+            await proc.terminate(engine.stop_timeout)
+            return End.STOPPED
+        if end is End.UNHEALTHY:
+            error = f"engine for {owner.name} failed {engine.health_failures} health checks"
+            owner.failed(error, "unhealthy")
+            await proc.terminate(engine.stop_timeout)
+            return end
+        # The exit status is known (the leader was reaped): leave READY at once, before the
+        # kernel log is read, the rest of the group killed and the last output drained.
+        owner.failed(f"engine for {owner.name} exited with {self.exit_status()}", "crash")
+        # The kernel kills before it logs: read its log once the group is gone.
+        await proc.kill()
+        oom = await proc.killed_by_oom()
+        if oom:
+            owner.oom_killed()
+        reason = "oom" if oom else "crash"
+        owner.tell(Kind.CRASHED, reason=reason, status=self.exit_status())
+        return End.CRASHED
+
+    async def _sleep(self, owner: Owner) -> bool:
+        """DRAINING -> SLEEPING, confirmed by /is_sleeping. A refused or unconfirmed sleep
+        escalates to a stop (returns False); so does an engine without sleep mode (the
+        placer says so, once per model: it never plans a sleep for one)."""
+        level = owner.sleep_to
+        if self.exited.is_set() or not self.sleep_mode:
+            return False
+        if owner.in_flight:
+            # The drain timed out: never sleep under a request; a stop is what a timed-out
+            # drain means.
+            owner.tell(Kind.SLEEP_FAILED, error="requests still in flight")
+            return False
+        error = await self.sleep(level)
+        if error is not None:
+            owner.tell(Kind.SLEEP_FAILED, error=error, level=level)
+            return False
+        self.sleep_level = level
+        owner.transition(S.SLEEPING, level=level)  # DRAINING -> SLEEPING
+        return True
+
+    async def _wake(self, owner: Owner, served_name: str) -> bool:
+        """SLEEPING until wanted up (-> WAKING -> READY) or down (stays SLEEPING for the
+        caller to stop). A failed wake leaves WAKING for the caller to stop and restart.
+        Returns False when the engine died."""
+        await owner.until(lambda: self.exited.is_set() or owner.want != "asleep")
+        if self.exited.is_set():
+            return False
+        if owner.want == "down":
+            return True
+        owner.transition(S.WAKING)  # SLEEPING -> WAKING
+        started = anyio.current_time()
+        error = await self.wake(self.sleep_level)
+        if error is not None:
+            owner.failed(f"wake of {owner.name} failed: {error}")
+            owner.tell(Kind.WAKE_FAILED, error=error)
+            return not self.exited.is_set()
+        await self.api.warm_up(served_name)
+        self.sleep_level = 0
+        owner.woke(anyio.current_time() - started)  # WAKING -> READY
+        return True
+
+    async def wait_ready(self, timeout: float, wanted: Callable[[], bool], until: Until) -> Startup:
+        """Poll /health (every READY_POLL) until it answers 200; `until(condition)` waits for
+        the instance's next change, so a stop or the engine's exit is seen at once."""
+        proc = self.process
+        noted = anyio.current_time()
+        with anyio.move_on_after(timeout):
+            while True:
+                if self.exited.is_set():
+                    return Startup.EXITED
+                if not wanted():
+                    return Startup.UNWANTED
+                if await self.api.healthy(timeout=1.0):
+                    return Startup.READY
+                if anyio.current_time() - noted >= TREE_NOTE:
+                    # Workers appear while the engine loads: know them (and their groups)
+                    # early, so an OOM kill or an orphan of a start is attributed.
+                    noted = anyio.current_time()
+                    await proc.remember_descendants()
+                with anyio.move_on_after(READY_POLL):
+                    await until(lambda: self.exited.is_set() or not wanted())
+        return Startup.TIMEOUT
+
+    async def serve(
+        self,
+        engine: EngineConfig,
+        unwanted: Callable[[], bool],
+        busy: Callable[[], bool],
+        until: Until,
+    ) -> End:
+        """READY: a health check every engine.health_interval until the engine exits
+        (CRASHED), fails engine.health_failures checks in a row (UNHEALTHY) or is `unwanted`
+        (STOPPED: the instance says what is wanted instead)."""
+        failures = 0
+        exited = self.exited
+        while True:
+            with anyio.move_on_after(engine.health_interval):
+                await until(lambda: exited.is_set() or unwanted())
+            if exited.is_set():
+                return End.CRASHED
+            if unwanted():
+                return End.STOPPED
+            # A busy engine may answer slowly: never restart one while tokens are flowing.
+            if await self.api.healthy(timeout=max(1.0, engine.health_interval)) or busy():
+                failures = 0
+                continue
+            if exited.is_set():
+                return End.CRASHED
+            failures += 1
+            self.log.warning("health_check_failed", failures=failures)
+            if failures >= engine.health_failures:
+                return End.UNHEALTHY
+
+    async def sleep(self, level: int) -> str | None:
+        """Put the engine to sleep, confirmed by /is_sleeping; the error, if it did not."""
+        try:
+            await self.api.sleep(level)
+            if not await self.api.is_sleeping():
+                raise RuntimeError("/is_sleeping is false after /sleep")
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            return str(exc)
+        return None
+
+    async def wake(self, level: int) -> str | None:
+        """Wake the engine, confirmed by /is_sleeping; the error, if it did not wake."""
+        try:
+            await self.api.wake_up(level)
+            if await self.api.is_sleeping():
+                raise RuntimeError("/is_sleeping is still true after /wake_up")
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            return str(exc)
+        return None
+
+    async def close(self) -> None:
+        """Make sure no process of this engine is left; close its client and socket."""
+        await self.process.kill()
+        # A GPU driver may hold their memory a while longer: a restart waits for it.
+        self.pids_at_end = self.pids()
+        await self.client.aclose()
+        discard_address(self.address)
+
+    async def _watch_exit(self, changed: Callable[[], None]) -> None:
+        await self.process.wait()
+        self.exited.set()
+        changed()
+
+
+def discard_address(address: EngineAddress) -> None:
+    """Remove a Unix-socket address's private directory (nothing to do for TCP)."""
+    if address.uds is not None:
+        shutil.rmtree(address.uds.parent, ignore_errors=True)
+
+
+def exit_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "no status"
+    if returncode < 0:
+        return f"signal {-returncode}"
+    return f"status {returncode}"

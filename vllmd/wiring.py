@@ -1,0 +1,97 @@
+"""The one composition root: every component of a daemon built from a `Config` and the
+`Seams` (what tests replace), in one place. `daemon.py` decides lifetimes; this decides who
+gets what."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllmd.config import Config
+from vllmd.context import Context
+from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
+from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
+from vllmd.engine.process import EngineProcess, Reaper, spawn
+from vllmd.events import EventBus
+from vllmd.http.control import ControlAPI, refusal
+from vllmd.http.gateway import Gateway
+from vllmd.http.metrics_app import MetricsApp
+from vllmd.http.unix import UnixServer
+from vllmd.instance.session import RuntimeOptions, Spawner
+from vllmd.metrics import Metrics
+from vllmd.supervisor import Supervisor
+from vllmd.systemd import Notifier
+
+
+@dataclass
+class Seams:
+    """What tests replace: how engines are spawned and reaped, how devices are probed, where
+    OOM kills are read, the environment (also the daemon's: RUNTIME_DIRECTORY), the clock."""
+
+    spawner: Spawner | None = None  # None: `spawn`, with the reaper and kernel log below
+    probe: DeviceProbe | None = None
+    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    notifier: Notifier = field(default_factory=Notifier)
+    clock: Callable[[], float] = time.monotonic  # tests skip ahead (past RECENT_USE, say)
+    reaper: Reaper = field(default_factory=Reaper)
+    kernel_log: KernelLogOpener = Kmsg
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A daemon's components, wired; `daemon.serve` runs them."""
+
+    ctx: Context
+    events: EventBus
+    metrics: Metrics
+    supervisor: Supervisor
+    gateway: Gateway
+    metrics_app: MetricsApp
+    control: ControlAPI
+    control_server: UnixServer
+    reaper: Reaper
+    notifier: Notifier
+
+
+def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
+    events = EventBus()
+    metrics = Metrics()
+    ctx = Context(
+        config,
+        events=events,
+        probe=seams.probe or CompositeProbe(NvmlProbe(), DeclaredProbe(config.devices)),
+        spawner=seams.spawner or _spawner(seams.reaper, seams.kernel_log),
+        options=RuntimeOptions(
+            runtime_dir=runtime_dir,
+            connect_timeout=config.gateway.upstream_connect_timeout,
+            max_connections=config.gateway.max_connections,
+        ),
+        base_env=seams.base_env,
+        clock=seams.clock,
+    )
+    supervisor = Supervisor(ctx)
+    metrics.count_events(events)
+    metrics.watch(supervisor.statuses)
+    control = ControlAPI(ctx, supervisor, metrics)
+    return Parts(
+        ctx=ctx,
+        events=events,
+        metrics=metrics,
+        supervisor=supervisor,
+        gateway=Gateway(ctx, supervisor, metrics),
+        metrics_app=MetricsApp(metrics),
+        control=control,
+        control_server=UnixServer(control, refusal),
+        reaper=seams.reaper,
+        notifier=seams.notifier,
+    )
+
+
+def _spawner(reaper: Reaper, kernel_log: KernelLogOpener) -> Spawner:
+    async def spawn_engine(argv: Sequence[str], env: Mapping[str, str]) -> EngineProcess:
+        return await spawn(argv, env, reaper=reaper, kernel_log=kernel_log)
+
+    return spawn_engine
