@@ -28,7 +28,7 @@ import uvicorn
 from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
-from vllmd.engine.process import become_subreaper
+from vllmd.engine.reaper import become_subreaper
 from vllmd.errors import ListenFailed
 from vllmd.events import EventBus, Kind
 from vllmd.http.gateway import Gateway

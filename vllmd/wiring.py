@@ -14,7 +14,8 @@ from vllmd.config import Config
 from vllmd.context import Context
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
 from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
-from vllmd.engine.process import EngineProcess, Reaper, spawn
+from vllmd.engine.process import EngineProcess, spawn
+from vllmd.engine.reaper import Reaper
 from vllmd.events import EventBus
 from vllmd.http.control import ControlAPI, refusal
 from vllmd.http.gateway import Gateway

@@ -19,7 +19,7 @@ from vllmd.config import Config, parse_config
 from vllmd.daemon import Running, serve
 from vllmd.devices import DeclaredProbe, DeviceProbe
 from vllmd.engine.kernel_log import KernelLogOpener
-from vllmd.engine.process import Reaper
+from vllmd.engine.reaper import Reaper
 from vllmd.placement.scheduler import RECENT_USE
 from vllmd.wiring import Seams
 

@@ -458,7 +458,7 @@ async def test_shutdown_while_a_restart_waits_for_its_memory_spawns_nothing(
             await run.supervisor.stop_all()
         history = list(run.events.history)
     assert len(_events(history, "spawned", "a")) == 1
-    assert a.state is S.STOPPED
+    assert run.supervisor.status(a).state is S.STOPPED
 
 
 async def test_models_wait_while_their_gpu_is_down_and_load_when_it_is_back(

@@ -179,7 +179,7 @@ async def test_unloading_a_model_waiting_to_restart_stops_it(tmp_path: Path) -> 
         assert b.state is S.STARTING and a.state is S.BACKOFF
         with anyio.fail_after(3):
             await run.supervisor.unload(a)
-        assert a.state is S.STOPPED
+        assert run.supervisor.status(a).state is S.STOPPED
         assert _spawns(run, "a") == 1
 
 

@@ -237,7 +237,8 @@ async def test_victims_on_gpus_are_put_to_sleep_and_woken_on_demand(tmp_path: Pa
         a_pid = a.pgid()
         # a is asleep, not gone: waking it (b sleeps for it) keeps the same engine process.
         assert (await http.post("/v1/completions", json=_req("a"))).status_code == 200
-        assert a.state is InstanceState.READY and a_pid is not None and a.pgid() == a_pid
+        assert run.supervisor.status(a).state is InstanceState.READY
+        assert a_pid is not None and a.pgid() == a_pid
         assert run.supervisor.instances["b"].state is InstanceState.SLEEPING
         history = list(run.events.history)
     lines = events.read_text().splitlines()

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.integration.harness import client, eventually, fake_config, running
-from vllmd.engine.process import Reaper, become_subreaper
+from vllmd.engine.reaper import Reaper, become_subreaper
 from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio

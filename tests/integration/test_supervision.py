@@ -27,7 +27,7 @@ async def test_first_request_starts_the_model_lazily(tmp_path: Path) -> None:
         response = await http.post("/v1/chat/completions", json=chat("m"))
         assert response.status_code == 200
         assert response.json()["choices"][0]["message"]["content"]
-        assert run.supervisor.instances["m"].state is InstanceState.READY
+        assert run.supervisor.status(run.supervisor.get("m")).state is InstanceState.READY
     assert len(_lines(starts)) == 1
 
 
@@ -336,7 +336,7 @@ async def test_engine_environment_is_cleaned_of_systemd_variables(tmp_path: Path
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 

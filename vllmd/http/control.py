@@ -143,14 +143,15 @@ class ControlAPI:
             return error_reply(err.code, err.message, err.extra)
 
     async def _route(self, request: Request) -> Reply | Streamed:
-        parts = request.path.strip("/").split("/")
+        parts = list(request.segments)
         method = request.method
+        path = "/" + "/".join(parts)
         if parts == ["metrics"]:
             _allow(method, "GET")
             body, content_type = self._metrics.exposition()
             return Reply(200, body, content_type)
         if not parts or parts[0] != "v1" or len(parts) < 2:
-            raise ControlError("not_found", f"no such route: {request.path}")
+            raise ControlError("not_found", f"no such route: {path}")
         route = parts[1:]
         if route == ["status"]:
             _allow(method, "GET")
@@ -174,7 +175,7 @@ class ControlAPI:
         if route[0] == "models" and len(route) == 3 and route[2] in VERBS:
             _allow(method, "POST")
             return await self._verb(request, route[1], route[2])
-        raise ControlError("not_found", f"no such route: {request.path}")
+        raise ControlError("not_found", f"no such route: {path}")
 
     # --- readers -----------------------------------------------------------------------------
 

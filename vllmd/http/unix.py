@@ -48,7 +48,7 @@ class Peer:
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
-    path: str  # percent-decoded, without the query
+    segments: tuple[str, ...]  # the path's segments, each percent-decoded; no query
     query: dict[str, str]
     body: bytes
     peer: Peer
@@ -244,7 +244,7 @@ class UnixServer:
         target = urlsplit(head.target.decode("ascii", "replace"))
         return Request(
             method=head.method.decode("ascii", "replace"),
-            path=unquote(target.path),
+            segments=tuple(unquote(part) for part in target.path.strip("/").split("/")),
             query=dict(parse_qsl(target.query)),
             body=bytes(body),
             peer=peer,
@@ -309,6 +309,17 @@ async def _send_streamed(stream: SocketStream, conn: h11.Connection, response: S
                 if chunk:
                     await stream.send(conn.send(h11.Data(data=chunk)) or b"")
             await stream.send(conn.send(h11.EndOfMessage()) or b"")
+        except anyio.get_cancelled_exc_class():
+            # The daemon is stopping: end the stream properly (a follower can tell a clean
+            # end from a broken connection), then go.
+            # (or the client has left already)
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(1.0),
+                contextlib.suppress(Exception),
+            ):
+                await stream.send(conn.send(h11.EndOfMessage()) or b"")
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await response.chunks.aclose()  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ def model_view(status: ModelStatus, created: int) -> dict[str, Any]:
         "max_model_len": model.max_model_len,
         "vllmd": {
             "state": str(status.state),
+            "state_since": status.state_since,
             "aliases": list(model.aliases),
             "devices": list(model.devices),
             "reserved_bytes": {device: status.held_bytes for device in model.devices},

@@ -52,6 +52,7 @@ class Instance:
 
         self.state = S.STOPPED
         self.state_since = self.clock()
+        self._state_wall = time.time()  # state_since as a unix time, for readers
         self.transitions = 0
         self.output = EngineOutput(self.log)
         self._session: Session | None = None
@@ -60,6 +61,7 @@ class Instance:
 
         self.in_flight = 0
         self.last_used = 0.0  # clock time; 0 = never
+        self._last_used_wall: float | None = None
         self.ready_since: float | None = None
         self.active_since: float | None = None  # ready or woken at (min_residency)
         self.last_error: str | None = None
@@ -160,18 +162,17 @@ class Instance:
         self, *, queue_depth: int = 0, held: int = 0, measured: int = 0, pinned: bool = False
     ) -> ModelStatus:
         """The frozen view readers get; what others account for it is passed in."""
-        now, wall = self.clock(), time.time()
         session = self._session
         return ModelStatus(
             name=self.name,
             model=self.model,
             state=self.state,
-            state_since=wall - (now - self.state_since),
+            state_since=self._state_wall,
             in_flight=self.in_flight,
             queue_depth=queue_depth,
             held_bytes=held,
             measured_bytes=measured,
-            last_used=wall - (now - self.last_used) if self.last_used else None,
+            last_used=self._last_used_wall,
             pid=session.pid if session is not None else None,
             restarts=len(self.restart_policy.restarts),
             error=self.last_error,
@@ -191,6 +192,7 @@ class Instance:
     def end_request(self) -> None:
         self.in_flight -= 1
         self.last_used = self.clock()
+        self._last_used_wall = time.time()
         if self.in_flight == 0:
             self._notify()
 
@@ -342,6 +344,7 @@ class Instance:
         self.state = new
         self.transitions += 1
         self.state_since = self.clock()
+        self._state_wall = time.time()
         self._events.emit(Kind.STATE, self.name, old=str(old), new=str(new), **fields)
         self._notify()
 

@@ -43,8 +43,19 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
 }
 
-# States in which an instance holds its full reservation on each of its devices.
+# The derived sets, in one place.
+# An instance holds its full reservation on each of its devices.
 HOLDS_RESERVATION = frozenset({S.STARTING, S.READY, S.DRAINING, S.WAKING, S.STOPPING})
+# ... and in backoff too: its actor restarts it in a moment, a neighbour must not take it.
+HOLDING = HOLDS_RESERVATION | {S.BACKOFF}
+# An engine process exists (or is being cleaned up).
+HAS_ENGINE = HOLDING | {S.SLEEPING}
+# Its memory is changing: one such operation per device at a time.
+MEMORY_OPERATIONS = frozenset({S.STARTING, S.WAKING, S.DRAINING, S.STOPPING})
+# Loading weights and sizing a KV cache: limited by engine.max_concurrent_starts.
+STARTS = frozenset({S.STARTING, S.WAKING})
+# May be chosen as an eviction victim.
+EVICTABLE = frozenset({S.READY, S.SLEEPING, S.BACKOFF})
 
 
 class IllegalTransition(RuntimeError):

@@ -15,13 +15,12 @@ from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot, budget_total, engine_total
 from vllmd.engine.argv import PlacedDevice, sleep_mode_enabled
 from vllmd.instance.instance import Instance
-from vllmd.instance.states import HOLDS_RESERVATION, InstanceState
+from vllmd.instance.states import HAS_ENGINE, InstanceState
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot
 
 S = InstanceState
-HOLDS_MEMORY = HOLDS_RESERVATION | {S.SLEEPING, S.BACKOFF}  # an engine process exists
 log = structlog.get_logger("vllmd.ledger")
 
 
@@ -89,6 +88,15 @@ class Ledger:
         reservation is held)."""
         self._measured[name] = used
 
+    async def measure(self, inst: Instance) -> int | None:
+        """Measure and record the running engine's footprint per device (None: no engine)."""
+        pgid = inst.pgid()
+        if pgid is None:
+            return None
+        used = await self._meter.footprint(pgid, inst.pids(), inst.model.devices)
+        self.record_measured(inst.name, used)
+        return used
+
     def measured(self, name: str) -> int:
         return self._measured.get(name, 0)
 
@@ -144,7 +152,7 @@ class Ledger:
                 used: int | None = sum(
                     self._measured.get(m.name, 0)
                     for m in snap.models.values()
-                    if name in m.devices and m.state in HOLDS_MEMORY
+                    if name in m.devices and m.state in HAS_ENGINE
                 )
             else:
                 used = probed.used if probed is not None else None

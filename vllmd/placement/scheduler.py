@@ -19,7 +19,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Literal
 
-from vllmd.instance.states import HOLDS_RESERVATION, InstanceState
+from vllmd.instance.states import EVICTABLE, HOLDING, InstanceState
 
 S = InstanceState
 RECENT_USE = 30.0  # a model used this recently is never a victim (it is probably in use)
@@ -27,10 +27,6 @@ RECENT_USE = 30.0  # a model used this recently is never a victim (it is probabl
 Action = Literal["sleep", "stop"]
 Reason = Literal["lru", "idle", "manual", "reload", "sleep_ttl"]
 PlanKind = Literal["route", "start", "wake", "wait", "reject"]
-EVICTABLE_STATES = frozenset({S.READY, S.SLEEPING, S.BACKOFF})
-# A model in backoff keeps its reservation: its actor restarts it in a moment, and a neighbour
-# must not take the memory meanwhile. It can still be evicted (stopped) for another model.
-HOLDING = HOLDS_RESERVATION | {S.BACKOFF}
 _EMPTY: Mapping[str, int] = MappingProxyType({})
 
 
@@ -179,7 +175,7 @@ def next_change(snap: Snapshot) -> float | None:
     recent use ending): when a waiting load should be planned again."""
     times = []
     for m in snap.models.values():
-        if m.state not in EVICTABLE_STATES or m.pinned:
+        if m.state not in EVICTABLE or m.pinned:
             continue
         # A victim must be past every limit at once: the latest of them counts.
         eligible = m.last_used + snap.recent_use
@@ -204,7 +200,7 @@ def _candidates(snap: Snapshot, model: ModelView, *, now_only: bool) -> list[Mod
         if not any(d in wanted for d in m.devices):
             continue
         if now_only:
-            if m.state not in EVICTABLE_STATES or m.busy or m.in_flight:
+            if m.state not in EVICTABLE or m.busy or m.in_flight:
                 continue
             if (
                 m.state is S.READY

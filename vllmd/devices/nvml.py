@@ -1,8 +1,8 @@
-"""Devices: GPUs discovered through NVML, devices declared in `[devices.X]`, process memory.
+"""GPUs through NVML: the only module of vllmd that calls it.
 
-The only module of vllmd that touches NVML. Every NVML call runs in a worker thread under a
-deadline: a wedged GPU or driver can block a call for minutes, and the event loop (and with it
-systemd's watchdog) must keep running, so a device that does not answer is reported down.
+Every NVML call runs in a worker thread under a deadline: a wedged GPU or driver can block a
+call for minutes, and the event loop (and with it systemd's watchdog) must keep running, so a
+device that does not answer is reported down.
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import psutil
 import structlog
 
-from vllmd.errors import DeviceError
+from vllmd.devices.snapshot import DeviceSnapshot, GpuProcess, NvmlUnavailable, unmeasured
 
 T = TypeVar("T")
 
@@ -35,116 +33,8 @@ _PROCESS_CALLS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class GpuProcess:
-    """A compute process on a GPU; `used_bytes` is None when NVML cannot tell."""
-
-    pid: int
-    used_bytes: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceSnapshot:
-    """One device at one moment. Measured fields are None when unknown; sizes in bytes.
-
-    `total` is what vllmd may use (a declared `memory` caps it); `device_total` is the GPU's
-    own size as NVML reports it, the base of vLLM's `--gpu-memory-utilization` fraction (None
-    for a cpu or an unread GPU).
-    """
-
-    name: str
-    kind: Literal["cpu", "gpu"]
-    uuid: str | None
-    index: int | None
-    total: int
-    used: int | None
-    free: int | None
-    utilization: float | None
-    temperature: float | None
-    power: float | None
-    processes: tuple[GpuProcess, ...]
-    up: bool
-    error: str | None
-    device_total: int | None = None
-
-
-class NvmlUnavailable(DeviceError):
-    """NVML cannot be used on this host: pynvml, libnvidia-ml or the driver is missing."""
-
-
-class DeclaredDevice(Protocol):
-    """What this module reads of a `[devices.X]` table (vllmd.config's DeviceConfig)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def kind(self) -> Literal["cpu", "gpu"]: ...
-    @property
-    def memory(self) -> int | None: ...
-    @property
-    def uuid(self) -> str | None: ...
-
-
-def budget_total(snap: DeviceSnapshot | None, declared: DeclaredDevice | None) -> int:
-    """What vllmd may reserve on a device: its size, capped by a declared `memory` (0 when
-    the device is neither seen nor declared with a size)."""
-    if snap is None:
-        return declared.memory if declared is not None and declared.memory else 0
-    if declared is not None and declared.memory:
-        return min(snap.total, declared.memory)
-    return snap.total
-
-
-def engine_total(
-    snap: DeviceSnapshot | None, declared: DeclaredDevice | None, fallback: int
-) -> int:
-    """What an engine sizes itself against on a device: a GPU's own size, not a declared
-    budget's share of it (vLLM's --gpu-memory-utilization is a fraction of the whole GPU);
-    a cpu device's budget. `fallback` (the model's reservation) when nothing is known."""
-    if snap is not None:
-        return snap.device_total or snap.total
-    if declared is not None and declared.memory:
-        return declared.memory
-    return fallback
-
-
-class DeviceProbe(Protocol):
-    """Anything that reads devices: NVML, declared devices, a fake in tests."""
-
-    async def snapshot(self) -> Mapping[str, DeviceSnapshot]: ...
-
-
 class _Failed(Exception):
     """A device read failed or timed out; the message says why."""
-
-
-def _unmeasured(
-    name: str,
-    kind: Literal["cpu", "gpu"],
-    *,
-    up: bool = False,
-    error: str | None = None,
-    uuid: str | None = None,
-    index: int | None = None,
-    total: int = 0,
-    utilization: float | None = None,
-) -> DeviceSnapshot:
-    """A reading without memory measurements: a device that is down, or a declared cpu."""
-    return DeviceSnapshot(
-        name=name,
-        kind=kind,
-        uuid=uuid,
-        index=index,
-        total=total,
-        used=None,
-        free=None,
-        utilization=utilization,
-        temperature=None,
-        power=None,
-        processes=(),
-        up=up,
-        error=error,
-    )
 
 
 class NvmlProbe:
@@ -200,7 +90,7 @@ class NvmlProbe:
             self._discovery_failing = True
             # Without a count the devices seen before are all that is known: report them down.
             for index, known in self._known.items():
-                readings[index] = _unmeasured(
+                readings[index] = unmeasured(
                     known.name, "gpu", error=str(exc), uuid=known.uuid, index=index
                 )
         else:
@@ -231,7 +121,7 @@ class NvmlProbe:
         except _Failed as exc:
             known = self._known.get(index)
             uuid = known.uuid if known is not None else None
-            readings[index] = _unmeasured(str(index), "gpu", error=str(exc), uuid=uuid, index=index)
+            readings[index] = unmeasured(str(index), "gpu", error=str(exc), uuid=uuid, index=index)
         else:
             self._known[index] = readings[index] = reading
 
@@ -354,118 +244,3 @@ def _compute_processes(nvml: Any, handle: object) -> tuple[GpuProcess, ...] | No
             for info in infos
         )
     return None
-
-
-class DeclaredProbe:
-    """Devices declared in `[devices.X]`.
-
-    cpu: total = the configured memory (host RAM when unset), utilization = host CPU use (None
-    on the first snapshot, which has nothing to compare with), used/free None: the scheduler
-    accounts cpu devices by reservation and measures each instance with `process_tree_rss`.
-    gpu: the reading of the discovered GPU (passed in as `discovered`) with the declared `uuid`,
-    or, for a gpu named by an NVML index ("0", "1", ...) without a uuid, of that index; under
-    the declared name. A configured memory caps its total (the budget), used/free stay as
-    measured. Down when no discovered GPU matches.
-    """
-
-    def __init__(self, devices: Mapping[str, DeclaredDevice], *, timeout: float = 5.0) -> None:
-        self._devices = dict(devices)
-        self._timeout = timeout
-        self._host_total: int | None = None
-        self._cpu_primed = False
-
-    async def snapshot(
-        self, discovered: Mapping[str, DeviceSnapshot] | None = None
-    ) -> dict[str, DeviceSnapshot]:
-        """Reads the declared devices; gpus are looked up by uuid (else index) in `discovered`."""
-        utilization = None
-        if any(device.kind == "cpu" for device in self._devices.values()):
-            # /proc reads go to a thread too; a stuck one leaves utilization unknown.
-            with anyio.move_on_after(self._timeout):
-                utilization = await anyio.to_thread.run_sync(
-                    self._read_host, abandon_on_cancel=True
-                )
-        gpus = list((discovered or {}).values())
-        result: dict[str, DeviceSnapshot] = {}
-        for name, device in self._devices.items():
-            if device.kind == "cpu":
-                total = device.memory if device.memory is not None else self._host_total or 0
-                result[name] = _unmeasured(
-                    name, "cpu", up=True, total=total, utilization=utilization
-                )
-            else:
-                result[name] = _declared_gpu(name, device, gpus)
-        return result
-
-    def _read_host(self) -> float | None:
-        self._host_total = int(psutil.virtual_memory().total)
-        # cpu_percent(None) measures since its previous call; the first one means nothing.
-        percent = float(psutil.cpu_percent(interval=None))
-        primed, self._cpu_primed = self._cpu_primed, True
-        return percent / 100 if primed else None
-
-
-def _declared_gpu(
-    name: str, device: DeclaredDevice, discovered: list[DeviceSnapshot]
-) -> DeviceSnapshot:
-    """A declared gpu: the discovered GPU with its uuid, else the one of the NVML index it is
-    named by (`[devices."0"] memory = ...` puts a budget on a GPU that needs no declaration)."""
-    if device.uuid is not None:
-        uuid = device.uuid.lower()
-        gpu = next((s for s in discovered if (s.uuid or "").lower() == uuid), None)
-        if gpu is None:
-            error = f"no GPU with uuid {device.uuid} found through NVML"
-            return _unmeasured(name, "gpu", error=error, uuid=device.uuid)
-    elif name.isascii() and name.isdigit():
-        index = int(name)
-        gpu = next((s for s in discovered if s.index == index), None)
-        if gpu is None:
-            error = f"no GPU with NVML index {index} found ({len(discovered)} discovered)"
-            return _unmeasured(name, "gpu", error=error, index=index)
-    else:  # the config refuses this; a probe must not raise for it
-        error = 'a declared gpu needs uuid= or an NVML index as its name ("0", "1", ...)'
-        return _unmeasured(name, "gpu", error=error)
-    total = gpu.total if device.memory is None else min(gpu.total, device.memory)
-    return replace(gpu, name=name, total=total)
-
-
-class CompositeProbe:
-    """NVML's GPUs plus the declared devices: what the scheduler, metrics and alerts see.
-
-    A GPU claimed by a declared device (by uuid or index) is listed only under the declared
-    name.
-    """
-
-    def __init__(self, gpus: DeviceProbe, declared: DeclaredProbe) -> None:
-        self._gpus = gpus
-        self._declared = declared
-
-    async def snapshot(self) -> dict[str, DeviceSnapshot]:
-        """Reads every device; never raises for a device problem."""
-        discovered = await self._gpus.snapshot()
-        declared = await self._declared.snapshot(discovered)
-        # Claimed even while down, so that a stuck GPU is not listed under two names.
-        claimed = {s.uuid.lower() for s in declared.values() if s.kind == "gpu" and s.uuid}
-        merged = {n: s for n, s in discovered.items() if (s.uuid or "").lower() not in claimed}
-        merged.update(declared)
-        return merged
-
-
-def process_tree_rss(pid: int) -> int:
-    """RSS in bytes of a process and all its descendants; 0 when it is gone. Blocking."""
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:  # includes ZombieProcess
-        return 0
-    total = 0
-    for process in family:
-        # Processes exit while we walk the tree; a vanished one holds no memory.
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += int(process.memory_info().rss)
-    return total
-
-
-async def measure_rss(pid: int) -> int:
-    """`process_tree_rss` in a worker thread (it reads /proc)."""
-    return await anyio.to_thread.run_sync(process_tree_rss, pid)

