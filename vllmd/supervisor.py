@@ -24,6 +24,7 @@ from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
 from vllmd.instance.status import ModelStatus
+from vllmd.overrides import Overrides
 from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
 
@@ -49,6 +50,11 @@ class Supervisor:
     def instances(self) -> Mapping[str, Instance]:
         """Every model's instance by name (read only)."""
         return MappingProxyType(self._instances)
+
+    @property
+    def overrides(self) -> Overrides:
+        """What operators changed at run time (read: the supervisor's verbs change it)."""
+        return self._ctx.overrides
 
     def get(self, name: str) -> Instance:
         """The instance of a model named by its name or an alias."""

@@ -10,6 +10,7 @@ take longer than `request_timeout`, connections beyond `max_connections`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -24,7 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 import h11
 import structlog
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketStream, TaskStatus
 
 from vllmd.errors import ListenFailed
 
@@ -153,22 +154,35 @@ class UnixServer:
     async def serve(
         self, sock: socket.socket, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept connections on `sock` (a bound, listening Unix socket) until cancelled."""
-        listener: SocketListener = await SocketListener.from_socket(sock)
-        async with listener, anyio.create_task_group() as tg:
-            task_status.started()
-            while True:
-                stream = await listener.accept()
-                if self._connections >= self._max_connections:
-                    await stream.aclose()  # over the limit: cut off at once
-                    continue
-                self._connections += 1
-                tg.start_soon(self._connection, stream)
+        """Accept connections on `sock` (a bound, listening Unix socket) until cancelled.
 
-    async def _connection(self, stream: SocketStream) -> None:
+        Connections are accepted with the loop's own `sock_accept` and wrapped as transport
+        streams: anyio's Unix-socket streams wait on raw readers, which race a cancellation
+        (a reader firing on a cancelled future) when the daemon stops under open connections.
+        """
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        with sock:
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                while True:
+                    client, _ = await loop.sock_accept(sock)
+                    if self._connections >= self._max_connections:
+                        client.close()  # over the limit: cut off at once
+                        continue
+                    self._connections += 1
+                    tg.start_soon(self._connection, client)
+
+    async def _connection(self, client: socket.socket) -> None:
+        try:
+            peer = peer_of(client)
+            stream = await SocketStream.from_socket(client)
+        except OSError:
+            client.close()
+            self._connections -= 1
+            return
         try:
             async with stream:
-                peer = peer_of(stream.extra(SocketAttribute.raw_socket))
                 conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_request)
                 while await self._one_request(stream, conn, peer):
                     conn.start_next_cycle()
@@ -183,12 +197,16 @@ class UnixServer:
         """Read one request, answer it; whether the connection stays open for another."""
         idle = True
         try:
-            with anyio.fail_after(IDLE_TIMEOUT):
-                event = await _next_event(stream, conn)
-            if isinstance(event, h11.ConnectionClosed):
-                return False
+            if not conn.trailing_data[0]:
+                # Between requests a client may wait; from its first byte on, the whole
+                # request must arrive within request_timeout.
+                with anyio.fail_after(IDLE_TIMEOUT):
+                    conn.receive_data(await _receive(stream))
             idle = False
             with anyio.fail_after(self._request_timeout):
+                event = await _next_event(stream, conn)
+                if isinstance(event, h11.ConnectionClosed):
+                    return False
                 request = await self._read_request(stream, conn, event, peer)
         except TimeoutError:
             if not idle and conn.our_state is h11.SEND_RESPONSE:
@@ -227,15 +245,18 @@ class UnixServer:
     ) -> Request:
         if not isinstance(head, h11.Request):
             raise h11.RemoteProtocolError("expected a request", error_status_hint=400)
+        size = len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
+        if size > self._max_request:
+            raise _TooLarge()
         for name, value in head.headers:
-            if name == b"content-length" and int(value) > self._max_request:
+            if name == b"content-length" and int(value) > self._max_request - size:
                 raise _TooLarge()
         body = bytearray()
         while True:
             event = await _next_event(stream, conn)
             if isinstance(event, h11.Data):
                 body += event.data
-                if len(body) + len(head.target) > self._max_request:
+                if len(body) + size > self._max_request:
                     raise _TooLarge()
             elif isinstance(event, h11.EndOfMessage):
                 break
@@ -255,15 +276,19 @@ class _TooLarge(Exception):
     pass
 
 
+async def _receive(stream: SocketStream) -> bytes:
+    """The next bytes from the client; b"" once it has closed its end."""
+    try:
+        return await stream.receive(65536)
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
+        return b""
+
+
 async def _next_event(stream: SocketStream, conn: h11.Connection) -> h11.Event:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                data = b""
-            conn.receive_data(data)
+            conn.receive_data(await _receive(stream))
             continue
         assert not isinstance(event, type)  # PAUSED: only after a complete request
         return event
