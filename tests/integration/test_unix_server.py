@@ -106,7 +106,7 @@ async def test_a_client_slower_than_the_request_timeout_is_cut_off(tmp_path: Pat
 
 
 async def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
-    async with serving(tmp_path, max_connections=2) as (path, handler):
+    async with serving(tmp_path, max_connections=2) as (path, _):
         held = [socket.socket(socket.AF_UNIX) for _ in range(2)]
         try:
             for each in held:
@@ -144,9 +144,11 @@ async def test_a_request_over_the_size_limit_is_413(tmp_path: Path) -> None:
 async def test_a_streamed_answer_ends_when_its_client_leaves(tmp_path: Path) -> None:
     async with serving(tmp_path) as (path, handler):
         transport = httpx.AsyncHTTPTransport(uds=str(path))
-        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
-            async with http.stream("GET", "/stream") as stream:
-                first = await anext(stream.aiter_lines())
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://x") as http,
+            http.stream("GET", "/stream") as stream,
+        ):
+            first = await anext(stream.aiter_lines())
         with anyio.fail_after(5):
             await handler.stream_closed.wait()
     assert first == "first"
