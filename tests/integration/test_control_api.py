@@ -340,8 +340,10 @@ async def test_a_refused_uid_is_forbidden_to_mutate_may_read_and_is_recorded(
 
     def curl(method: str, path: str) -> tuple[int, dict[str, Any]]:
         done = subprocess.run(
-            ["curl", "-s", "--unix-socket", str(sock), "-X", method, "-w", "\n%{http_code}"]
-            + [f"http://vllmd{path}"],  # noqa: RUF005
+            [
+                *("curl", "-s", "--unix-socket", str(sock), "-X", method),
+                *("-w", "\n%{http_code}", f"http://vllmd{path}"),
+            ],
             capture_output=True,
             text=True,
             user=nobody,
