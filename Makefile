@@ -12,12 +12,19 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 dev: $(VENV)/.dev-done system-tools
 
-# Debian tools the tests run for real (shellcheck lints contrib/gpu-smoke.sh).
+# Debian tools the tests run for real: shellcheck (contrib's scripts), curl (a control client
+# under another uid), promtool and amtool (contrib's configs, /metrics), alertmanager.
+SYSTEM_TOOLS := shellcheck:shellcheck curl:curl promtool:prometheus \
+	alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
 system-tools:
-	@command -v shellcheck >/dev/null 2>&1 || { \
-		echo "installing shellcheck (Debian package)"; \
+	@missing=$$(for pair in $(SYSTEM_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || echo "$${pair#*:}"; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$$missing >/dev/null; \
+	fi
 
 $(VENV)/.dev-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +53,7 @@ lint: dev
 	$(VENV)/bin/ruff check vllmd tests bench
 	$(VENV)/bin/ruff format --check vllmd tests bench
 	$(VENV)/bin/mypy
-	shellcheck contrib/gpu-smoke.sh
+	shellcheck contrib/gpu-smoke.sh contrib/bash-completion/vllmctl
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache
