@@ -124,6 +124,28 @@ def test_busy_port_is_one_line_naming_the_address_and_exit_1(tmp_path: Path) -> 
     assert list(runtime.iterdir()) == []
 
 
+def test_a_control_socket_another_daemon_answers_on_is_exit_1_naming_it(tmp_path: Path) -> None:
+    """DESIGN: a stale socket file is replaced, a live one (another daemon) is an error."""
+    port = _free_port()
+    first, _ = _start(_write_config(tmp_path, port), port, tmp_path)
+    try:
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        config = _write_config(second_dir, _free_port())
+        text = config.read_text().replace('"ctl.sock"', f'"{tmp_path / "ctl.sock"}"')
+        config.write_text(text)
+        result = subprocess.run(
+            [*VLLMD, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    assert str(tmp_path / "ctl.sock") in output and "daemon.control_socket" in output
+
+
 def test_config_error_exits_2_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[models.m]\nmodel = "x"\nmemroy = "3GiB"\n')
