@@ -19,7 +19,7 @@ from vllmd.admission import Admission
 from vllmd.config import ModelConfig
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot
-from vllmd.errors import InvalidState, ModelNotFound
+from vllmd.errors import InvalidState, ModelNotFound, StartFailed
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
@@ -41,6 +41,7 @@ class Supervisor:
         self._index()
         self.admission = Admission(ctx)
         self._placer = Placer(ctx, self._instances)
+        self._ledger = self._placer.ledger  # the accounting's answers, read here
         self._tg: TaskGroup | None = None
         self._actors: dict[str, anyio.CancelScope] = {}
 
@@ -66,8 +67,8 @@ class Supervisor:
     def status(self, instance: Instance) -> ModelStatus:
         return instance.status(
             queue_depth=self.admission.depth(instance.name),
-            held=self._placer.held(instance),
-            measured=self._placer.measured(instance),
+            held=self._ledger.held(instance),
+            measured=self._ledger.measured(instance.name),
             pinned=self._pinned(instance),
         )
 
@@ -76,11 +77,11 @@ class Supervisor:
 
     def accounts(self) -> list[DeviceAccount]:
         """Every device's memory: total, reserved, used, free, and what each model holds."""
-        return self._placer.accounts()
+        return self._ledger.accounts()
 
     def devices(self) -> Mapping[str, DeviceSnapshot]:
         """The latest device snapshots."""
-        return self._placer.meter.devices
+        return self._ledger.devices()
 
     # --- the actors ----------------------------------------------------------------------------
 
@@ -108,6 +109,9 @@ class Supervisor:
             if old.model == model and old.engine == engine:
                 return old
             await self._stop(old)
+            self._placer.cancel(
+                old, StartFailed(f"model {model.name}'s config changed while it loaded: retry")
+            )
             self._actors.pop(model.name).cancel()
         instance = Instance(model, self._ctx)
         self._instances[model.name] = instance
@@ -146,27 +150,29 @@ class Supervisor:
     # Each checks what it can at once (raising InvalidState before anything happens) and
     # returns the operation to await: `wait=false` callers start it and answer at once.
 
-    def load(self, instance: Instance) -> Awaitable[None]:
-        """A deliberate load: marks the model loaded on purpose; clears `failed`; may evict
-        by LRU like any request's load."""
+    async def load(self, instance: Instance) -> None:
+        """A deliberate load: clears `failed`; may evict by LRU like any request's load; once
+        ready, the model is marked loaded on purpose."""
+        await self._placer.ensure(instance, clear_failed=True)
         self._ctx.overrides.mark_loaded(instance.name)
-        return self._placer.ensure(instance, clear_failed=True)
 
     def unload(self, instance: Instance) -> Awaitable[None]:
         """Stop the model and clear its loaded-on-purpose mark; refused while it is pinned."""
-        if self._pinned(instance):
-            where = "in the config (set pinned = false and reload)" if instance.model.pinned else ""
+        name = instance.name
+        if instance.model.pinned:
             raise InvalidState(
-                f"model {instance.name} is pinned{' ' + where if where else ''}: "
-                f"unpin first (`vllmctl unpin {instance.name}`)"
+                f"model {name} is pinned in the config: unpin first (set pinned = false, "
+                "then reload)"
             )
+        if self._pinned(instance):
+            raise InvalidState(f"model {name} is pinned: unpin first (`vllmctl unpin {name}`)")
         self._ctx.overrides.clear_loaded(instance.name)
         return self._placer.evict(instance, "stop")
 
     def sleep(self, instance: Instance) -> Awaitable[None]:
         """Put a ready model to sleep (drained first), where it can sleep."""
         name = instance.name
-        if not self._placer.can_sleep(instance):
+        if not self._ledger.can_sleep(instance):
             raise InvalidState(
                 f"model {name} cannot sleep (sleep mode needs NVML GPUs, transport uds and "
                 f"sleep_level > 0): use unload (`vllmctl unload {name}`)"
@@ -192,8 +198,11 @@ class Supervisor:
 
     async def _restart(self, instance: Instance) -> None:
         instance.restart_next("manual")
-        await self._stop(instance)
-        await self.load(instance)
+        try:
+            await self._stop(instance)
+            await self.load(instance)
+        finally:
+            instance.restart_next(None)  # spent, or the restart did not happen
 
     def pin(self, instance: Instance) -> Awaitable[None]:
         """Never evict the model (a stopped one is pinned without being loaded)."""

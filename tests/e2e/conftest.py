@@ -56,14 +56,24 @@ args = ["--enforce-eager"]
 
 
 def write_config(
-    tmp: Path, port: int, models: str, device_memory: str = "12GiB", extra: str = ""
+    tmp: Path,
+    port: int,
+    models: str,
+    device_memory: str = "12GiB",
+    extra: str = "",
+    *,
+    control_socket: Path | None = None,
+    daemon_extra: str = "",
 ) -> Path:
+    """`extra` goes into [scheduler], `daemon_extra` into [daemon]; the control socket is
+    `tmp/control.sock` unless `control_socket` says otherwise."""
     path = tmp / "vllmd.toml"
     path.write_text(
         f"""
 [daemon]
 state_dir = "{tmp / "state"}"
-control_socket = "{tmp / "control.sock"}"
+control_socket = "{control_socket or tmp / "control.sock"}"
+{daemon_extra}
 
 [gateway]
 listen = "127.0.0.1:{port}"
@@ -175,10 +185,25 @@ def _vllm_named(proc: psutil.Process) -> bool:
 def daemon_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     started: list[Daemon] = []
 
-    def start(models: str, device_memory: str = "12GiB", extra: str = "") -> Daemon:
+    def start(
+        models: str,
+        device_memory: str = "12GiB",
+        extra: str = "",
+        *,
+        control_socket: Path | None = None,
+        daemon_extra: str = "",
+    ) -> Daemon:
         tmp = tmp_path_factory.mktemp("vllmd")
         port = free_port()
-        config = write_config(tmp, port, models, device_memory, extra)
+        config = write_config(
+            tmp,
+            port,
+            models,
+            device_memory,
+            extra,
+            control_socket=control_socket,
+            daemon_extra=daemon_extra,
+        )
         log = tmp / "daemon.log"
         argv = [sys.executable, "-m", "vllmd.cli.vllmd", "serve", "--config", str(config)]
         tag = uuid.uuid4().hex

@@ -12,7 +12,6 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -31,6 +30,8 @@ from vllmd.errors import (
     VllmdError,
 )
 from vllmd.events import Event, EventBus, Kind
+from vllmd.http.control_errors import STATUSES, ControlError
+from vllmd.http.query import allow, bool_param, flag, float_param, int_param, since_filter
 from vllmd.http.unix import Peer, Reply, Request, Streamed
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
@@ -42,32 +43,6 @@ VERBS = frozenset({"load", "unload", "sleep", "wake", "restart", "pin", "unpin"}
 MAX_TAIL = 2000
 DEFAULT_EVENTS = 100
 MAX_EVENTS = 1000
-# The closed set of the control API's error codes and their statuses.
-STATUSES = {
-    "bad_request": 400,
-    "forbidden": 403,
-    "model_not_found": 404,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "invalid_state": 409,
-    "insufficient_memory": 409,
-    "body_too_large": 413,
-    "config_invalid": 422,
-    "start_failed": 502,
-    "shutting_down": 503,
-    "timeout": 504,
-}
-
-
-class ControlError(Exception):
-    """An answer with one of the closed set of codes (`STATUSES`)."""
-
-    def __init__(self, code: str, message: str, extra: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        assert code in STATUSES, code
-        self.code = code
-        self.message = message
-        self.extra = extra or {}
 
 
 def control_error(exc: VllmdError) -> ControlError:
@@ -98,8 +73,9 @@ def error_reply(code: str, message: str, extra: dict[str, Any] | None = None) ->
 
 
 def refusal(status: int, code: str, message: str) -> Reply:
-    """What the listener answers a request that breaks its limits (`unix.Refusal`)."""
-    return error_reply(code if code in STATUSES else "bad_request", message)
+    """What the listener answers a request that breaks its limits, or one whose handling
+    failed (a bug: 500 internal_error) (`unix.Refusal`)."""
+    return reply(status, {"error": {"code": code, "message": message}})
 
 
 def ndjson(item: object) -> bytes:
@@ -147,33 +123,33 @@ class ControlAPI:
         method = request.method
         path = "/" + "/".join(parts)
         if parts == ["metrics"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             body, content_type = self._metrics.exposition()
             return Reply(200, body, content_type)
         if not parts or parts[0] != "v1" or len(parts) < 2:
             raise ControlError("not_found", f"no such route: {path}")
         route = parts[1:]
         if route == ["status"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             return reply(200, self.status())
         if route == ["devices"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             return reply(200, {"devices": self.devices(with_models=True)})
         if route == ["events"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             return self._events_reply(request)
         if route == ["models"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             return reply(200, {"models": [self._view(st) for st in self._supervisor.statuses()]})
         if route[0] == "models" and len(route) == 2:
-            _allow(method, "GET")
+            allow(method, "GET")
             instance = self._supervisor.get(route[1])
             return reply(200, self._view(self._supervisor.status(instance)))
         if route[0] == "models" and len(route) == 3 and route[2] == "logs":
-            _allow(method, "GET")
+            allow(method, "GET")
             return self._logs(self._supervisor.get(route[1]), request)
         if route[0] == "models" and len(route) == 3 and route[2] in VERBS:
-            _allow(method, "POST")
+            allow(method, "POST")
             return await self._verb(request, route[1], route[2])
         raise ControlError("not_found", f"no such route: {path}")
 
@@ -218,10 +194,10 @@ class ControlAPI:
         }
 
     def _logs(self, instance: Instance, request: Request) -> Reply | Streamed:
-        tail = _int(request.query, "tail", 100, 0, MAX_TAIL)
+        tail = min(int_param(request.query, "tail", 100, 0, 10**9), MAX_TAIL)  # the ring's size
         output = instance.output
         lines, cursor = output.tail(tail)
-        if not _flag(request.query, "follow"):
+        if not flag(request.query, "follow"):
             return reply(200, {"model": instance.name, "lines": lines})
 
         async def stream() -> AsyncIterator[bytes]:
@@ -234,14 +210,18 @@ class ControlAPI:
 
     def _events_reply(self, request: Request) -> Reply | Streamed:
         since = request.query.get("since")
-        limit = _int(request.query, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
-        keep = _since(since)
+        limit = int_param(request.query, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
+        keep = since_filter(since)
+
+        follow = flag(request.query, "follow")
 
         def backlog() -> list[Event]:
             found = [e for e in self._events.history if keep(e)]
+            if follow and since is not None:
+                return found  # a follower gets everything after `since`, then what comes
             return found[-limit:] if since is None else found[:limit]
 
-        if not _flag(request.query, "follow"):
+        if not follow:
             return reply(200, {"events": [e.as_dict() for e in backlog()]})
         self._followers += 1
         name = f"control-follower-{self._followers}"
@@ -262,12 +242,11 @@ class ControlAPI:
     # --- verbs ---------------------------------------------------------------------------------
 
     async def _verb(self, request: Request, name: str, verb: str) -> Reply:
-        instance = self._supervisor.get(name)
         peer = request.peer
-        if not self._may_mutate(peer):
+        if not self._may_mutate(peer):  # before the lookup: a refused peer learns nothing
             self._events.emit(
                 Kind.CONTROL,
-                instance.name,
+                name,
                 action=verb,
                 uid=peer.uid,
                 pid=peer.pid,
@@ -278,9 +257,10 @@ class ControlAPI:
                 f"uid {peer.uid} may not {verb} models: only root, the daemon's uid and "
                 "daemon.control_allow_uids may",
             )
-        wait = request.query.get("wait", "true").lower() not in ("false", "0", "no")
+        instance = self._supervisor.get(name)
+        wait = bool_param(request.query, "wait", default=True)
         default_timeout = self._ctx.config.engine.startup_timeout + 30
-        timeout = _float(request.query, "timeout", default_timeout)
+        timeout = float_param(request.query, "timeout", default_timeout)
         operation = self._operation(instance, verb)  # raises at once when refused
         self._events.emit(
             Kind.CONTROL,
@@ -298,10 +278,13 @@ class ControlAPI:
                 await operation
             except VllmdError as exc:
                 outcome.append(exc)
-                if not wait:
-                    log.warning(
-                        "control_action_failed", model=instance.name, action=verb, error=str(exc)
-                    )
+                log.warning(
+                    "control_action_failed", model=instance.name, action=verb, error=str(exc)
+                )
+            except Exception:
+                # A bug must not end the control API's task group (the daemon's).
+                log.exception("control_action_crashed", model=instance.name, action=verb)
+                outcome.append(VllmdError(f"{verb} of {instance.name} failed: see the log"))
             finally:
                 done.set()
 
@@ -342,57 +325,3 @@ class ControlAPI:
         if not allowed:
             return True  # the socket's mode and group are the gate
         return peer.uid in (0, self._daemon_uid) or peer.uid in allowed
-
-
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise ControlError("method_not_allowed", f"{method} is not allowed here: use {allowed}")
-
-
-def _flag(query: dict[str, str], key: str) -> bool:
-    return query.get(key, "").lower() in ("1", "true", "yes")
-
-
-def _int(query: dict[str, str], key: str, default: int, low: int, high: int) -> int:
-    raw = query.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ControlError("bad_request", f"{key}={raw!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise ControlError("bad_request", f"{key} must be between {low} and {high}")
-    return value
-
-
-def _float(query: dict[str, str], key: str, default: float) -> float:
-    raw = query.get(key)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ControlError("bad_request", f"{key}={raw!r} is not a number of seconds") from None
-    if not 0 <= value <= 86400:
-        raise ControlError("bad_request", f"{key} must be between 0 and 86400 seconds")
-    return value
-
-
-def _since(raw: str | None) -> Callable[[Event], bool]:
-    """Which events `since=` asks for: after an event id, or from an RFC 3339 time on."""
-    if raw is None:
-        return lambda e: True
-    if raw.isdigit():
-        after = int(raw)
-        return lambda e: e.id > after
-    try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise ControlError(
-            "bad_request", f"since={raw!r} is neither an event id nor an RFC 3339 time"
-        ) from None
-    if moment.tzinfo is None:
-        raise ControlError("bad_request", f"since={raw!r} needs a time zone (e.g. Z)")
-    start = moment.timestamp()
-    return lambda e: e.time >= start

@@ -33,7 +33,7 @@ log = structlog.get_logger("vllmd.control")
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
-IDLE_TIMEOUT = 60.0  # a kept-alive connection with no new request is closed after this
+ACCEPT_RETRY = 0.5  # after accept() failed for want of file descriptors
 _UCRED = struct.Struct("3i")
 
 
@@ -124,9 +124,14 @@ def _remove_stale(path: Path, key: str) -> None:
     try:
         probe.settimeout(1.0)
         probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)  # nobody answers: left by a daemon that died
+    except ConnectionRefusedError:
+        path.unlink(missing_ok=True)  # nobody listens: left by a daemon that died
         return
+    except OSError as exc:
+        # Busy (a full backlog), not permitted, ...: someone may be there; never remove it.
+        raise ListenFailed(
+            f"cannot tell whether the control socket {path} ({key}) is in use: {exc}"
+        ) from None
     finally:
         probe.close()
     raise ListenFailed(
@@ -166,7 +171,12 @@ class UnixServer:
             async with anyio.create_task_group() as tg:
                 task_status.started()
                 while True:
-                    client, _ = await loop.sock_accept(sock)
+                    try:
+                        client, _ = await loop.sock_accept(sock)
+                    except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait for a free one
+                        log.warning("control_accept_failed", error=str(exc))
+                        await anyio.sleep(ACCEPT_RETRY)
+                        continue
                     if self._connections >= self._max_connections:
                         client.close()  # over the limit: cut off at once
                         continue
@@ -188,22 +198,24 @@ class UnixServer:
                     conn.start_next_cycle()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
             pass  # the client left
-        except OSError as exc:
+        except (OSError, TimeoutError) as exc:
             log.debug("control_connection_error", error=str(exc))
+        except Exception:
+            # A bug must cost one connection, never the daemon (this task group is its).
+            log.exception("control_connection_failed")
         finally:
             self._connections -= 1
 
     async def _one_request(self, stream: SocketStream, conn: h11.Connection, peer: Peer) -> bool:
-        """Read one request, answer it; whether the connection stays open for another."""
+        """Read one request, answer it; whether the connection stays open for another. Each
+        request (head and body) must arrive within request_timeout of the connection's start
+        or the previous answer: a silent client does not keep a slot."""
         idle = True
         try:
-            if not conn.trailing_data[0]:
-                # Between requests a client may wait; from its first byte on, the whole
-                # request must arrive within request_timeout.
-                with anyio.fail_after(IDLE_TIMEOUT):
-                    conn.receive_data(await _receive(stream))
-            idle = False
             with anyio.fail_after(self._request_timeout):
+                if not conn.trailing_data[0]:
+                    conn.receive_data(await _receive(stream))
+                idle = False
                 event = await _next_event(stream, conn)
                 if isinstance(event, h11.ConnectionClosed):
                     return False
@@ -212,7 +224,11 @@ class UnixServer:
             if not idle and conn.our_state is h11.SEND_RESPONSE:
                 # Too slow: said in one line, then cut off.
                 with contextlib.suppress(Exception):
-                    reply = self._refuse(408, "bad_request", "request not received within 10 s")
+                    reply = self._refuse(
+                        408,
+                        "bad_request",
+                        f"request not received within {self._request_timeout:g} s",
+                    )
                     await _send_reply(stream, conn, reply, close=True)
             return False
         except _TooLarge:
@@ -232,11 +248,19 @@ class UnixServer:
                     await _send_reply(stream, conn, reply, close=True)
             return False
 
-        response = await self._handler(request)
+        try:
+            response = await self._handler(request)
+        except Exception:
+            log.exception("control_request_failed", method=request.method)
+            response = self._refuse(500, "internal_error", "the request failed: see the log")
+        # A client that does not read its answer must not hold its slot forever.
         if isinstance(response, Reply):
-            await _send_reply(stream, conn, response, close=False)
+            with anyio.fail_after(self._request_timeout):
+                await _send_reply(
+                    stream, conn, response, close=False, head_only=request.method == "HEAD"
+                )
         else:
-            await _send_streamed(stream, conn, response)
+            await _send_streamed(stream, conn, response, self._request_timeout)
             return False
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
@@ -295,7 +319,12 @@ async def _next_event(stream: SocketStream, conn: h11.Connection) -> h11.Event:
 
 
 async def _send_reply(
-    stream: SocketStream, conn: h11.Connection, reply: Reply, *, close: bool
+    stream: SocketStream,
+    conn: h11.Connection,
+    reply: Reply,
+    *,
+    close: bool,
+    head_only: bool = False,
 ) -> None:
     headers = [
         ("content-type", reply.content_type),
@@ -304,13 +333,16 @@ async def _send_reply(
     ]
     if close:
         headers.append(("connection", "close"))
-    data = conn.send(h11.Response(status_code=reply.status, headers=headers))
-    data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
+    data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+    if not head_only:  # a HEAD answer has the headers of the GET, no body
+        data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
     data += conn.send(h11.EndOfMessage()) or b""
     await stream.send(data)
 
 
-async def _send_streamed(stream: SocketStream, conn: h11.Connection, response: Streamed) -> None:
+async def _send_streamed(
+    stream: SocketStream, conn: h11.Connection, response: Streamed, write_timeout: float
+) -> None:
     """Send `response` chunk by chunk until it ends or the client leaves (seen by reading:
     a follower may wait a long time between lines)."""
     head = conn.send(
@@ -332,7 +364,8 @@ async def _send_streamed(stream: SocketStream, conn: h11.Connection, response: S
         try:
             async for chunk in response.chunks:
                 if chunk:
-                    await stream.send(conn.send(h11.Data(data=chunk)) or b"")
+                    with anyio.fail_after(write_timeout):  # a follower that stopped reading
+                        await stream.send(conn.send(h11.Data(data=chunk)) or b"")
             await stream.send(conn.send(h11.EndOfMessage()) or b"")
         except anyio.get_cancelled_exc_class():
             # The daemon is stopping: end the stream properly (a follower can tell a clean

@@ -114,8 +114,9 @@ class Instance:
             self._want, self._sleep_to = "asleep", level
             self._notify()
 
-    def restart_next(self, reason: str) -> None:
-        """The next start is a restart for `reason` (an operator's: "manual"), counted so."""
+    def restart_next(self, reason: str | None) -> None:
+        """The next start is a restart for `reason` (an operator's: "manual"), counted so;
+        None: it is not (the restart was given up)."""
         self._manual_restart = reason
 
     def on_change(self, listener: Callable[[], None]) -> None:

@@ -97,6 +97,19 @@ class Ledger:
         self.record_measured(inst.name, used)
         return used
 
+    def devices(self) -> Mapping[str, DeviceSnapshot]:
+        """The latest device snapshots."""
+        return self._meter.devices
+
+    def held(self, inst: Instance) -> int:
+        """What the instance holds on each of its devices now (the accounting's view)."""
+        return self.view(inst).held()
+
+    def can_sleep(self, inst: Instance) -> bool:
+        """Whether the model can be put to sleep (the one answer: sleep mode on its devices,
+        and a sleep_level above 0)."""
+        return self.view(inst).sleep_level > 0
+
     def measured(self, name: str) -> int:
         return self._measured.get(name, 0)
 

@@ -20,13 +20,12 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd.context import Context
-from vllmd.devices import DeviceSnapshot
 from vllmd.errors import InsufficientMemory, InvalidState, ShuttingDown, VllmdError, failure
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import MEMORY_OPERATIONS, STARTS, InstanceState
 from vllmd.placement.evict import Evictor
-from vllmd.placement.ledger import DeviceAccount, Ledger
+from vllmd.placement.ledger import Ledger
 from vllmd.placement.locks import Hold, Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import (
@@ -38,7 +37,7 @@ from vllmd.placement.scheduler import (
     plan_idle,
     plan_load,
 )
-from vllmd.placement.tickets import Ticket
+from vllmd.placement.tickets import Interrupted, Ticket
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
@@ -56,6 +55,7 @@ class Placer:
         self.ledger = Ledger(ctx, instances, self.meter, self.locks)
         self._evictor = Evictor(ctx, instances, self.meter, self.ledger)
         self._queue: list[Ticket] = []
+        self._launched: set[Ticket] = set()  # being carried out
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
@@ -83,23 +83,18 @@ class Placer:
             if clear_failed:
                 ticket.deliberate()
             await ticket.done.wait()
+            if isinstance(ticket.error, Interrupted):
+                continue  # stopped on purpose meanwhile, and still asked for: load it again
             if ticket.error is not None:
                 raise ticket.error
 
-    def held(self, instance: Instance) -> int:
-        """What the instance holds on each of its devices now (the accounting's view)."""
-        return self.ledger.view(instance).held()
-
-    def measured(self, instance: Instance) -> int:
-        return self.ledger.measured(instance.name)
-
-    def accounts(self) -> list[DeviceAccount]:
-        return self.ledger.accounts()
-
-    def can_sleep(self, instance: Instance) -> bool:
-        """Whether the model can be put to sleep (the one answer: sleep mode on its devices,
-        and a sleep_level above 0)."""
-        return self.ledger.view(instance).sleep_level > 0
+    def cancel(self, instance: Instance, error: VllmdError) -> None:
+        """Give up the instance's pending loads: their waiters get `error` (an unload, a
+        replaced model)."""
+        for ticket in [*self._queue, *self._launched]:
+            if ticket.instance is instance:
+                self._finish(ticket, error)
+        self.kick()
 
     async def evict(self, instance: Instance, action: Action) -> None:
         """An operator's sleep or unload, carried out like an eviction (reason `manual`): a
@@ -107,7 +102,9 @@ class Placer:
         goes at once (a starting engine is stopped, not waited for)."""
         name = instance.name
         if action == "sleep":
-            while self.locks.device_busy(instance.model.devices) or self.locks.model_busy(name):
+            # Its turn: no other memory operation on its devices (holds and states alike).
+            busy = self._devices_in_operation
+            while busy() & set(instance.model.devices) or self.locks.model_busy(name):
                 await self._tick.wait()
             if instance.state is not S.READY:
                 raise InvalidState(f"model {name} is {instance.state}: only a ready model sleeps")
@@ -116,6 +113,8 @@ class Placer:
         left = view.residue if action == "sleep" else 0
         frees = {d: max(0, held - left) for d in instance.model.devices}
         ev = Eviction(name, action, "manual", frees=frees, level=view.sleep_level)
+        if action == "stop":
+            self.cancel(instance, InvalidState(f"model {name} was unloaded while it loaded"))
         if action == "stop" and instance.state in (S.STOPPED, S.FAILED):
             instance.want_down()  # nothing runs: a failed model becomes stopped
             return
@@ -129,11 +128,6 @@ class Placer:
         for ticket in list(self._queue):
             self._finish(ticket, ShuttingDown())
         self.kick()
-
-    @property
-    def devices(self) -> Mapping[str, DeviceSnapshot]:
-        """The latest device snapshots."""
-        return self.meter.devices
 
     def kick(self) -> None:
         """Something changed: plan again soon, and let waiting restarts look again."""
@@ -280,6 +274,7 @@ class Placer:
     def _launch(self, ticket: Ticket, plan: Plan, devices: set[str]) -> None:
         assert self._tg is not None
         self._queue.remove(ticket)
+        self._launched.add(ticket)
         models = {ticket.instance.name, *(ev.model for ev in plan.evictions)}
         hold = self.locks.hold(devices, models, start=plan.kind in ("start", "wake"))
         self._tg.start_soon(self._carry_out, ticket, plan, hold)
@@ -300,10 +295,11 @@ class Placer:
             except InsufficientMemory as exc:
                 self._events.emit(Kind.RELEASE_UNVERIFIED, plan.model, problem=str(exc))
                 raise
+            if ticket.done.is_set() or self._instances.get(inst.name) is not inst:
+                return  # cancelled meanwhile (an unload) or replaced (its config changed)
             before = inst.transitions
             inst.want_up(self.ledger.place(inst))
-            # Settled: ready, or the attempt over (a failed wake passes through STOPPED on
-            # its way to a restart, which is still this attempt).
+            # Settled: ready, or over (a failed wake restarting via STOPPED is still this one).
             await inst.until(
                 lambda: (
                     inst.transitions != before
@@ -313,16 +309,20 @@ class Placer:
                     )
                 )
             )
-            # Loads are counted from the instance's events (vllmd.metrics_feed).
             if inst.state is S.READY:
                 await self._measure(inst)
                 self._finish(ticket)
+            elif inst.state is S.STOPPED:
+                # Stopped on purpose while it started (a restart, an unload): an unload
+                # cancelled the ticket already; anything else queues the waiters again.
+                self._finish(ticket, Interrupted())
             else:
                 failed = inst.state is S.FAILED
                 self._finish(ticket, failure(inst.name, inst.last_error, failed=failed))
         except VllmdError as exc:
             self._finish(ticket, exc)
         finally:
+            self._launched.discard(ticket)
             hold.release()
             self.kick()
 

@@ -10,6 +10,11 @@ from vllmd.errors import VllmdError
 from vllmd.instance.instance import Instance
 
 
+class Interrupted(VllmdError):
+    """The load was overtaken: the model was stopped on purpose while it started (a restart)
+    and is still asked for. Never reaches a client: `ensure` queues it again."""
+
+
 @dataclass(eq=False)
 class Ticket:
     instance: Instance
