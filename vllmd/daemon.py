@@ -34,7 +34,7 @@ from vllmd.events import EventBus, Kind
 from vllmd.http.gateway import Gateway
 from vllmd.http.metrics_app import MetricsApp
 from vllmd.http.unix import bind_unix
-from vllmd.metrics import Metrics
+from vllmd.metrics import Metrics, run_lag_monitor
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 from vllmd.wiring import Seams, build
@@ -165,6 +165,8 @@ async def serve(
         async with anyio.create_task_group() as tg:
             await tg.start(reaper.run)
             await tg.start(supervisor.run)
+            await tg.start(run_lag_monitor, parts.metrics)
+            await tg.start(parts.alerts.run)
             await tg.start(parts.control.run)
             await tg.start(parts.control_server.serve, control_sock)
             for each_server, each_sock in listeners:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllmd.alerts import AlertEngine, AlertsCollector, Observations, Signals
+from vllmd.alerts import Notifier as AlertNotifier
 from vllmd.config import Config
 from vllmd.context import Context
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
@@ -51,6 +53,7 @@ class Parts:
     supervisor: Supervisor
     gateway: Gateway
     metrics_app: MetricsApp
+    alerts: AlertEngine
     control: ControlAPI
     control_server: UnixServer
     reaper: Reaper
@@ -75,15 +78,29 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
     )
     supervisor = Supervisor(ctx)
     metrics.count_events(events)
-    metrics.watch(supervisor.statuses)
-    control = ControlAPI(ctx, supervisor, metrics)
+    metrics.watch(supervisor)
+    observations = Observations(clock=ctx.clock)  # the gateway's requests, for the alerts
+    observations.listen(events)
+    alerts = AlertEngine(
+        lambda: ctx.config,
+        Signals(
+            observations,
+            statuses=supervisor.statuses,
+            accounts=supervisor.accounts,
+            devices=supervisor.devices,
+        ),
+        AlertNotifier(lambda: ctx.config, count=metrics.alert_notification),
+    )
+    metrics.registry.register(AlertsCollector(alerts))
+    control = ControlAPI(ctx, supervisor, metrics, alerts)
     return Parts(
         ctx=ctx,
         events=events,
         metrics=metrics,
         supervisor=supervisor,
-        gateway=Gateway(ctx, supervisor, metrics),
-        metrics_app=MetricsApp(metrics),
+        gateway=Gateway(ctx, supervisor, metrics, observations),
+        metrics_app=MetricsApp(metrics, engines=lambda: supervisor.instances.values()),
+        alerts=alerts,
         control=control,
         control_server=UnixServer(control, refusal),
         reaper=seams.reaper,

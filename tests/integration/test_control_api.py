@@ -65,6 +65,7 @@ async def test_status_models_and_devices_have_designs_shapes(tmp_path: Path) -> 
     assert status["version"] and status["pid"] == os.getpid()
     assert status["uptime_seconds"] >= 0
     assert status["models_by_state"] == {"stopped": 3}
+    assert status["alerts_firing"] == 0
     (cpu,) = status["devices"]
     assert set(cpu) == {
         "name",
@@ -185,7 +186,6 @@ async def test_every_error_code_is_a_clean_answer_and_the_daemon_stays_up(
             "bad since": await ctl.get("/v1/events", params={"since": "yesterday"}),
             "bad timeout": await ctl.post("/v1/models/a/load", params={"timeout": "-1"}),
             "too large": await ctl.post("/v1/models/a/load", content=b"x" * (65 * 1024)),
-            "alerts not yet": await ctl.get("/v1/alerts"),
             "reload not yet": await ctl.post("/v1/reload"),
         }
         still = await ctl.get("/v1/status")
@@ -200,7 +200,6 @@ async def test_every_error_code_is_a_clean_answer_and_the_daemon_stays_up(
         "bad since": (400, "bad_request"),
         "bad timeout": (400, "bad_request"),
         "too large": (413, "body_too_large"),
-        "alerts not yet": (404, "not_found"),
         "reload not yet": (404, "not_found"),
     }
     assert still.status_code == 200
@@ -406,3 +405,39 @@ async def test_metrics_on_the_control_socket(tmp_path: Path) -> None:
         metrics = await ctl.get("/metrics")
     assert metrics.status_code == 200
     assert "vllmd_model_state" in metrics.text
+
+
+async def test_alerts_lists_the_active_alerts_and_status_counts_the_firing_ones(
+    tmp_path: Path,
+) -> None:
+    """A rule that holds at once (queue depth >= 0 of every model, for 0s) fires at the first
+    evaluation: `GET /v1/alerts` lists it per model, status counts it, /metrics shows it."""
+    config = fake_config(
+        tmp_path,
+        {"a": {}},
+        alerts={
+            "interval": "100ms",
+            "alertmanager": [],
+            "rules": [
+                {
+                    "name": "Always",
+                    "signal": "model_queue_depth",
+                    "op": ">=",
+                    "threshold": 0,
+                    "for": "0s",
+                    "severity": "info",
+                }
+            ],
+        },
+    )
+    async with running(config) as run, control(run) as ctl:
+        with anyio.fail_after(5):
+            while not (await ctl.get("/v1/alerts")).json()["alerts"]:  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # the API is what is watched
+        alerts = (await ctl.get("/v1/alerts")).json()["alerts"]
+        status = (await ctl.get("/v1/status")).json()
+        metrics = (await ctl.get("/metrics")).text
+    (always,) = [a for a in alerts if a["labels"]["alertname"] == "Always"]
+    assert always["state"] == "firing" and always["labels"]["model"] == "a"
+    assert status["alerts_firing"] >= 1
+    assert 'alertname="Always"' in metrics and 'alertstate="firing"' in metrics

@@ -51,21 +51,24 @@ async def test_metrics_listener_serves_only_metrics(tmp_path: Path) -> None:
         assert run.metrics_url is not None and run.metrics_url != run.gateway_url
         async with httpx.AsyncClient(base_url=run.metrics_url, timeout=10) as http:
             scrape = await http.get("/metrics")
+            engines = await http.get("/metrics/engines")
             others = [
                 await http.get("/health"),
                 await http.get("/v1/models"),
-                await http.get("/metrics/engines"),
                 await http.post("/metrics"),
                 await http.post("/v1/completions", json={"model": "m", "prompt": "x"}),
             ]
         async with httpx.AsyncClient(base_url=run.gateway_url, timeout=10) as http:
             on_gateway = await http.get("/metrics")
+            engines_on_gateway = await http.get("/metrics/engines")
     assert scrape.status_code == 200
     assert scrape.headers["content-type"].startswith("text/plain")
     assert 'vllmd_model_state{model="m",state="stopped"} 1.0' in scrape.text
     assert "vllmd_build_info" in scrape.text
     assert [r.status_code for r in others] == [404] * len(others)
     assert on_gateway.status_code == 404  # served on its own listener only
+    assert engines.status_code == 200 and "vllmd_engine_scrape_success" in engines.text
+    assert engines_on_gateway.status_code == 404
     assert all(r.json()["error"]["code"] == "not_found" for r in others)
     assert run.supervisor.instances["m"].pgid() is None  # nothing reached an engine
 

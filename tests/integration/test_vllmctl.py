@@ -420,3 +420,29 @@ async def test_completion_offers_model_names_from_the_socket_on_the_line(tmp_pat
         assert await complete(["vllmctl", "--socket", sock, "load", "beta", ""], PATH=path) == []
         # No daemon on the socket vllmctl would use: no names, and no error on the terminal.
         assert await complete(["vllmctl", "load", ""], PATH=path, VLLMD_SOCKET=nowhere) == []
+
+
+async def test_alerts_lists_a_firing_alert_and_status_counts_it(tmp_path: Path) -> None:
+    rule = {
+        "name": "QueueWatch",
+        "signal": "model_queue_depth",
+        "op": ">=",
+        "threshold": 0,
+        "for": "0s",
+        "severity": "info",
+        "annotations": {"summary": "watching {{ $labels.model }}"},
+    }
+    config = fake_config(
+        tmp_path, {"a": {}}, alerts={"interval": "100ms", "alertmanager": [], "rules": [rule]}
+    )
+    async with running(config) as run:
+        with anyio.fail_after(10):
+            while "QueueWatch" not in (listed := await vllmctl(run.control_socket, "alerts")).out:  # noqa: ASYNC110
+                await anyio.sleep(0.1)  # the command's output is what is watched
+        status = await vllmctl(run.control_socket, "status")
+    row = next(line for line in listed.lines if line.startswith("QueueWatch"))
+    assert row.split()[:4] == ["QueueWatch", "firing", "info", "a"]
+    assert row.endswith("watching a")
+    assert any(
+        line.startswith("alerts firing: ") and line != "alerts firing: 0" for line in status.lines
+    )

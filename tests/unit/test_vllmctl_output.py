@@ -138,12 +138,14 @@ def test_status_lines_name_version_config_devices_and_states() -> None:
             }
         ],
         "models_by_state": {"stopped": 2, "ready": 1},
+        "alerts_firing": 2,
     }
     assert render.status_lines(status) == [
         "vllmd 0.1.0, pid 42, up 1h2m",
         "config: /etc/vllmd/vllmd.toml",
         "device 0 (gpu): total 24.0GiB, reserved 3.0GiB, used 4.0GiB, free 20.0GiB, DOWN",
         "models: 1 ready, 2 stopped",
+        "alerts firing: 2",
     ]
 
 

@@ -50,7 +50,7 @@ def receiver_name(url: str) -> str:
 
 
 def generator_url(config: Config, host: str) -> str:
-    external: str = getattr(config.alerts, "external_url", "")
+    external = config.alerts.external_url
     return external or f"http://{host}:{config.gateway.listen.port}/v1/models"
 
 

@@ -132,7 +132,26 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
         f"config: {status.get('config_path') or NONE}",
         *(device_line(d) for d in status.get("devices") or []),
         f"models: {counts}",
+        f"alerts firing: {status.get('alerts_firing', 0)}",
     ]
+
+
+def alerts_table(alerts: Sequence[Mapping[str, Any]]) -> str:
+    """`vllmctl alerts`: one row per pending or firing alert."""
+    headers = ("ALERTNAME", "STATE", "SEVERITY", "ON", "VALUE", "SINCE", "SUMMARY")
+    rows = [
+        [
+            str(a["labels"].get("alertname", a.get("name", ""))),
+            str(a["state"]),
+            str(a["labels"].get("severity", NONE)),
+            str(a["labels"].get("model") or a["labels"].get("device") or NONE),
+            NONE if a.get("value") is None else f"{a['value']:g}",
+            str(a.get("startsAt") or a.get("activeAt") or NONE),
+            str((a.get("annotations") or {}).get("summary", "")),
+        ]
+        for a in alerts
+    ]
+    return table(headers, rows) if rows else "no alerts pending or firing"
 
 
 def devices_table(devices: Sequence[Mapping[str, Any]]) -> str:

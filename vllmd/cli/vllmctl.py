@@ -214,6 +214,10 @@ def cmd_logs(args: argparse.Namespace, ctl: Control) -> int:
     return show(args, ctl.get(path, params), lambda body: "\n".join(body["lines"]))
 
 
+def cmd_alerts(args: argparse.Namespace, ctl: Control) -> int:
+    return show(args, ctl.get("/v1/alerts"), lambda body: render.alerts_table(body["alerts"]))
+
+
 def cmd_devices(args: argparse.Namespace, ctl: Control) -> int:
     return show(args, ctl.get("/v1/devices"), lambda body: render.devices_table(body["devices"]))
 
@@ -288,6 +292,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Control], int]] = {
     **dict.fromkeys(VERBS, cmd_verb),
     "logs": cmd_logs,
     "devices": cmd_devices,
+    "alerts": cmd_alerts,
     "events": cmd_events,
     "doctor": cmd_doctor,
 }
@@ -337,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=_count, metavar="N", help="the last N lines")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing (Ctrl-C ends)")
     sub.add_parser("devices", help="devices and what each model reserves on them")
+    sub.add_parser("alerts", help="the alerts pending or firing")
     events = sub.add_parser("events", help="what happened, oldest first")
     events.add_argument(
         "--since", metavar="ID|TIME", help="after event ID, from TIME (RFC 3339) or a duration ago"

@@ -72,7 +72,10 @@ def parse_alerts(
         webhooks=_urls(table, "webhooks"),
         resend=table.duration("resend", d.resend),
         labels=table.mapping("labels"),
+        external_url=table.text("external_url", d.external_url),
     )
+    if config.external_url and urlsplit(config.external_url).scheme not in ("http", "https"):
+        table.problems.append(f"{table.key('external_url')}: not an http:// or https:// URL")
     rules = {rule.name: rule for rule in DEFAULT_RULES}
     raw_rules: list[dict[str, Any]] = table.read(
         "rules", [], _list_of_tables, "an array of tables ([[alerts.rules]])"

@@ -147,6 +147,7 @@ class AlertsConfig:
     webhooks: tuple[str, ...] = ()
     resend: float = 60.0
     labels: Mapping[str, str] = field(default_factory=_no_entries)
+    external_url: str = ""  # generatorURL of alerts; "" = http://FQDN:GATEWAY_PORT/v1/models
     rules: tuple[AlertRule, ...] = ()  # defaults merged with the user's; disabled ones dropped
 
 

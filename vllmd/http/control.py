@@ -19,6 +19,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd import __version__
+from vllmd.alerts import AlertEngine
 from vllmd.context import Context
 from vllmd.errors import (
     ConfigError,
@@ -88,9 +89,11 @@ class ControlAPI:
         ctx: Context,
         supervisor: Supervisor,
         metrics: Metrics,
+        alerts: AlertEngine,
         *,
         daemon_uid: int | None = None,
     ) -> None:
+        self._alerts = alerts
         self._ctx = ctx
         self._supervisor = supervisor
         self._events: EventBus = ctx.events
@@ -135,6 +138,9 @@ class ControlAPI:
         if route == ["devices"]:
             allow(method, "GET")
             return reply(200, {"devices": self.devices(with_models=True)})
+        if route == ["alerts"]:
+            allow(method, "GET")
+            return reply(200, {"alerts": self._alerts.active()})
         if route == ["events"]:
             allow(method, "GET")
             return self._events_reply(request)
@@ -191,6 +197,7 @@ class ControlAPI:
             "config_path": str(path) if path is not None else None,
             "devices": self.devices(),
             "models_by_state": by_state,
+            "alerts_firing": self._alerts.firing_count(),
         }
 
     def _logs(self, instance: Instance, request: Request) -> Reply | Streamed:

@@ -17,9 +17,11 @@ from typing import Any
 import anyio
 import structlog
 
+from vllmd.alerts.signals import Observations
 from vllmd.config import Config
 from vllmd.context import Context
 from vllmd.errors import ModelNotFound, ShuttingDown, VllmdError
+from vllmd.http import engines_metrics
 from vllmd.http.asgi import (
     HTTPError,
     Receive,
@@ -52,11 +54,18 @@ class ClientGone(Exception):
 
 
 class Gateway:
-    def __init__(self, ctx: Context, supervisor: Supervisor, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        supervisor: Supervisor,
+        metrics: Metrics,
+        observations: Observations | None = None,
+    ) -> None:
         self._ctx = ctx
         self.supervisor = supervisor
         self.metrics = metrics
-        self.proxy = Proxy(metrics)
+        self._observations = observations  # the alerts' error-ratio and latency windows
+        self.proxy = Proxy(metrics, observations, ctx.clock)
         self.started = int(time.time())
         self._config: Config | None = None  # what the settings below were read from
         self._keys: tuple[bytes, ...] = ()
@@ -121,6 +130,9 @@ class Gateway:
             # With [metrics] listen set, Prometheus is served on its own listener only.
             body, content_type = self.metrics.exposition()
             await send_bytes(send, 200, body, content_type)
+        elif path == "/metrics/engines" and not self._settings().metrics.listen:
+            body = await engines_metrics.relay(self.supervisor.instances.values())
+            await send_bytes(send, 200, body, engines_metrics.CONTENT_TYPE)
         elif path == "/v1/models":
             self._authorize(scope)
             data = [model_view(st, self.started) for st in self.supervisor.statuses()]
@@ -195,6 +207,8 @@ class Gateway:
             await send_error(send, exc, exc_headers)
         finally:
             self.metrics.request(model_label, route, status, time.perf_counter() - started)
+            if model_label and self._observations is not None:
+                self._observations.request(model_label, status, None, self._ctx.clock())
             log.info(
                 "request",
                 request_id=request_id,

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import httpx
 
+from vllmd.alerts.signals import Observations
 from vllmd.engine.api import Upstream
 from vllmd.http.asgi import HTTPError, Send
 from vllmd.metrics import Metrics
@@ -55,8 +56,20 @@ RESPONSE_DROP = frozenset(
 class Proxy:
     """Sends a request to an engine's `Upstream` and relays the answer to an ASGI `send`."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        observations: Observations | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.metrics = metrics
+        self._observations = observations  # the alerts' time-to-first-byte windows
+        self._clock = clock
+
+    def _first_byte(self, model: str, seconds: float) -> None:
+        self.metrics.first_byte(model, seconds)
+        if self._observations is not None:
+            self._observations.first_byte(model, seconds, self._clock())
 
     async def forward(
         self,
@@ -105,7 +118,7 @@ class Proxy:
                     "engine_unavailable",
                     f"the engine of model {model} broke off its answer ({type(exc).__name__})",
                 ) from None
-            self.metrics.first_byte(model, time.perf_counter() - sent)
+            self._first_byte(model, time.perf_counter() - sent)
             headers.append((b"content-length", str(len(data)).encode()))
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
@@ -119,7 +132,7 @@ class Proxy:
         try:
             async for chunk in response.aiter_raw():
                 if first:
-                    self.metrics.first_byte(model, time.perf_counter() - sent)
+                    self._first_byte(model, time.perf_counter() - sent)
                     first = False
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 last = chunk

@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 
 from vllmd.config import ModelConfig
 from vllmd.context import Context
-from vllmd.engine.api import Upstream
+from vllmd.engine.api import EngineAPI, Upstream
 from vllmd.engine.argv import PlacedDevice
 from vllmd.engine.output import EngineOutput
 from vllmd.errors import ConfigError
@@ -141,6 +141,11 @@ class Instance:
     def upstream(self) -> Upstream | None:
         """The gateway's path to the running engine."""
         return self._session.upstream if self._session is not None else None
+
+    @property
+    def api(self) -> EngineAPI | None:
+        """The running engine's own routes (health, metrics, ...); None: no engine."""
+        return self._session.api if self._session is not None else None
 
     @property
     def sleep_level(self) -> int:

@@ -106,8 +106,14 @@ class Metrics:
             "Evictions by reason and action.",
             ["model", "reason", "action"],
         )
+        self._notifications = HotCounter(
+            "vllmd_alert_notifications",
+            "Alert notifications sent, by receiver (scheme://host:port) and result.",
+            ["receiver", "result"],
+        )
         hot = HotCollector(
             [
+                self._notifications,
                 self._requests,
                 self._duration,
                 self._queue,
@@ -130,6 +136,10 @@ class Metrics:
         self._queue_children: dict[str, HistogramChild] = {}
         self._ttfb_children: dict[str, HistogramChild] = {}
         self._rejected_children: dict[tuple[str, str], CounterChild] = {}
+
+    def alert_notification(self, receiver: str, result: str) -> None:
+        """One notification to `receiver` (ok or error)."""
+        self._notifications.labels(receiver, result).inc()
 
     # --- the hot path --------------------------------------------------------------------------
 
