@@ -15,7 +15,7 @@ dev: $(VENV)/.dev-done system-tools
 # Debian tools the tests run for real: shellcheck (contrib's scripts), curl (a control client
 # under another uid), promtool and amtool (contrib's configs, /metrics), alertmanager.
 SYSTEM_TOOLS := shellcheck:shellcheck curl:curl promtool:prometheus \
-	alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
+	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
 system-tools:
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || echo "$${pair#*:}"; done | sort -u); \

@@ -97,11 +97,15 @@ def _url(sock: socket.socket) -> str:
 
 
 def status_line(supervisor: Supervisor) -> str:
+    """systemd's one-line STATUS: "3 models: 2 ready, 1 sleeping; 46.0/80.0 GiB reserved"."""
     counts: dict[str, int] = {}
     for st in supervisor.statuses():
         counts[st.state.value] = counts.get(st.state.value, 0) + 1
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{sum(counts.values())} models: {parts}"
+    accounts = supervisor.accounts()
+    reserved = sum(a.reserved for a in accounts) / 2**30
+    total = sum(a.total for a in accounts) / 2**30
+    return f"{sum(counts.values())} models: {parts}; {reserved:.1f}/{total:.1f} GiB reserved"
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,7 @@ async def serve(
                 )
             )
             tg.start_soon(_report_status, parts.events, supervisor, notifier)
-            tg.start_soon(_watchdog, notifier)
+            tg.start_soon(_watchdog, notifier, supervisor)
 
             await shutdown()
             log.info("shutting_down")
@@ -230,10 +234,20 @@ async def _report_status(events: EventBus, supervisor: Supervisor, notifier: Not
                 notifier.status(status_line(supervisor))
 
 
-async def _watchdog(notifier: Notifier) -> None:
+async def _watchdog(notifier: Notifier, supervisor: Supervisor) -> None:
+    """WATCHDOG=1 every WATCHDOG_USEC/2, only while the daemon is healthy: its event loop runs
+    on time (this very timer less than WATCHDOG_USEC/4 late) and the placer's loop has run
+    within WATCHDOG_USEC/2. A down GPU is not unhealthy: its probe runs in a thread."""
     interval = notifier.watchdog_interval()
     if interval is None:
         return
+    late = 0.0
     while True:
-        notifier.watchdog()
+        since_pass = anyio.current_time() - supervisor.placer_last_pass()
+        if late < interval / 2 and since_pass < interval:
+            notifier.watchdog()
+        else:
+            log.warning("watchdog_withheld", loop_lag=round(late, 3), placer_idle=since_pass)
+        asked = anyio.current_time() + interval
         await anyio.sleep(interval)
+        late = max(0.0, anyio.current_time() - asked)

@@ -75,6 +75,10 @@ class Supervisor:
     def statuses(self) -> Iterator[ModelStatus]:
         return (self.status(i) for i in list(self._instances.values()))
 
+    def placer_last_pass(self) -> float:
+        """When (anyio's clock) the placer's loop last ran: its heartbeat for the watchdog."""
+        return self._placer.last_pass
+
     def accounts(self) -> list[DeviceAccount]:
         """Every device's memory: total, reserved, used, free, and what each model holds."""
         return self._ledger.accounts()

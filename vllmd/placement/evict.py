@@ -14,10 +14,17 @@ from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
 from vllmd.placement.ledger import Ledger
 from vllmd.placement.meter import Meter
-from vllmd.placement.scheduler import Eviction
+from vllmd.placement.scheduler import Action, Eviction, ModelView
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
+
+
+def manual_eviction(view: ModelView, action: Action) -> Eviction:
+    """An operator's sleep or unload of the model seen as `view`, as an eviction."""
+    left = view.residue if action == "sleep" else 0
+    frees = {d: max(0, view.held() - left) for d in view.devices}
+    return Eviction(view.name, action, "manual", frees=frees, level=view.sleep_level)
 
 
 class Evictor:

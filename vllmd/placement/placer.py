@@ -24,7 +24,7 @@ from vllmd.errors import InsufficientMemory, InvalidState, ShuttingDown, VllmdEr
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import MEMORY_OPERATIONS, STARTS, InstanceState
-from vllmd.placement.evict import Evictor
+from vllmd.placement.evict import Evictor, manual_eviction
 from vllmd.placement.ledger import Ledger
 from vllmd.placement.locks import Hold, Locks
 from vllmd.placement.meter import Meter
@@ -42,6 +42,7 @@ from vllmd.placement.tickets import Interrupted, Ticket
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
 DEVICE_REFRESH = 5.0
+HEARTBEAT = 1.0  # the loop runs at least this often: the watchdog's sign of its life
 
 
 class Placer:
@@ -59,6 +60,7 @@ class Placer:
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
+        self._last_pass = -math.inf  # the loop's heartbeat (the watchdog reads it)
         self._tg: TaskGroup | None = None
         for inst in instances.values():
             self.attach(inst)
@@ -89,8 +91,7 @@ class Placer:
                 raise ticket.error
 
     def cancel(self, instance: Instance, error: VllmdError) -> None:
-        """Give up the instance's pending loads: their waiters get `error` (an unload, a
-        replaced model)."""
+        """Give up the instance's pending loads: their waiters get `error`."""
         for ticket in [*self._queue, *self._launched]:
             if ticket.instance is instance:
                 self._finish(ticket, error)
@@ -108,26 +109,26 @@ class Placer:
                 await self._tick.wait()
             if instance.state is not S.READY:
                 raise InvalidState(f"model {name} is {instance.state}: only a ready model sleeps")
-        view = self.ledger.view(instance)
-        held = view.held()
-        left = view.residue if action == "sleep" else 0
-        frees = {d: max(0, held - left) for d in instance.model.devices}
-        ev = Eviction(name, action, "manual", frees=frees, level=view.sleep_level)
-        if action == "stop":
+        else:
             self.cancel(instance, InvalidState(f"model {name} was unloaded while it loaded"))
-        if action == "stop" and instance.state in (S.STOPPED, S.FAILED):
-            instance.want_down()  # nothing runs: a failed model becomes stopped
-            return
+            if instance.state in (S.STOPPED, S.FAILED):
+                instance.want_down()  # nothing runs: a failed model becomes stopped
+                return
+        ev = manual_eviction(self.ledger.view(instance), action)
         with self.locks.hold(instance.model.devices if action == "sleep" else (), [name]):
             await self._evictor.evict(ev)
         self.kick()
 
     def close(self) -> None:
-        """Shutting down: no more loads. Waiting requests are told at once."""
+        """Shutting down: no more loads; waiting requests are told at once."""
         self._closing = True
         for ticket in list(self._queue):
             self._finish(ticket, ShuttingDown())
         self.kick()
+
+    @property
+    def last_pass(self) -> float:
+        return self._last_pass
 
     def kick(self) -> None:
         """Something changed: plan again soon, and let waiting restarts look again."""
@@ -148,6 +149,7 @@ class Placer:
             task_status.started()
             wake_at, idle_deferred = 0.0, False
             while True:
+                self._last_pass = anyio.current_time()
                 self._changed = anyio.Event()
                 # Most wake-ups are a request ending with nothing queued: then only the timer
                 # is worth recomputing, not a snapshot of every model.
@@ -155,7 +157,7 @@ class Placer:
                     self._plan_queue()
                     idle_deferred = self._plan_idle(self.ledger.snapshot())
                 wake_at = self._next_wake()
-                with anyio.move_on_after(max(0.0, wake_at - self._clock())):
+                with anyio.move_on_after(max(0.0, min(wake_at - self._clock(), HEARTBEAT))):
                     await self._changed.wait()
 
     def _devices_in_operation(self) -> set[str]:
@@ -168,8 +170,7 @@ class Placer:
         return busy
 
     def _start_allowed(self) -> bool:
-        """Whether a start or a wake may begin: both load weights and size a KV cache, so both
-        count toward `max_concurrent_starts`."""
+        """Whether a start or a wake (both load weights) may begin: max_concurrent_starts."""
         starting = sum(1 for i in self._instances.values() if i.state in STARTS)
         return max(starting, self.locks.starts) < self._ctx.config.engine.max_concurrent_starts
 
@@ -343,8 +344,7 @@ class Placer:
     # --- idle models, preload, devices ----------------------------------------------------------
 
     def _plan_idle(self, snap: Snapshot) -> bool:
-        """Start the idle/sleep_ttl evictions that are due; True if one had to be deferred
-        (its device busy), to be tried again when an operation ends."""
+        """Start the idle/sleep_ttl evictions due; True if one was deferred (device busy)."""
         deferred = False
         if self._closing:
             return deferred  # every engine is being stopped
