@@ -20,7 +20,7 @@ pytestmark = pytest.mark.anyio
 
 def _drain(sock: socket.socket) -> list[tuple[float, str]]:
     """The datagrams waiting now (with the time they were read)."""
-    out = []
+    out: list[tuple[float, str]] = []
     while True:
         try:
             data = sock.recv(65536)
