@@ -8,7 +8,7 @@ ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vll
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: dev demo-models run test test-fast lint clean system-tools
+.PHONY: dev demo-models run test test-fast lint clean system-tools install
 
 dev: $(VENV)/.dev-done system-tools
 
@@ -54,6 +54,35 @@ lint: dev
 	$(VENV)/bin/ruff format --check vllmd tests bench
 	$(VENV)/bin/mypy
 	shellcheck contrib/gpu-smoke.sh contrib/bash-completion/vllmctl
+
+# `make install PREFIX=/usr DESTDIR=/tmp/stage`: a self-contained venv in $(PREFIX)/lib/vllmd
+# (the engine only when ENGINE= is given), vllmd and vllmctl in $(PREFIX)/bin, the unit, the
+# sysusers file, bash completion, and the example config as /etc/vllmd/vllmd.toml unless one
+# exists. The venv is built where it is staged, then its scripts are pointed at $(PREFIX).
+PREFIX ?= /usr/local
+DESTDIR ?=
+APP := $(PREFIX)/lib/vllmd
+INSTALL_ENGINE := $(if $(filter command line environment,$(origin ENGINE)),$(ENGINE))
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(APP)
+	$(DESTDIR)$(APP)/bin/python -m pip install -q --upgrade pip
+	$(DESTDIR)$(APP)/bin/python -m pip install -q . $(INSTALL_ENGINE)
+	@if [ -n "$(DESTDIR)" ]; then \
+		grep -rlI --null "$(DESTDIR)$(APP)" $(DESTDIR)$(APP)/bin | \
+			xargs -0 -r sed -i "s|$(DESTDIR)$(APP)|$(APP)|g"; fi
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system \
+		$(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)/etc/vllmd
+	ln -sf ../lib/vllmd/bin/vllmd $(DESTDIR)$(PREFIX)/bin/vllmd
+	ln -sf ../lib/vllmd/bin/vllmctl $(DESTDIR)$(PREFIX)/bin/vllmctl
+	sed "s|/usr/bin/vllm|$(PREFIX)/bin/vllm|g" systemd/vllmd.service \
+		> $(DESTDIR)$(PREFIX)/lib/systemd/system/vllmd.service
+	install -m 0644 systemd/vllmd.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/vllmd.conf
+	install -m 0644 contrib/bash-completion/vllmctl \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/vllmctl
+	@if [ -e $(DESTDIR)/etc/vllmd/vllmd.toml ]; then \
+		echo "kept the existing $(DESTDIR)/etc/vllmd/vllmd.toml"; \
+	else install -m 0644 etc/vllmd.toml $(DESTDIR)/etc/vllmd/vllmd.toml; fi
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache
