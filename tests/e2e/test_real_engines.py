@@ -4,10 +4,13 @@ driven by the openai SDK. One daemon for the module; at most two engines alive a
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -57,6 +60,43 @@ def test_embeddings_from_minilm_have_384_dimensions(daemon: Daemon) -> None:
     assert [len(d.embedding) for d in result.data] == [384, 384]
     a, b = (d.embedding for d in result.data)
     assert a != b
+
+
+def _promtool(text: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.fail("promtool is missing: `make dev` installs the Debian package prometheus")
+    return subprocess.run(
+        [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_metrics_with_real_engines_pass_promtool_and_the_relay_parses(daemon: Daemon) -> None:
+    """vllmd's own /metrics is lint-clean with real engines running; /metrics/engines (vLLM's
+    series, whose `vllm:` names promtool's linter flags) has no parse error: the only
+    complaints are the expected lint ones."""
+    sdk(daemon).chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+    )
+    own = httpx.get(f"{daemon.url}/metrics", timeout=30).text
+    relayed = httpx.get(f"{daemon.url}/metrics/engines", timeout=30).text
+    checked = _promtool(own)
+    assert checked.returncode == 0 and checked.stdout == "" and checked.stderr == "", checked
+    assert (
+        'vllmd_requests_total{model="tiny-chat",endpoint="/v1/chat/completions",code="200"}' in own
+    )
+    assert 'vllmd_engine_scrape_success{model="tiny-chat"} 1' in relayed
+    assert relayed.count("# TYPE vllm:num_requests_running ") == 1
+    lint = _promtool(relayed)
+    problems = [
+        line
+        for line in (lint.stdout + lint.stderr).splitlines()
+        if line.strip()
+        and "should not contain ':'" not in line
+        and 'non-counter metrics should not have "_total" suffix' not in line
+        and "_created" not in line
+    ]
+    assert problems == [], problems
 
 
 def test_engine_error_passes_through_as_openai_error(daemon: Daemon) -> None:
