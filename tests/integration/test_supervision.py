@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import chat, client, eventually, fake_config, running
 from vllmd.instance.states import InstanceState
@@ -312,9 +313,19 @@ async def test_metrics_count_requests_by_model_and_code(tmp_path: Path) -> None:
         await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
         await http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
         text = (await http.get("/metrics")).text
-    assert 'vllmd_requests_total{code="200",endpoint="/v1/completions",model="m"} 1.0' in text
-    assert 'vllmd_requests_total{code="404",endpoint="/v1/completions",model=""} 1.0' in text
-    assert 'vllmd_model_state{model="m",state="ready"} 1.0' in text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float | None:
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    route = "/v1/completions"
+    assert value("vllmd_requests_total", model="m", endpoint=route, code="200") == 1.0
+    assert value("vllmd_requests_total", model="", endpoint=route, code="404") == 1.0
+    assert value("vllmd_model_state", model="m", state="ready") == 1.0
 
 
 async def test_engine_environment_is_cleaned_of_systemd_variables(tmp_path: Path) -> None:

@@ -215,3 +215,16 @@ def test_each_source_is_read_once_per_evaluation() -> None:
     s = Signals(Observations(Clock()), statuses=statuses, accounts=list, devices=dict)
     s.read([rule("model_failed"), rule("model_queue_depth"), rule("device_memory_used_ratio")])
     assert calls == ["statuses"]
+
+
+@pytest.mark.parametrize("seconds", [8.3, 9.0, 9.5, 10.5, 12.0])
+def test_ttfb_p99_is_within_five_percent_near_the_default_threshold(seconds: float) -> None:
+    """Regression: buckets sqrt(2) apart put a p99 of 9 s at 11.55 s (the 10 s default rule
+    fired on requests that all took under 10 s)."""
+    obs = Observations(clock=lambda: 1000.0)
+    for _ in range(100):
+        obs.request("m", 200, seconds, 1000.0)
+    p99 = obs.ttfb_quantile("m", 0.99, 300, 1000.0)
+    assert p99 is not None
+    assert abs(p99 - seconds) / seconds < 0.05
+    assert (p99 > 10) == (seconds > 10)

@@ -575,7 +575,7 @@ def test_rule_for_unknown_model_is_rejected(tmp_path: Path) -> None:
 def test_alert_receivers_must_be_http_urls(tmp_path: Path) -> None:
     text = '[alerts]\nalertmanager = ["http://am:9093"]\nwebhooks = ["ftp://user:pw@x"]\n'
     found = problems(tmp_path, text)
-    assert found == ["alerts.webhooks[0]: not an http:// or https:// URL"]
+    assert found == ["alerts.webhooks[0]: not a usable http:// or https:// URL"]
 
 
 def test_parse_config_takes_parsed_data(tmp_path: Path) -> None:
@@ -584,3 +584,23 @@ def test_parse_config_takes_parsed_data(tmp_path: Path) -> None:
     assert config.path is None
     assert config.models["m"].model == str(tmp_path / "m")
     assert config.models["m"].memory == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[alerts]\nalertmanager = ["http://xn--/"]', "alerts.alertmanager[0]: not a usable"),
+        ('[alerts]\nwebhooks = ["http://h:99999/hook"]', "alerts.webhooks[0]: not a usable"),
+        ('[alerts]\nwebhooks = ["http://h:80:80/"]', "alerts.webhooks[0]: not a usable"),
+        ('[alerts]\nlabels = { "team-name" = "ml" }', "alerts.labels.team-name: not a Prometheus"),
+        ('[alerts]\nlabels = { __x = "1" }', "alerts.labels.__x: not a Prometheus"),
+        ('[alerts]\nlabels = { alertname = "x" }', "alerts.labels.alertname: set by vllmd"),
+        ('[alerts]\nexternal_url = "ftp://x"', "alerts.external_url: not an http"),
+    ],
+)
+def test_alert_receivers_and_labels_that_would_fail_at_send_time_are_config_errors(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    """Regression: an IDNA-invalid Alertmanager URL passed the check and its first send ended
+    the daemon; one bad label name made Alertmanager refuse every alert, forever."""
+    assert any(expected in p for p in problems(tmp_path, text)), problems(tmp_path, text)

@@ -246,6 +246,10 @@ class Notifier:
             self._count(receiver.name, "error")
             log.warning("alert_notification_failed", receiver=receiver.name, error=_why(exc))
             return False
+        except Exception as exc:  # a URL httpx cannot use, ...: never the daemon's end
+            self._count(receiver.name, "error")
+            log.warning("alert_notification_failed", receiver=receiver.name, error=repr(exc))
+            return False
         self._count(receiver.name, "ok")
         return True
 

@@ -22,36 +22,56 @@ from vllmd.alerts.rules import LabelSet
 from vllmd.config.schema import AlertRule
 from vllmd.devices import DeviceSnapshot
 from vllmd.events import Event, EventBus, Kind
-from vllmd.instance.states import HAS_ENGINE, InstanceState
+from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.instance.status import ModelStatus
 from vllmd.placement.ledger import DeviceAccount
 
 HORIZON = 3600  # seconds of request history kept; longer windows are cut to it
-# Time-to-first-byte buckets: upper bounds from 1 ms to ~11.6 min, a factor sqrt(2) apart
-# (p99 is interpolated inside a bucket, as histogram_quantile does).
-TTFB_BOUNDS: tuple[float, ...] = tuple(0.001 * 2 ** (i / 2) for i in range(40))
+# Time-to-first-byte buckets: upper bounds from 1 ms to ~10 min, a factor 2^(1/16) (4.4 %)
+# apart, so an interpolated p99 is off by at most that much near a threshold (p99 is
+# interpolated inside a bucket, as histogram_quantile does).
+TTFB_BOUNDS: tuple[float, ...] = tuple(0.001 * 2 ** (i / 16) for i in range(309))
 _B = len(TTFB_BOUNDS) + 1  # + the overflow bucket
+HIST_SLOT = 10  # seconds per slot of the TTFB histograms (finer buckets, coarser time)
 
 
 class _Ring:
     """One model's requests over the last `size` seconds, one slot per second."""
 
-    __slots__ = ("errors", "hist", "size", "stamp", "total")
+    __slots__ = ("errors", "hist", "hsize", "hstamp", "size", "stamp", "total")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.stamp = [-1] * size  # which second each slot holds
         self.total = [0] * size
         self.errors = [0] * size
-        self.hist = [0] * (size * _B)  # TTFB bucket counts, _B per slot
+        self.hsize = max(1, size // HIST_SLOT)
+        self.hstamp = [-1] * self.hsize  # which HIST_SLOT-second span each histogram holds
+        self.hist = [0] * (self.hsize * _B)  # TTFB bucket counts, _B per histogram slot
 
     def slot(self, second: int) -> int:
         i = second % self.size
         if self.stamp[i] != second:  # a slot from `size` seconds ago: reuse it
             self.stamp[i] = second
             self.total[i] = self.errors[i] = 0
+        return i
+
+    def hslot(self, second: int) -> int:
+        span = second // HIST_SLOT
+        i = span % self.hsize
+        if self.hstamp[i] != span:
+            self.hstamp[i] = span
             self.hist[i * _B : (i + 1) * _B] = _ZEROS
         return i
+
+    def hslots(self, now: float, window: float) -> Iterable[int]:
+        """The histogram slots covering the `window` seconds up to `now`."""
+        last = int(now) // HIST_SLOT
+        span = min(self.hsize, max(1, math.ceil(window / HIST_SLOT)))
+        for each in range(last - span + 1, last + 1):
+            i = each % self.hsize
+            if self.hstamp[i] == each:
+                yield i
 
     def seconds(self, now: float, window: float) -> Iterable[int]:
         """The slots of the `window` seconds up to `now` (the current second included)."""
@@ -88,7 +108,7 @@ class Observations:
         if code >= 500:
             ring.errors[i] += 1
         if ttfb_seconds is not None:
-            ring.hist[i * _B + bisect_left(TTFB_BOUNDS, ttfb_seconds)] += 1
+            ring.hist[ring.hslot(int(now)) * _B + bisect_left(TTFB_BOUNDS, ttfb_seconds)] += 1
 
     def first_byte(self, model: str, seconds: float, now: float) -> None:
         """A time to first byte alone, for a caller that learns it apart from the status
@@ -96,7 +116,7 @@ class Observations:
         ring = self._rings.get(model)
         if ring is None:
             ring = self._rings[model] = _Ring(self._horizon)
-        ring.hist[ring.slot(int(now)) * _B + bisect_left(TTFB_BOUNDS, seconds)] += 1
+        ring.hist[ring.hslot(int(now)) * _B + bisect_left(TTFB_BOUNDS, seconds)] += 1
 
     def listen(self, bus: EventBus) -> None:
         bus.on_event(self.on_event)
@@ -134,10 +154,10 @@ class Observations:
         if ring is None:
             return None
         buckets = [0] * _B
-        for i in ring.seconds(now, window):
+        hist = ring.hist
+        for i in ring.hslots(now, window):
             base = i * _B
-            for b in range(_B):
-                buckets[b] += ring.hist[base + b]
+            buckets = [a + b for a, b in zip(buckets, hist[base : base + _B], strict=True)]
         return quantile(buckets, q)
 
     def restarts(self, model: str, window: float, now: float) -> int:
@@ -234,7 +254,7 @@ class Signals:
             return 1.0 if st.state is InstanceState.FAILED else 0.0
         if signal == "model_memory_over_reservation_bytes":
             # Only while an engine runs: a stopped model's last measurement is history.
-            if st.state not in HAS_ENGINE or not st.measured_bytes:
+            if st.state not in MEASURED or not st.measured_bytes:
                 return None
             return float(max(0, st.measured_bytes - st.model.memory))
         return None  # model_kv_cache_usage_ratio: not read from the engines yet

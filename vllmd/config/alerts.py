@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 from vllmd.config.models import is_gpu_index
 from vllmd.config.reader import Table
@@ -71,7 +74,7 @@ def parse_alerts(
         alertmanager=_urls(table, "alertmanager"),
         webhooks=_urls(table, "webhooks"),
         resend=table.duration("resend", d.resend),
-        labels=table.mapping("labels"),
+        labels=_labels(table),
         external_url=table.text("external_url", d.external_url),
     )
     if config.external_url and urlsplit(config.external_url).scheme not in ("http", "https"):
@@ -105,9 +108,34 @@ def _urls(table: Table, name: str) -> tuple[str, ...]:
     urls = table.strings(name, secret=True)  # URLs may carry user:password
     for i, url in enumerate(urls):
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            table.problems.append(f"{table.key(name)}[{i}]: not an http:// or https:// URL")
+        if parts.scheme not in ("http", "https") or not parts.netloc or not _usable(url):
+            table.problems.append(f"{table.key(name)}[{i}]: not a usable http:// or https:// URL")
     return urls
+
+
+def _usable(url: str) -> bool:
+    """Whether the HTTP client can send to `url` (a host it can encode, a port in range)."""
+    try:
+        parsed = httpx.URL(url)
+        return bool(parsed.host) and (parsed.port is None or 0 < parsed.port < 65536)
+    except Exception:  # httpx.InvalidURL, idna errors, ...
+        return False
+
+
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+RESERVED_LABELS = frozenset({"alertname", "alertstate"})
+
+
+def _labels(table: Table) -> Mapping[str, str]:
+    """`labels` of an alert: Prometheus label names (Alertmanager refuses a whole batch with
+    one bad name), none it sets itself."""
+    labels = table.mapping("labels")
+    for name in labels:
+        if not LABEL_NAME.fullmatch(name) or name.startswith("__"):
+            table.problems.append(f"{table.key('labels')}.{name}: not a Prometheus label name")
+        elif name in RESERVED_LABELS:
+            table.problems.append(f"{table.key('labels')}.{name}: set by vllmd itself")
+    return labels
 
 
 def _parse_rule(
@@ -152,7 +180,7 @@ def _parse_rule(
         severity=table.text("severity", base.severity),
         model=model,
         device=device,
-        labels=MappingProxyType({**base.labels, **table.mapping("labels")}),
+        labels=MappingProxyType({**base.labels, **_labels(table)}),
         annotations=MappingProxyType({**base.annotations, **table.mapping("annotations")}),
         enabled=table.flag("enabled", base.enabled),
     )

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-import httpx
 import structlog
 
 from vllmd.instance.states import InstanceState
@@ -67,7 +66,7 @@ async def scrape(
         with anyio.move_on_after(timeout):
             try:
                 texts[model] = await source.metrics(timeout=timeout)
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # one engine's failure is its scrape_success 0, no more
                 log.info("engine_scrape_failed", model=model, error=str(exc) or repr(exc))
             return
         log.info("engine_scrape_timeout", model=model, timeout=timeout)
@@ -94,11 +93,13 @@ class _Family:
 
 def merge(texts: Mapping[str, str | None]) -> str:
     """One exposition of every text (None: a failed scrape), plus `vllmd_engine_scrape_success`
-    per model. Families keep the order they are first seen in; the first HELP/TYPE wins."""
+    per model. Families keep the order they are first seen in; the first HELP/TYPE wins.
+    Every sample gets its engine's `model` label: engines' own series (process_*, python_*,
+    vllm:cache_config_info) would otherwise repeat the same series once per engine."""
     families: dict[str, _Family] = {}
-    for text in texts.values():
+    for model, text in texts.items():
         if text:
-            _parse_into(text, families)
+            _parse_into(text, families, f'model="{_escape(model)}"')
     out: list[str] = []
     for name, family in families.items():
         if family.help is not None:
@@ -121,7 +122,7 @@ async def relay(instances: Iterable[Engine], timeout: float = SCRAPE_TIMEOUT) ->
     return merge(await scrape(running(instances), timeout)).encode()
 
 
-def _parse_into(text: str, families: dict[str, _Family]) -> None:
+def _parse_into(text: str, families: dict[str, _Family], label: str) -> None:
     current: str | None = None  # the family the last HELP/TYPE line named
     for raw in text.splitlines():
         line = raw.strip()
@@ -138,7 +139,16 @@ def _parse_into(text: str, families: dict[str, _Family]) -> None:
         name = _sample_name(line)
         if current is None or not _belongs(name, current):
             current = name  # an untyped sample: its own family
-        families.setdefault(current, _Family()).samples.append(line)
+        families.setdefault(current, _Family()).samples.append(_labelled(line, name, label))
+
+
+def _labelled(line: str, name: str, label: str) -> str:
+    """The sample `line` with `label` first among its labels."""
+    rest = line[len(name) :]
+    if rest.startswith("{"):
+        inner = rest[1:]
+        return f"{name}{{{label}{'' if inner.startswith('}') else ','}{inner}"
+    return f"{name}{{{label}}}{rest}"
 
 
 def _sample_name(line: str) -> str:

@@ -48,12 +48,12 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
 HOLDS_RESERVATION = frozenset({S.STARTING, S.READY, S.DRAINING, S.WAKING, S.STOPPING})
 # ... and in backoff too: its actor restarts it in a moment, a neighbour must not take it.
 HOLDING = HOLDS_RESERVATION | {S.BACKOFF}
-# An engine process exists (or is being cleaned up).
-HAS_ENGINE = HOLDING | {S.SLEEPING}
 # Its memory is changing: one such operation per device at a time.
 MEMORY_OPERATIONS = frozenset({S.STARTING, S.WAKING, S.DRAINING, S.STOPPING})
 # Loading weights and sizing a KV cache: limited by engine.max_concurrent_starts.
 STARTS = frozenset({S.STARTING, S.WAKING})
+# Its engine's measured footprint is current (measured once ready, by the engine serving now).
+MEASURED = frozenset({S.READY, S.DRAINING})
 # May be chosen as an eviction victim.
 EVICTABLE = frozenset({S.READY, S.SLEEPING, S.BACKOFF})
 

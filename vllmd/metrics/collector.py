@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from vllmd.instance.states import InstanceState
+from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.metrics.hot import Family, Rows, TextCollector
 
 if TYPE_CHECKING:
@@ -21,7 +21,6 @@ STATES = tuple(InstanceState)
 # The measured footprint is of the engine that runs now only in these states: before the
 # first measurement of a start it is the previous engine's, and asleep it is not what the
 # engine keeps. Elsewhere the series is absent, never a stale figure.
-MEASURED = frozenset({S.READY, S.DRAINING})
 
 
 class Watched(Protocol):

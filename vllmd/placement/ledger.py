@@ -15,7 +15,7 @@ from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot, budget_total, engine_total
 from vllmd.engine.argv import PlacedDevice, sleep_mode_enabled
 from vllmd.instance.instance import Instance
-from vllmd.instance.states import HAS_ENGINE, InstanceState
+from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot
@@ -165,7 +165,7 @@ class Ledger:
                 used: int | None = sum(
                     self._measured.get(m.name, 0)
                     for m in snap.models.values()
-                    if name in m.devices and m.state in HAS_ENGINE
+                    if name in m.devices and m.state in MEASURED
                 )
             else:
                 used = probed.used if probed is not None else None
