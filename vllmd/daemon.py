@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -29,12 +30,13 @@ from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
 from vllmd.engine.reaper import become_subreaper
-from vllmd.errors import ListenFailed
+from vllmd.errors import ConfigError, ListenFailed
 from vllmd.events import EventBus, Kind
 from vllmd.http.gateway import Gateway
 from vllmd.http.metrics_app import MetricsApp
 from vllmd.http.unix import bind_unix
 from vllmd.metrics import Metrics, run_lag_monitor
+from vllmd.reload import Reloader
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 from vllmd.wiring import Seams, build
@@ -94,18 +96,6 @@ def _http_server(app: Gateway | MetricsApp, limit: int, graceful: int) -> uvicor
 def _url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def status_line(supervisor: Supervisor) -> str:
-    """systemd's one-line STATUS: "3 models: 2 ready, 1 sleeping; 46.0/80.0 GiB reserved"."""
-    counts: dict[str, int] = {}
-    for st in supervisor.statuses():
-        counts[st.state.value] = counts.get(st.state.value, 0) + 1
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    accounts = supervisor.accounts()
-    reserved = sum(a.reserved for a in accounts) / 2**30
-    total = sum(a.total for a in accounts) / 2**30
-    return f"{sum(counts.values())} models: {parts}; {reserved:.1f}/{total:.1f} GiB reserved"
 
 
 @dataclass(frozen=True)
@@ -172,12 +162,13 @@ async def serve(
             await tg.start(run_lag_monitor, parts.metrics)
             await tg.start(parts.alerts.run)
             await tg.start(parts.control.run)
+            await tg.start(_reload_on_sighup, parts.reloader)  # before READY: HUP is ours
             await tg.start(parts.control_server.serve, control_sock)
             for each_server, each_sock in listeners:
                 await _start_server(each_server, each_sock)
                 tg.start_soon(_run_server, each_server, each_sock)
             gateway.open()
-            notifier.ready(status_line(supervisor))
+            notifier.ready(supervisor.summary())
             log.info(
                 "ready",
                 gateway=str(config.gateway.listen),
@@ -222,6 +213,17 @@ async def serve(
             tg.cancel_scope.cancel()
 
 
+async def _reload_on_sighup(
+    reloader: Reloader, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGHUP reloads, like `vllmctl reload` (which also reports a bad config)."""
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            with contextlib.suppress(ConfigError):  # logged and counted by the reloader
+                await reloader.reload()
+
+
 def _unlink(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
@@ -231,7 +233,7 @@ async def _report_status(events: EventBus, supervisor: Supervisor, notifier: Not
     with events.subscribe("systemd-status") as stream:
         async for event in stream:
             if event.kind is Kind.STATE:
-                notifier.status(status_line(supervisor))
+                notifier.status(supervisor.summary())
 
 
 async def _watchdog(notifier: Notifier, supervisor: Supervisor) -> None:

@@ -51,6 +51,9 @@ class Kind(StrEnum):
     REJECTED = "rejected"  # reason, why
     RELEASE_UNVERIFIED = "release_unverified"  # problem
     MODEL_ADDED = "model_added"  # replaced (bool)
+    MODEL_REMOVED = "model_removed"  # by a reload
+    RELOADED = "reloaded"  # added, removed, restarted, live (model names)
+    RELOAD_FAILED = "reload_failed"  # problems
     CONTROL = "control"  # action, uid, pid, result (accepted|forbidden): an operator's call
 
 

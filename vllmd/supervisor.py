@@ -13,13 +13,15 @@ from contextlib import asynccontextmanager
 from types import MappingProxyType
 
 import anyio
+import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd.admission import Admission
-from vllmd.config import ModelConfig
+from vllmd.config import Config, ModelConfig
+from vllmd.config.diff import ReloadPlan
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot
-from vllmd.errors import InvalidState, ModelNotFound, StartFailed
+from vllmd.errors import InvalidState, ModelNotFound, StartFailed, VllmdError
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
@@ -29,6 +31,8 @@ from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
 
 S = InstanceState
+log = structlog.get_logger("vllmd.supervisor")
+_RUNNING = frozenset({S.STARTING, S.READY, S.DRAINING, S.SLEEPING, S.WAKING})
 
 
 class Supervisor:
@@ -74,6 +78,17 @@ class Supervisor:
 
     def statuses(self) -> Iterator[ModelStatus]:
         return (self.status(i) for i in list(self._instances.values()))
+
+    def summary(self) -> str:
+        """systemd's one-line STATUS: "3 models: 2 ready, 1 sleeping; 46.0/80.0 GiB reserved"."""
+        counts: dict[str, int] = {}
+        for st in self.statuses():
+            counts[st.state.value] = counts.get(st.state.value, 0) + 1
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        accounts = self.accounts()
+        reserved = sum(a.reserved for a in accounts) / 2**30
+        total = sum(a.total for a in accounts) / 2**30
+        return f"{sum(counts.values())} models: {parts}; {reserved:.1f}/{total:.1f} GiB reserved"
 
     def placer_last_pass(self) -> float:
         """When (anyio's clock) the placer's loop last ran: its heartbeat for the watchdog."""
@@ -125,6 +140,41 @@ class Supervisor:
         await self._tg.start(self._run_actor, instance)
         self._ctx.events.emit(Kind.MODEL_ADDED, model.name, replaced=old is not None)
         return instance
+
+    async def apply(self, config: Config, plan: ReloadPlan) -> None:
+        """Carry out a reload's plan (`config.diff.plan_reload`): removed models stop and go,
+        engine-changing ones are replaced (and started again if they were running), the
+        rest take their new settings in place, new ones appear (loaded if `preload`)."""
+        running = {n for n, i in self._instances.items() if i.state in _RUNNING}
+        self._ctx.use_config(config)
+        for name in plan.removed:
+            await self._remove(self._instances[name])
+        replaced = {*plan.restart, *plan.added}
+        for name, instance in self._instances.items():
+            if name not in replaced:
+                instance.reconfigure(config.models[name], config.engine)
+        self._index()
+        assert self._tg is not None, "apply() needs the supervisor running"
+        for name in sorted(replaced):
+            instance = await self.add(config.models[name])
+            if name in running or instance.model.preload:
+                self._tg.start_soon(self._load_quietly, instance)
+        self._placer.kick()
+
+    async def _remove(self, instance: Instance) -> None:
+        name = instance.name
+        self._placer.cancel(instance, ModelNotFound(f"model {name} was removed by a reload"))
+        await self._stop(instance)
+        self._actors.pop(name).cancel()
+        del self._instances[name]
+        self._ctx.overrides.forget(name)
+        self._ctx.events.emit(Kind.MODEL_REMOVED, name)
+
+    async def _load_quietly(self, instance: Instance) -> None:
+        try:
+            await self._placer.ensure(instance)
+        except VllmdError as exc:
+            log.warning("reload_load_failed", model=instance.name, error=str(exc))
 
     def _index(self) -> None:
         self._served = {

@@ -25,6 +25,7 @@ from vllmd.http.metrics_app import MetricsApp
 from vllmd.http.unix import UnixServer
 from vllmd.instance.session import RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
+from vllmd.reload import Reloader
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 
@@ -54,6 +55,7 @@ class Parts:
     gateway: Gateway
     metrics_app: MetricsApp
     alerts: AlertEngine
+    reloader: Reloader
     control: ControlAPI
     control_server: UnixServer
     reaper: Reaper
@@ -92,7 +94,8 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
         AlertNotifier(lambda: ctx.config, count=metrics.alert_notification),
     )
     metrics.registry.register(AlertsCollector(alerts))
-    control = ControlAPI(ctx, supervisor, metrics, alerts)
+    reloader = Reloader(ctx, supervisor, metrics, seams.notifier, supervisor.summary)
+    control = ControlAPI(ctx, supervisor, metrics, alerts, reloader)
     return Parts(
         ctx=ctx,
         events=events,
@@ -101,6 +104,7 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
         gateway=Gateway(ctx, supervisor, metrics, observations),
         metrics_app=MetricsApp(metrics, engines=lambda: supervisor.instances.values()),
         alerts=alerts,
+        reloader=reloader,
         control=control,
         control_server=UnixServer(control, refusal),
         reaper=seams.reaper,

@@ -186,7 +186,8 @@ async def test_every_error_code_is_a_clean_answer_and_the_daemon_stays_up(
             "bad since": await ctl.get("/v1/events", params={"since": "yesterday"}),
             "bad timeout": await ctl.post("/v1/models/a/load", params={"timeout": "-1"}),
             "too large": await ctl.post("/v1/models/a/load", content=b"x" * (65 * 1024)),
-            "reload not yet": await ctl.post("/v1/reload"),
+            "reload, no file": await ctl.post("/v1/reload"),
+            "reload by GET": await ctl.get("/v1/reload"),
         }
         still = await ctl.get("/v1/status")
     assert {k: _error(r) for k, r in answers.items()} == {
@@ -200,7 +201,8 @@ async def test_every_error_code_is_a_clean_answer_and_the_daemon_stays_up(
         "bad since": (400, "bad_request"),
         "bad timeout": (400, "bad_request"),
         "too large": (413, "body_too_large"),
-        "reload not yet": (404, "not_found"),
+        "reload, no file": (422, "config_invalid"),
+        "reload by GET": (405, "method_not_allowed"),
     }
     assert still.status_code == 200
 

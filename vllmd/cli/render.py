@@ -136,6 +136,15 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def reload_summary(body: Mapping[str, Any]) -> str:
+    """`vllmctl reload`: what the reload did, in one line."""
+    kinds = (("added", "added"), ("removed", "removed"), ("restarted", "restarted"))
+    parts = [f"{what} {', '.join(body[key])}" for what, key in kinds if body.get(key)]
+    if body.get("live"):
+        parts.append(f"changed {', '.join(body['live'])}")
+    return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
+
+
 def alerts_table(alerts: Sequence[Mapping[str, Any]]) -> str:
     """`vllmctl alerts`: one row per pending or firing alert."""
     headers = ("ALERTNAME", "STATE", "SEVERITY", "ON", "VALUE", "SINCE", "SUMMARY")

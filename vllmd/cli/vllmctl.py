@@ -214,6 +214,10 @@ def cmd_logs(args: argparse.Namespace, ctl: Control) -> int:
     return show(args, ctl.get(path, params), lambda body: "\n".join(body["lines"]))
 
 
+def cmd_reload(args: argparse.Namespace, ctl: Control) -> int:
+    return show(args, ctl.post("/v1/reload"), render.reload_summary)
+
+
 def cmd_alerts(args: argparse.Namespace, ctl: Control) -> int:
     return show(args, ctl.get("/v1/alerts"), lambda body: render.alerts_table(body["alerts"]))
 
@@ -293,6 +297,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Control], int]] = {
     "logs": cmd_logs,
     "devices": cmd_devices,
     "alerts": cmd_alerts,
+    "reload": cmd_reload,
     "events": cmd_events,
     "doctor": cmd_doctor,
 }
@@ -343,6 +348,7 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing (Ctrl-C ends)")
     sub.add_parser("devices", help="devices and what each model reserves on them")
     sub.add_parser("alerts", help="the alerts pending or firing")
+    sub.add_parser("reload", help="reload the config file (a bad one changes nothing)")
     events = sub.add_parser("events", help="what happened, oldest first")
     events.add_argument(
         "--since", metavar="ID|TIME", help="after event ID, from TIME (RFC 3339) or a duration ago"

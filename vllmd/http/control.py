@@ -37,6 +37,7 @@ from vllmd.http.unix import Peer, Reply, Request, Streamed
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
 from vllmd.metrics import Metrics
+from vllmd.reload import Reloader
 from vllmd.supervisor import Supervisor
 
 log = structlog.get_logger("vllmd.control")
@@ -90,10 +91,12 @@ class ControlAPI:
         supervisor: Supervisor,
         metrics: Metrics,
         alerts: AlertEngine,
+        reloader: Reloader,
         *,
         daemon_uid: int | None = None,
     ) -> None:
         self._alerts = alerts
+        self._reloader = reloader
         self._ctx = ctx
         self._supervisor = supervisor
         self._events: EventBus = ctx.events
@@ -138,6 +141,9 @@ class ControlAPI:
         if route == ["devices"]:
             allow(method, "GET")
             return reply(200, {"devices": self.devices(with_models=True)})
+        if route == ["reload"]:
+            allow(method, "POST")
+            return await self._reload(request)
         if route == ["alerts"]:
             allow(method, "GET")
             return reply(200, {"alerts": self._alerts.active()})
@@ -313,6 +319,31 @@ class ControlAPI:
             err = control_error(outcome[0])
             raise ControlError(err.code, err.message, {**err.extra, "model": view})
         return reply(200, view)
+
+    async def _reload(self, request: Request) -> Reply:
+        peer = request.peer
+        allowed = self._may_mutate(peer)
+        self._events.emit(
+            Kind.CONTROL,
+            None,
+            action="reload",
+            uid=peer.uid,
+            pid=peer.pid,
+            result="accepted" if allowed else "forbidden",
+        )
+        if not allowed:
+            raise ControlError("forbidden", f"uid {peer.uid} may not reload the daemon")
+        plan = await self._reloader.reload()  # ConfigError: 422 with the problems
+        return reply(
+            200,
+            {
+                "reloaded": True,
+                "added": list(plan.added),
+                "removed": list(plan.removed),
+                "restarted": list(plan.restart),
+                "live": list(plan.live),
+            },
+        )
 
     def _operation(self, instance: Instance, verb: str) -> Awaitable[None]:
         sup = self._supervisor

@@ -180,8 +180,12 @@ class Gateway:
             except ModelNotFound as exc:
                 raise http_error(exc) from None
             model_label = instance.name
-            if path_model is not None and payload.get("model") != instance.name:
-                # The path names the model; the engine serves it under every name anyway.
+            engine_names = instance.engine_names
+            if (path_model is not None and payload.get("model") != instance.name) or (
+                engine_names and name not in engine_names
+            ):
+                # The path names the model (the engine serves it under every name anyway),
+                # or an alias added by a reload that the running engine was not told of.
                 payload["model"] = instance.name
                 body = json.dumps(payload).encode()
             if not self.accepting:

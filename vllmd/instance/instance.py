@@ -17,7 +17,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from vllmd.config import ModelConfig
+from vllmd.config import EngineConfig, ModelConfig
 from vllmd.context import Context
 from vllmd.engine.api import EngineAPI, Upstream
 from vllmd.engine.argv import PlacedDevice
@@ -58,6 +58,7 @@ class Instance:
         self._session: Session | None = None
         self._placement: tuple[PlacedDevice, ...] = ()
         self.last_pids: frozenset[int] = frozenset()  # the previous engine's processes
+        self.engine_names: frozenset[str] = frozenset()  # the running engine's served names
 
         self.in_flight = 0
         self.last_used = 0.0  # clock time; 0 = never
@@ -96,8 +97,7 @@ class Instance:
             self._notify()
 
     def want_down(self) -> None:
-        """Stop the engine. A `failed` model (no process: its actor is idle) becomes `stopped`
-        at once, with a fresh restart window."""
+        """Stop the engine; a `failed` one (no process) is `stopped` at once, window reset."""
         if self.state is S.FAILED:
             self._want = "down"
             self.restart_policy.reset()
@@ -108,11 +108,16 @@ class Instance:
             self._notify()
 
     def want_asleep(self, level: int) -> None:
-        """Put a running engine to sleep (drained first); only with sleep mode. A stop asked
-        for already wins (a sleep must never keep alive an engine that is being stopped)."""
+        """Put a running engine to sleep (drained first; only with sleep mode). A stop wins."""
         if self._want == "up":
             self._want, self._sleep_to = "asleep", level
             self._notify()
+
+    def reconfigure(self, model: ModelConfig, engine: EngineConfig) -> None:
+        """A reload changed only live keys: the running engine, if any, is kept."""
+        self.model = model
+        self.engine = engine
+        self.restart_policy.configure(model.max_restarts, model.restart_window)
 
     def restart_next(self, reason: str | None) -> None:
         """The next start is a restart for `reason` (an operator's: "manual"), counted so;
@@ -301,6 +306,7 @@ class Instance:
             self._start_failed("failed")
             return End.START_FAILED
         self._session = session
+        self.engine_names = frozenset(self.model.served_names)
         self.starts += 1
         record = session.process.record
         self._events.emit(

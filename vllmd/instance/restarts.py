@@ -25,6 +25,11 @@ class RestartPolicy:
         self.restarts: deque[float] = deque()  # times of counted restarts within the window
         self.profiling_retries = 0  # uncounted retries since the last successful start
 
+    def configure(self, max_restarts: int, window: float) -> None:
+        """New limits (a reload); the restarts counted so far stay counted."""
+        self.max_restarts = max_restarts
+        self.window = window
+
     def is_profiling_race(self, output: list[str]) -> bool:
         """The start failed because memory changed under vLLM's profiling (and such retries
         are not yet exhausted)."""

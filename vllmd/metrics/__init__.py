@@ -54,6 +54,12 @@ class Metrics:
             "How late the daemon's event loop ran its last lag timer.",
             registry=r,
         )
+        self._reload_ok = Gauge(
+            "vllmd_config_last_reload_successful",
+            "1 when the last reload succeeded (or none was tried), 0 when it was refused.",
+            registry=r,
+        )
+        self._reload_ok.set(1)
         self._engine_versions: dict[str, str] = {}
         self._requests = HotCounter(
             "vllmd_requests",
@@ -136,6 +142,9 @@ class Metrics:
         self._queue_children: dict[str, HistogramChild] = {}
         self._ttfb_children: dict[str, HistogramChild] = {}
         self._rejected_children: dict[tuple[str, str], CounterChild] = {}
+
+    def reload_result(self, *, ok: bool) -> None:
+        self._reload_ok.set(1 if ok else 0)
 
     def alert_notification(self, receiver: str, result: str) -> None:
         """One notification to `receiver` (ok or error)."""

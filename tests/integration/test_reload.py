@@ -1,0 +1,178 @@
+"""Reload through the whole daemon (fake engines): `POST /v1/reload`, SIGHUP and `vllmctl
+reload` read the file again; unchanged models keep their engine (same pid), engine-changing
+ones restart, removed ones stop, new ones appear; a bad file changes nothing and says why."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.integration.harness import FAKE_ENGINE, client, running
+from vllmd.config import load_config
+from vllmd.daemon import Running
+
+pytestmark = pytest.mark.anyio
+VLLMCTL = [sys.executable, "-m", "vllmd.cli.vllmctl"]
+
+
+def _write(tmp_path: Path, models: str, listen: str = "127.0.0.1:0") -> Path:
+    path = tmp_path / "vllmd.toml"
+    path.write_text(
+        f"""
+[daemon]
+state_dir = "state"
+control_socket = "ctl.sock"
+[gateway]
+listen = "{listen}"
+queue_timeout = "20s"
+[engine]
+command = ["{sys.executable}", "{FAKE_ENGINE}"]
+model_flag = "--model"
+stop_timeout = "3s"
+drain_timeout = "1s"
+[devices.cpu0]
+kind = "cpu"
+memory = "64GiB"
+{models}
+"""
+    )
+    return path
+
+
+def _model(name: str, extra: str = "") -> str:
+    return f"""
+[models.{name}]
+model = "fake/{name}"
+devices = ["cpu0"]
+memory = "3GiB"
+{extra}
+"""
+
+
+@asynccontextmanager
+async def control(run: Running) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=30) as http:
+        yield http
+
+
+def _req(model: str) -> dict[str, object]:
+    return {"model": model, "prompt": "x", "max_tokens": 1}
+
+
+async def test_reload_keeps_unchanged_engines_restarts_changed_ones_removes_and_adds(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, _model("keep") + _model("grow") + _model("gone"))
+    async with running(load_config(path)) as run, client(run) as http, control(run) as ctl:
+        for name in ("keep", "grow", "gone"):
+            assert (await http.post("/v1/completions", json=_req(name))).status_code == 200
+        pids = {n: run.supervisor.status(run.supervisor.get(n)).pid for n in ("keep", "grow")}
+        path.write_text(
+            path.read_text()
+            .replace(_model("gone"), _model("new"))
+            .replace(_model("keep"), _model("keep", 'aliases = ["kept"]\nidle_ttl = "1h"'))
+            .replace(_model("grow"), _model("grow").replace('"3GiB"', '"4GiB"'))
+        )
+        answer = await ctl.post("/v1/reload")
+        with anyio.fail_after(10):
+            await run.supervisor.get("grow").wait_state(run.supervisor.get("grow").state.READY)
+        keep = run.supervisor.status(run.supervisor.get("kept"))
+        grow = run.supervisor.status(run.supervisor.get("grow"))
+        new = run.supervisor.status(run.supervisor.get("new"))
+        gone = await http.post("/v1/completions", json=_req("gone"))
+        by_alias = await http.post("/v1/completions", json=_req("kept"))
+        gauge = run.metrics.registry.get_sample_value("vllmd_config_last_reload_successful")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "reloaded": True,
+        "added": ["new"],
+        "removed": ["gone"],
+        "restarted": ["grow"],
+        "live": ["keep"],
+    }
+    assert keep.pid == pids["keep"] and keep.model.idle_ttl == 3600
+    assert grow.pid is not None and grow.pid != pids["grow"] and grow.held_bytes == 4 * 2**30
+    assert new.state.value == "stopped"
+    assert gone.status_code == 404 and by_alias.status_code == 200
+    assert gauge == 1.0
+
+
+async def test_a_bad_file_or_a_refused_key_changes_nothing_and_names_the_problem(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, _model("m"))
+    good = path.read_text()
+    async with running(load_config(path)) as run, client(run) as http, control(run) as ctl:
+        assert (await http.post("/v1/completions", json=_req("m"))).status_code == 200
+        pid = run.supervisor.status(run.supervisor.get("m")).pid
+        path.write_text(good.replace('memory = "3GiB"', 'memory = "3 G"'))
+        bad = await ctl.post("/v1/reload")
+        gauge_bad = run.metrics.registry.get_sample_value("vllmd_config_last_reload_successful")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        path.write_text(good.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+        refused = await ctl.post("/v1/reload")
+        path.write_text(good)
+        fine = await ctl.post("/v1/reload")
+        after = run.supervisor.status(run.supervisor.get("m"))
+        gauge_fine = run.metrics.registry.get_sample_value("vllmd_config_last_reload_successful")
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "config_invalid"
+    assert any("models.m.memory" in p for p in bad.json()["error"]["problems"])
+    assert refused.status_code == 422
+    assert "gateway.listen: cannot change on reload" in refused.json()["error"]["message"]
+    assert fine.status_code == 200 and fine.json()["live"] == []
+    assert after.pid == pid
+    assert (gauge_bad, gauge_fine) == (0.0, 1.0)
+
+
+async def test_sighup_reloads_and_systemd_hears_reloading_then_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify))
+    path = _write(tmp_path, _model("m"))
+    try:
+        async with running(load_config(path)) as run:
+            path.write_text(path.read_text() + _model("added"))
+            os.kill(os.getpid(), signal.SIGHUP)
+            with anyio.fail_after(5):
+                while "added" not in run.supervisor.instances:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)  # the signal's effect is what is watched
+            await anyio.sleep(0.1)
+            messages = []
+            while True:
+                try:
+                    messages.append(sock.recv(65536).decode())
+                except BlockingIOError:
+                    break
+    finally:
+        sock.close()
+    reloading = next(i for i, m in enumerate(messages) if m.startswith("RELOADING=1"))
+    assert "MONOTONIC_USEC=" in messages[reloading]
+    assert any(m.startswith("READY=1") for m in messages[reloading + 1 :])
+
+
+async def test_vllmctl_reload_reports_a_bad_file_and_exits_1(tmp_path: Path) -> None:
+    path = _write(tmp_path, _model("m"))
+    async with running(load_config(path)) as run:
+        where = ["--socket", str(run.control_socket)]
+        ok = await anyio.run_process([*VLLMCTL, *where, "reload"], check=False)
+        path.write_text(path.read_text() + "\n[models.m2]\nmemory = 1\n")
+        bad = await anyio.run_process([*VLLMCTL, *where, "reload"], check=False)
+    assert ok.returncode == 0 and ok.stdout.decode().strip() == "reloaded: nothing changed"
+    assert bad.returncode == 1
+    assert "models.m2" in bad.stderr.decode()
