@@ -108,16 +108,19 @@ class Notifier:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Post what `offer` queues until cancelled."""
-        async with (
-            httpx.AsyncClient(transport=self._transport, timeout=self._timeout) as client,
-            anyio.create_task_group() as tg,
-        ):
-            self._client, self._tg = client, tg
-            try:
-                task_status.started()
-                await anyio.sleep_forever()
-            finally:
-                self._client = self._tg = None
+        client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._client, self._tg = client, tg
+                try:
+                    task_status.started()
+                    await anyio.sleep_forever()
+                finally:
+                    self._client = self._tg = None
+        finally:
+            # Shielded: closing under the daemon's cancellation would leave sockets open.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await client.aclose()
 
     def offer(self, alerts: Sequence[Alert], now: float) -> None:
         """The latest evaluation's alerts at `now` (unix s): queue what each receiver is due."""
