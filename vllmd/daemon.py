@@ -37,6 +37,7 @@ from vllmd.http.metrics_app import MetricsApp
 from vllmd.http.unix import bind_unix
 from vllmd.metrics import Metrics, run_lag_monitor
 from vllmd.reload import Reloader
+from vllmd.state import recover
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 from vllmd.wiring import Seams, build
@@ -133,7 +134,16 @@ async def serve(
         )
         undo.callback(shutil.rmtree, runtime_dir, ignore_errors=True)
         parts = build(config, seams, runtime_dir)
-        supervisor, gateway, reaper = parts.supervisor, parts.gateway, parts.reaper
+        supervisor, gateway, reaper, store = (
+            parts.supervisor,
+            parts.gateway,
+            parts.reaper,
+            parts.store,
+        )
+        await store.open()  # never raises: a store that cannot open is degraded
+        parts.ctx.overrides.restore(
+            store.desired.pins, store.desired.loaded_on_purpose, set(config.models)
+        )
         devices = await parts.ctx.probe.snapshot()
         log.info(
             "devices",
@@ -158,6 +168,9 @@ async def serve(
 
         async with anyio.create_task_group() as tg:
             await tg.start(reaper.run)
+            await tg.start(store.run, parts.events, parts.ctx.overrides)
+            # A previous run's engines that outlived it go before anything is scheduled.
+            await store.forget_engines(await recover(store.engines, parts.ctx.probe, parts.events))
             await tg.start(supervisor.run)
             await tg.start(run_lag_monitor, parts.metrics)
             await tg.start(parts.alerts.run)
@@ -210,6 +223,7 @@ async def serve(
                 await supervisor.stop_all()
             with anyio.CancelScope(shield=True):
                 await reaper.reap()  # what died on the way out
+                await store.drain()
             tg.cancel_scope.cancel()
 
 

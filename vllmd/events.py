@@ -10,8 +10,8 @@ from everywhere. Two kinds of subscribers (DESIGN "State store"):
   the subscriber loses events, counted per subscriber in `dropped`. A slow subscriber never
   slows an engine transition or a request.
 
-Event ids come from an injected counter: the state store will own it, so ids stay monotonic
-across restarts.
+Event ids come from an injected counter: the state store owns it, so ids stay monotonic across
+restarts.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Kind(StrEnum):
     MODEL_REMOVED = "model_removed"  # by a reload
     RELOADED = "reloaded"  # added, removed, restarted, live (model names)
     RELOAD_FAILED = "reload_failed"  # problems
+    ORPHANS_KILLED = "orphans_killed"  # pids, pgid, survivors: a previous run's engine
     CONTROL = "control"  # action, uid, pid, result (accepted|forbidden): an operator's call
 
 

@@ -1,41 +1,71 @@
 """What operators changed at run time, over the frozen config: runtime pins (`vllmctl pin`,
 `unpin`) and the models loaded on purpose (`vllmctl load`; cleared by `unload` and by an LRU
 eviction). One owner, read by the scheduler's ledger and the views; the state store persists
-it."""
+it (told of every change by `watch`) and restores it at start.
+
+A runtime pin remembers the config's `pinned` value it was set over, and holds only while that
+key keeps the value (DESIGN "State store": until that model's `pinned` key changes)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 from vllmd.config import ModelConfig
 
 
 class Overrides:
     def __init__(self) -> None:
-        self._pins: dict[str, bool] = {}  # model -> pinned, where it differs from the config
+        self._pins: dict[str, bool] = {}  # model -> the config's `pinned` when it was pinned
         self._on_purpose: set[str] = set()
+        self._watchers: list[Callable[[], None]] = []
 
     def pinned(self, model: ModelConfig) -> bool:
-        """Whether `model` is pinned now: a runtime pin, else its config."""
-        return model.pinned or self._pins.get(model.name, False)
+        """Whether `model` is pinned now: its config, else a runtime pin set over this config."""
+        return model.pinned or self._pins.get(model.name) == model.pinned
 
-    def pin(self, name: str) -> None:
-        self._pins[name] = True
+    def pin(self, model: ModelConfig) -> None:
+        self._pins[model.name] = model.pinned
+        self._changed()
 
     def unpin(self, name: str) -> None:
-        self._pins.pop(name, None)
+        if self._pins.pop(name, None) is not None:
+            self._changed()
 
-    def runtime_pins(self) -> frozenset[str]:
-        return frozenset(n for n, p in self._pins.items() if p)
+    def runtime_pins(self) -> Mapping[str, bool]:
+        """model -> the config's `pinned` value each runtime pin was set over."""
+        return dict(self._pins)
 
     def loaded_on_purpose(self, name: str) -> bool:
         return name in self._on_purpose
 
+    def on_purpose(self) -> frozenset[str]:
+        return frozenset(self._on_purpose)
+
     def mark_loaded(self, name: str) -> None:
-        self._on_purpose.add(name)
+        if name not in self._on_purpose:
+            self._on_purpose.add(name)
+            self._changed()
 
     def clear_loaded(self, name: str) -> None:
-        self._on_purpose.discard(name)
+        if name in self._on_purpose:
+            self._on_purpose.discard(name)
+            self._changed()
 
     def forget(self, name: str) -> None:
         """A model removed from the config takes its overrides with it."""
-        self._pins.pop(name, None)
-        self._on_purpose.discard(name)
+        if self._pins.pop(name, None) is not None or name in self._on_purpose:
+            self._on_purpose.discard(name)
+            self._changed()
+
+    def restore(self, pins: Mapping[str, bool], loaded: frozenset[str], known: set[str]) -> None:
+        """What a previous run persisted, for the models still configured (`known`)."""
+        self._pins.update({m: c for m, c in pins.items() if m in known})
+        self._on_purpose |= loaded & known
+
+    def watch(self, watcher: Callable[[], None]) -> None:
+        """Call `watcher` (cheap, synchronous) after every change."""
+        self._watchers.append(watcher)
+
+    def _changed(self) -> None:
+        for watcher in self._watchers:
+            watcher()

@@ -260,7 +260,7 @@ class Supervisor:
 
     def pin(self, instance: Instance) -> Awaitable[None]:
         """Never evict the model (a stopped one is pinned without being loaded)."""
-        self._ctx.overrides.pin(instance.name)
+        self._ctx.overrides.pin(instance.model)
         self._placer.kick()
         return _done()
 

@@ -33,8 +33,9 @@ _DURATION_UNITS = {
     "s": Decimal(1),
     "m": Decimal(60),
     "h": Decimal(3600),
+    "d": Decimal(86400),  # beyond Go: retention periods ("30d")
 }
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
 
 _IEC = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
@@ -58,7 +59,8 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a Go-syntax duration ("90s", "1h30m", "500ms", "1.5h"; "0" alone is allowed).
+    """Seconds in a Go-syntax duration ("90s", "1h30m", "500ms", "1.5h"; "0" alone is allowed),
+    plus days ("30d").
 
     Raises ValueError naming the text on anything else, including negative durations.
     """

@@ -26,6 +26,7 @@ from vllmd.http.unix import UnixServer
 from vllmd.instance.session import RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
 from vllmd.reload import Reloader
+from vllmd.state import StateStore
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 
@@ -49,6 +50,7 @@ class Parts:
     """A daemon's components, wired; `daemon.serve` runs them."""
 
     ctx: Context
+    store: StateStore
     events: EventBus
     metrics: Metrics
     supervisor: Supervisor
@@ -63,7 +65,9 @@ class Parts:
 
 
 def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
-    events = EventBus()
+    # The store owns event ids; it is opened (and the ids continued) before any event.
+    store = StateStore(config.daemon.state_dir, retention=lambda: ctx.config.daemon.event_retention)
+    events = EventBus(next_id=store.next_id)
     metrics = Metrics()
     ctx = Context(
         config,
@@ -81,6 +85,7 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
     supervisor = Supervisor(ctx)
     metrics.count_events(events)
     metrics.watch(supervisor)
+    metrics.watch_store(store.degraded)
     observations = Observations(clock=ctx.clock)  # the gateway's requests, for the alerts
     observations.listen(events)
     alerts = AlertEngine(
@@ -90,14 +95,16 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
             statuses=supervisor.statuses,
             accounts=supervisor.accounts,
             devices=supervisor.devices,
+            degraded=store.degraded,
         ),
         AlertNotifier(lambda: ctx.config, count=metrics.alert_notification),
     )
     metrics.registry.register(AlertsCollector(alerts))
     reloader = Reloader(ctx, supervisor, metrics, seams.notifier, supervisor.summary)
-    control = ControlAPI(ctx, supervisor, metrics, alerts, reloader)
+    control = ControlAPI(ctx, supervisor, metrics, alerts, reloader, store=store)
     return Parts(
         ctx=ctx,
+        store=store,
         events=events,
         metrics=metrics,
         supervisor=supervisor,

@@ -67,13 +67,14 @@ def test_size_rejects_negative_bool_and_float(value: object) -> None:
         ("1µs", 0.000001),
         ("100ns", 1e-7),
         (".5s", 0.5),
+        ("30d", 30 * 86400.0),  # days, beyond Go: retention periods
     ],
 )
 def test_duration_uses_go_syntax(text: str, expected: float) -> None:
     assert parse_duration(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", ["5 minutes", "90", "", "1d", "-5s", "1h 30m", "s", "1.5"])
+@pytest.mark.parametrize("text", ["5 minutes", "90", "", "1w", "-5s", "1h 30m", "s", "1.5"])
 def test_bad_duration_is_named_with_examples(text: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(text)

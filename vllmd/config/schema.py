@@ -42,6 +42,7 @@ class DaemonConfig:
     control_socket_group: str = ""
     control_allow_uids: tuple[int, ...] = ()
     log_level: str = "info"
+    event_retention: float = 30 * 86400.0  # seconds the state store keeps events
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,16 @@ def parse_daemon(table: Table, base_dir: Path) -> DaemonConfig:
         control_socket_group=table.text("control_socket_group", d.control_socket_group),
         control_allow_uids=tuple(uids),
         log_level=table.choice("log_level", d.log_level, LOG_LEVELS),
+        event_retention=_retention(table, d.event_retention),
     )
+
+
+def _retention(table: Table, default: float) -> float:
+    seconds = table.duration("event_retention", default)
+    if seconds <= 0:
+        table.problem("event_retention", "must be longer than 0 (events are kept this long)")
+        return default
+    return seconds
 
 
 def _file_mode(value: Any) -> int:

@@ -30,14 +30,15 @@ from vllmd.errors import (
     StartFailed,
     VllmdError,
 )
-from vllmd.events import Event, EventBus, Kind
+from vllmd.events import EventBus, Kind
 from vllmd.http.control_errors import STATUSES, ControlError
-from vllmd.http.query import allow, bool_param, flag, float_param, int_param, since_filter
+from vllmd.http.query import allow, bool_param, flag, float_param, int_param, parse_since
 from vllmd.http.unix import Peer, Reply, Request, Streamed
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
 from vllmd.metrics import Metrics
 from vllmd.reload import Reloader
+from vllmd.state import StateStore
 from vllmd.supervisor import Supervisor
 
 log = structlog.get_logger("vllmd.control")
@@ -93,8 +94,10 @@ class ControlAPI:
         alerts: AlertEngine,
         reloader: Reloader,
         *,
+        store: StateStore | None = None,
         daemon_uid: int | None = None,
     ) -> None:
+        self._store = store
         self._alerts = alerts
         self._reloader = reloader
         self._ctx = ctx
@@ -149,7 +152,7 @@ class ControlAPI:
             return reply(200, {"alerts": self._alerts.active()})
         if route == ["events"]:
             allow(method, "GET")
-            return self._events_reply(request)
+            return await self._events_reply(request)
         if route == ["models"]:
             allow(method, "GET")
             return reply(200, {"models": [self._view(st) for st in self._supervisor.statuses()]})
@@ -221,31 +224,36 @@ class ControlAPI:
 
         return Streamed(stream())
 
-    def _events_reply(self, request: Request) -> Reply | Streamed:
-        since = request.query.get("since")
+    async def _events_reply(self, request: Request) -> Reply | Streamed:
+        """The event log: the store's (it outlives restarts), else the bus's recent history."""
+        raw = request.query.get("since")
+        since = parse_since(raw)
         limit = int_param(request.query, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
-        keep = since_filter(since)
-
         follow = flag(request.query, "follow")
+        newest = raw is None  # no `since`: the latest `limit`; else the first after it
+        everything = follow and raw is not None  # a follower gets all after `since`, then more
 
-        def backlog() -> list[Event]:
-            found = [e for e in self._events.history if keep(e)]
-            if follow and since is not None:
-                return found  # a follower gets everything after `since`, then what comes
-            return found[-limit:] if since is None else found[:limit]
+        async def backlog() -> list[dict[str, Any]]:
+            count = MAX_EVENTS * 10 if everything else limit
+            if self._store is not None:
+                return await self._store.events(
+                    after_id=since.after_id, from_time=since.from_time, limit=count, newest=newest
+                )
+            found = [d for d in (e.as_dict() for e in self._events.history) if since.keeps(d)]
+            return found[-count:] if newest else found[:count]
 
         if not follow:
-            return reply(200, {"events": [e.as_dict() for e in backlog()]})
+            return reply(200, {"events": await backlog()})
         self._followers += 1
         name = f"control-follower-{self._followers}"
 
         async def stream() -> AsyncIterator[bytes]:
             # Subscribed before the backlog is read: an event in between comes once.
             with self._events.subscribe(name, bound=1000) as events:
-                past = backlog()
-                last = past[-1].id if past else 0
-                for event in past:
-                    yield ndjson(event.as_dict())
+                past = await backlog()
+                last = past[-1]["id"] if past else 0
+                for each in past:
+                    yield ndjson(each)
                 async for event in events:
                     if event.id > last:
                         yield ndjson(event.as_dict())

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from vllmd.events import Event
 from vllmd.http.control_errors import ControlError
 
 
@@ -56,13 +57,25 @@ def float_param(query: dict[str, str], key: str, default: float) -> float:
     return value
 
 
-def since_filter(raw: str | None) -> Callable[[Event], bool]:
-    """Which events `since=` asks for: after an event id, or from an RFC 3339 time on."""
+@dataclass(frozen=True, slots=True)
+class Since:
+    """What `since=` asks for: events after an id, or from a time (unix s) on; neither: all."""
+
+    after_id: int | None = None
+    from_time: float | None = None
+
+    def keeps(self, event: Mapping[str, Any]) -> bool:
+        if self.after_id is not None:
+            return bool(event["id"] > self.after_id)
+        return self.from_time is None or bool(event["time"] >= self.from_time)
+
+
+def parse_since(raw: str | None) -> Since:
+    """`since=`: an event id, or an RFC 3339 time with its zone."""
     if raw is None:
-        return lambda e: True
+        return Since()
     if raw.isascii() and raw.isdecimal():
-        after = int(raw)
-        return lambda e: e.id > after
+        return Since(after_id=int(raw))
     try:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
@@ -71,5 +84,4 @@ def since_filter(raw: str | None) -> Callable[[Event], bool]:
         ) from None
     if moment.tzinfo is None:
         raise ControlError("bad_request", f"since={raw!r} needs a time zone (e.g. Z)")
-    start = moment.timestamp()
-    return lambda e: e.time >= start
+    return Since(from_time=moment.timestamp())

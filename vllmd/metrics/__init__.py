@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
 from vllmd import __version__
 from vllmd.events import Kind
-from vllmd.metrics.collector import DroppedCollector, StateCollector, Watched
+from vllmd.metrics.collector import DroppedCollector, StateCollector, StoreCollector, Watched
 from vllmd.metrics.exposition import CONTENT_TYPE, render_families
 from vllmd.metrics.hot import (
     CounterChild,
@@ -209,6 +209,10 @@ class Metrics:
         or evicts an engine can forget to count it; and read the bus's dropped events."""
         bus.on_event(self._on_event)
         self._register(DroppedCollector(lambda: bus.dropped))
+
+    def watch_store(self, degraded: Callable[[], bool]) -> None:
+        """`vllmd_state_store_degraded`, read from the state store at scrape time."""
+        self._register(StoreCollector(degraded))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every series (no `_created` ones) and its content type."""

@@ -137,3 +137,20 @@ class DroppedCollector(TextCollector):
         for name, count in sorted(self._dropped().items()):
             family.add([name], count)
         yield family
+
+
+class StoreCollector(TextCollector):
+    """Whether the state store is degraded (locked, corrupt or full; events lost)."""
+
+    def __init__(self, degraded: Callable[[], bool]) -> None:
+        self._degraded = degraded
+
+    def families(self) -> Iterator[Family]:
+        family = self.rows(
+            "vllmd_state_store_degraded",
+            "1 while the state store cannot write (locked, corrupt or full) or lost events "
+            "lately, else 0.",
+            [],
+        )
+        family.add([], 1.0 if self._degraded() else 0.0)
+        yield family

@@ -6,8 +6,7 @@ launches what can run now: evictions, then the start or wake, holding the device
 until the start is over. A ticket that must wait keeps its devices for itself, so freed
 capacity goes to the head of the queue and large models are not starved by small ones.
 Passes run when anything changes (a transition, a request ending, a new ticket) or when the
-clock makes a new victim eligible.
-"""
+clock makes a new victim eligible."""
 
 from __future__ import annotations
 
@@ -389,7 +388,8 @@ class Placer:
         return min((t for t in times if t > now), default=math.inf)
 
     def _preload(self) -> None:
-        preload = [i for i in self._instances.values() if i.model.preload]
+        wanted = self._ctx.overrides.loaded_on_purpose  # before a daemon restart, say
+        preload = [i for i in self._instances.values() if i.model.preload or wanted(i.name)]
         for inst in sorted(preload, key=lambda i: -i.model.priority):
             self._ticket(inst)
 

@@ -1,0 +1,144 @@
+"""Crash recovery (DESIGN "Supervision"): after the daemon died without stopping its engines,
+their process groups may live on, holding GPU memory no one accounts for. At start, before
+anything is scheduled, every engine the store recorded that still exists on this boot is
+killed with its whole group; then the devices are read again to verify that none of those
+processes still holds memory. Processes on the GPUs that are not such engines are another
+program's: counted as foreign memory (the ledger, the `device_memory_foreign_bytes` alert),
+never killed.
+
+A record names a process only on the boot it was made (boot id), and only while the leader,
+if alive, has the recorded start time: a pid reused by another program is never touched. A
+leader that is gone may leave members of its group alive; Linux does not hand out a pid that
+is still some group's id, so the group's members are the engine's own (and each must also
+have started no earlier than the leader did).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import anyio
+import psutil
+import structlog
+
+from vllmd.devices import DeviceProbe
+from vllmd.engine.process import boot_id
+from vllmd.errors import DeviceError
+from vllmd.events import EventBus, Kind
+from vllmd.state.db import EngineRecord
+
+log = structlog.get_logger("vllmd.recovery")
+
+KILL_WAIT = 10.0  # seconds for killed orphans to be gone
+VERIFY_TRIES = 6  # device readings (0.5 s apart) for their memory to show free
+_SAME_START = 0.01  # psutil create_time tolerance (s)
+
+
+@dataclass(frozen=True, slots=True)
+class Orphans:
+    """A recorded engine's processes still alive: pid -> start time."""
+
+    record: EngineRecord
+    pids: Mapping[int, float]
+
+
+def find(records: Iterable[EngineRecord], boot: str) -> list[Orphans]:
+    """The recorded engines with processes still alive on this boot (blocking: psutil)."""
+    found = []
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for proc in psutil.process_iter(["pid", "create_time", "status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE:
+                groups.setdefault(os.getpgid(proc.pid), []).append(
+                    (proc.pid, proc.info["create_time"])
+                )
+    for record in records:
+        if record.boot_id != boot:
+            continue  # another boot: those numbers name other processes now
+        members = groups.get(record.pgid, [])
+        leader = next((c for p, c in members if p == record.pid), None)
+        if leader is not None and abs(leader - record.start_time) > _SAME_START:
+            continue  # the pid was reused by another program
+        pids = {p: c for p, c in members if c >= record.start_time - _SAME_START}
+        if pids:
+            found.append(Orphans(record, pids))
+    return found
+
+
+def kill(orphans: Iterable[Orphans], timeout: float = KILL_WAIT) -> list[int]:
+    """SIGKILL every orphan (start time checked again), then wait until they are gone;
+    the pids still alive after `timeout` are returned (blocking)."""
+    pids: dict[int, float] = {}
+    for each in orphans:
+        pids.update(each.pids)
+    for pid, created in pids.items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) <= _SAME_START:
+                proc.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p, c in pids.items() if _alive(p, c)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return bool(
+            abs(proc.create_time() - created) <= _SAME_START
+            and proc.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False
+
+
+async def recover(
+    records: list[EngineRecord], probe: DeviceProbe, events: EventBus
+) -> frozenset[str]:
+    """Kill the engines a previous run left behind and verify their device memory is free.
+    Returns the models whose records are done with (all of them: a record names no live
+    process afterwards, or one that survived SIGKILL and was reported)."""
+    if not records:
+        return frozenset()
+    orphans = await anyio.to_thread.run_sync(find, records, boot_id())
+    if orphans:
+        survivors = await anyio.to_thread.run_sync(kill, orphans)
+        killed = {p for o in orphans for p in o.pids}
+        for _ in range(VERIFY_TRIES):  # a driver may report a process a moment after it died
+            on_devices = await _device_pids(probe)
+            holding = sorted(killed & on_devices)
+            if not holding:
+                break
+            await anyio.sleep(0.5)
+        for each in orphans:
+            events.emit(
+                Kind.ORPHANS_KILLED,
+                each.record.model,
+                pids=sorted(each.pids),
+                pgid=each.record.pgid,
+                survivors=sorted(set(survivors) & set(each.pids)),
+            )
+        if survivors or holding:
+            log.error("orphans_survive", survivors=survivors, still_on_devices=holding)
+        foreign = sorted(on_devices - killed)
+        if foreign:
+            log.warning("foreign_device_processes", pids=foreign)
+    return frozenset(r.model for r in records)
+
+
+async def _device_pids(probe: DeviceProbe) -> set[int]:
+    """The pids on any device now (a probe that fails tells none: logged by the probe)."""
+    try:
+        snapshots = await probe.snapshot()
+    except DeviceError as exc:
+        log.warning("recovery_probe_failed", error=str(exc))
+        return set()
+    return {p.pid for snap in snapshots.values() for p in snap.processes}
