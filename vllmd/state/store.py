@@ -59,7 +59,7 @@ class StateStore:
         directory: Path,
         *,
         retention: Callable[[], float],  # seconds events are kept (the config's, now)
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time,  # unix seconds (retention; degraded hold)
         write: Writer = db.write,  # tests: a disk that stalls or fails
         max_pages: int | None = None,  # tests: a disk that is full at this many pages
     ) -> None:
@@ -98,7 +98,7 @@ class StateStore:
             await anyio.to_thread.run_sync(self._open, limiter=self._write_lock)
         except (OSError, sqlite3.Error) as exc:
             self._fail(f"cannot open {self.path}: {exc}")
-            self._ids = itertools.count(int(self._clock() * 1000)).__next__
+            self._ids = itertools.count(_clock_id()).__next__
 
     def _open(self) -> None:
         self._writer, fresh = db.connect(self.path, max_pages=self._max_pages)
@@ -106,7 +106,7 @@ class StateStore:
         last = db.last_id(self._writer)
         if fresh:  # the old file (and its ids) moved aside as corrupt
             self._problem_at = self._clock()
-            last = max(last, int(self._clock() * 1000))
+            last = max(last, _clock_id())
         self._ids = itertools.count(last + 1).__next__
         self.engines = db.engines(self._writer)
         self.desired = db.desired(self._writer)
@@ -284,6 +284,12 @@ class StateStore:
                 found.setdefault(event.id, event.as_dict())
         ordered = [found[i] for i in sorted(found)]
         return ordered[-limit:] if newest else ordered[:limit]
+
+
+def _clock_id() -> int:
+    """Where ids go on when the stored ones are lost: unix milliseconds (above every id a
+    store numbering from 1 could reach)."""
+    return int(time.time() * 1000)
 
 
 def _engines(batch: Sequence[Event]) -> dict[str, EngineRecord | None]:

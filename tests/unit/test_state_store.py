@@ -1,0 +1,267 @@
+"""The state store on a real SQLite file: every event of a burst in order, ids continued across
+restarts, engine records and desired state kept, retention, and each way a database fails
+(locked, corrupt, full, newer schema, a stalled disk) degrading the store, never raising."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio.abc import TaskStatus
+
+from tests.integration.harness import eventually
+from vllmd.config import ModelConfig
+from vllmd.events import EventBus, Kind
+from vllmd.overrides import Overrides
+from vllmd.state import StateStore
+from vllmd.state import db as state_db
+from vllmd.state.db import Desired, EngineRecord, Row
+from vllmd.state.store import BOUND, DEGRADED_HOLD
+
+pytestmark = pytest.mark.anyio
+DAY = 86400.0
+
+
+class SkipClock:
+    """Wall-clock time a test can move forward (the store's clock is unix seconds)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def skip(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def _store(directory: Path, clock: SkipClock | None = None, **kw: object) -> StateStore:
+    return StateStore(directory, retention=lambda: 30 * DAY, clock=clock or SkipClock(), **kw)  # type: ignore[arg-type]
+
+
+def _rows(directory: Path) -> list[tuple[int, str, str | None]]:
+    with sqlite3.connect(directory / "vllmd.db") as conn:
+        return list(conn.execute("SELECT id, kind, model FROM events ORDER BY id"))
+
+
+async def _running(
+    store: StateStore,
+    bus: EventBus,
+    overrides: Overrides | None = None,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    await store.run(bus, overrides or Overrides(), task_status=task_status)
+
+
+async def test_a_burst_of_10000_events_is_stored_in_order_with_contiguous_ids(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        for i in range(10_000):
+            bus.emit(Kind.STATE, f"m{i % 7}", old="stopped", new="starting", n=i)
+        await store.drain(timeout=30)
+        tg.cancel_scope.cancel()
+    rows = _rows(tmp_path)
+    assert [r[0] for r in rows] == list(range(1, 10_001))
+    assert bus.dropped["store"] == 0
+    assert not store.degraded()
+
+
+async def test_event_ids_continue_after_a_restart(tmp_path: Path) -> None:
+    for run in range(2):
+        store = _store(tmp_path)
+        await store.open()
+        bus = EventBus(next_id=store.next_id)
+        async with anyio.create_task_group() as tg:
+            await tg.start(_running, store, bus)
+            ids = [bus.emit(Kind.CONTROL, "m", action="load", run=run).id for _ in range(3)]
+            await store.drain()
+            tg.cancel_scope.cancel()
+        assert ids == [run * 3 + 1, run * 3 + 2, run * 3 + 3]
+    assert [r[0] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_engine_records_follow_spawned_and_stopped_events(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    spawned = dict(pgid=4242, start_time=123.5, boot_id="boot-a", address="unix:/x")
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        bus.emit(Kind.SPAWNED, "a", pid=4242, **spawned)
+        bus.emit(Kind.SPAWNED, "b", pid=4343, **{**spawned, "pgid": 4343})
+        bus.emit(Kind.STATE, "b", old="stopping", new="stopped")
+        await store.drain()
+        tg.cancel_scope.cancel()
+    again = _store(tmp_path)
+    await again.open()
+    assert again.engines == [EngineRecord("a", 4242, 4242, 123.5, "boot-a", "unix:/x")]
+    await again.forget_engines(["a"])
+    third = _store(tmp_path)
+    await third.open()
+    assert third.engines == []
+
+
+async def test_desired_state_is_written_on_every_change_and_read_back(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    await store.open()
+    bus, overrides = EventBus(next_id=store.next_id), Overrides()
+    model = ModelConfig(name="a", model="/m/a", memory=2**30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus, overrides)
+        overrides.pin(model)
+        overrides.mark_loaded("b")
+
+        def written() -> bool:
+            with sqlite3.connect(tmp_path / "vllmd.db") as conn:
+                (count,) = conn.execute("SELECT COUNT(*) FROM loaded_on_purpose").fetchone()
+                return bool(count == 1)
+
+        await eventually(written)  # no event needed: the change itself is written
+        await store.drain()
+        tg.cancel_scope.cancel()
+    again = _store(tmp_path)
+    await again.open()
+    assert again.desired == Desired({"a": False}, frozenset({"b"}))
+
+
+async def test_old_events_are_pruned_at_open_and_the_newest_keeps_the_ids(tmp_path: Path) -> None:
+    clock = SkipClock()
+    store = _store(tmp_path, clock)
+    await store.open()
+    bus = EventBus(next_id=store.next_id, clock=lambda: time.time() - 40 * DAY)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        for _ in range(3):
+            bus.emit(Kind.CONTROL, "m", action="load")
+        await store.drain()
+        tg.cancel_scope.cancel()
+    again = StateStore(tmp_path, retention=lambda: 30 * DAY)
+    await again.open()
+    assert [r[0] for r in _rows(tmp_path)] == [3]  # the newest stays: it holds the last id
+    assert again.next_id() == 4
+    await again.drain()
+
+
+async def test_a_corrupt_file_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:
+    (tmp_path / "vllmd.db").write_bytes(b"this is not an sqlite database " * 200)
+    clock = SkipClock()
+    store = _store(tmp_path, clock)
+    await store.open()
+    aside = list(tmp_path.glob("vllmd.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    assert store.degraded()  # visible for a while: the log before it is gone
+    first = store.next_id()
+    assert first > int(time.time() * 1000) - 60_000  # ids continue from the clock, not from 1
+    bus = EventBus(next_id=store.next_id)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        bus.emit(Kind.CONTROL, "m", action="load")
+        await store.drain()
+        tg.cancel_scope.cancel()
+    assert [r[1] for r in _rows(tmp_path)] == ["control"]
+    clock.skip(DEGRADED_HOLD + 1)
+    assert not store.degraded()
+
+
+async def test_a_locked_database_degrades_then_recovers_with_nothing_lost(tmp_path: Path) -> None:
+    clock = SkipClock()
+    store = _store(tmp_path, clock)
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    holder = sqlite3.connect(tmp_path / "vllmd.db", isolation_level=None)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        holder.execute("BEGIN EXCLUSIVE")  # another program holds the write lock
+        for i in range(5):
+            bus.emit(Kind.STATE, "m", old="stopped", new="starting", n=i)
+        await eventually(store.degraded, timeout=15)  # after the busy timeout
+        holder.execute("ROLLBACK")
+        holder.close()
+        await eventually(lambda: len(_rows(tmp_path)) == 5, timeout=30)
+        clock.skip(DEGRADED_HOLD + 1)
+        assert not store.degraded()
+        await store.drain()
+        tg.cancel_scope.cancel()
+    assert [r[0] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+async def test_a_full_database_degrades_and_the_daemon_side_keeps_going(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_pages=12)  # "disk full" once the file reaches 12 pages
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        for i in range(2000):
+            bus.emit(Kind.STATE, "m", old="stopped", new="starting", n=i, pad="x" * 200)
+        await eventually(store.degraded, timeout=15)
+        assert bus.emit(Kind.CONTROL, "m", action="load").id == 2001  # emit never fails
+        await store.drain(timeout=0.5)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_database_of_a_newer_schema_is_left_alone_and_the_store_degraded(
+    tmp_path: Path,
+) -> None:
+    with sqlite3.connect(tmp_path / "vllmd.db") as conn:
+        conn.execute(f"PRAGMA user_version = {state_db.SCHEMA_VERSION + 1}")
+    store = _store(tmp_path)
+    await store.open()
+    assert store.degraded()
+    assert not list(tmp_path.glob("*.corrupt-*"))  # not corrupt: kept for the newer vllmd
+    assert store.next_id() > int(time.time() * 1000) - 60_000
+
+
+async def test_a_stalled_disk_overflows_the_bound_counted_and_degraded_never_blocking(
+    tmp_path: Path,
+) -> None:
+    stall = threading.Event()
+
+    def slow_write(
+        conn: sqlite3.Connection,
+        rows: Sequence[Row],
+        engines: Mapping[str, EngineRecord | None],
+        desired: Desired | None,
+    ) -> None:
+        stall.wait(30)
+        state_db.write(conn, rows, engines, desired)
+
+    store = _store(tmp_path, write=slow_write)
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    total = 3 * BOUND
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        for i in range(total):
+            bus.emit(Kind.STATE, "m", old="stopped", new="starting", n=i)
+            if i % 1000 == 0:
+                await anyio.lowlevel.checkpoint()  # the store's pump runs, as in the daemon
+        assert bus.dropped["store"] > 0
+        assert store.degraded()
+        stall.set()
+        await store.drain(timeout=60)
+        tg.cancel_scope.cancel()
+    ids = [r[0] for r in _rows(tmp_path)]
+    assert ids == sorted(ids) and len(ids) == total - bus.dropped["store"]
+    assert ids[0] == 1
+
+
+def test_migrations_bring_a_new_file_to_the_current_schema(tmp_path: Path) -> None:
+    conn, fresh = state_db.connect(tmp_path / "vllmd.db")
+    assert not fresh
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == state_db.SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"events", "engines", "pins", "loaded_on_purpose"} <= tables
+    conn.close()
