@@ -38,6 +38,7 @@ def exported(tmp_path: Path) -> set[str]:
     )
     bus = EventBus()
     metrics.count_events(bus)
+    metrics.watch_store(lambda: False)
     bus.emit(Kind.STATE, "a", old="waking", new="ready", wake_seconds=1.0)
     bus.emit(Kind.STATE, "a", old="starting", new="ready", load_seconds=1.0)
     metrics.request("a", "/v1/completions", 200, 0.1)
