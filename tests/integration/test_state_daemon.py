@@ -51,16 +51,16 @@ async def test_a_locked_database_degrades_the_store_and_the_gateway_keeps_servin
                     return "vllmd_state_store_degraded 1.0" in text
 
                 with anyio.fail_after(15):
-                    while not await degraded():
-                        await anyio.sleep(0.1)  # noqa: ASYNC110 - the API is what is watched
+                    while not await degraded():  # noqa: ASYNC110 - the API is watched
+                        await anyio.sleep(0.1)
 
                 async def firing() -> set[str]:
                     alerts = (await ctl.get("/v1/alerts")).json()["alerts"]
                     return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
 
                 with anyio.fail_after(5):
-                    while "VllmdStateStoreDegraded" not in await firing():
-                        await anyio.sleep(0.1)  # noqa: ASYNC110 - the API is what is watched
+                    while "VllmdStateStoreDegraded" not in await firing():  # noqa: ASYNC110
+                        await anyio.sleep(0.1)
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
         finally:
             holder.execute("ROLLBACK")
