@@ -55,6 +55,7 @@ class Kind(StrEnum):
     RELOADED = "reloaded"  # added, removed, restarted, live (model names)
     RELOAD_FAILED = "reload_failed"  # problems
     ORPHANS_KILLED = "orphans_killed"  # pids, pgid, survivors: a previous run's engine
+    ALERT = "alert"  # alertname, alertstate (pending|firing|resolved), labels, value
     CONTROL = "control"  # action, uid, pid, result (accepted|forbidden): an operator's call
 
 

@@ -98,6 +98,7 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
             degraded=store.degraded,
         ),
         AlertNotifier(lambda: ctx.config, count=metrics.alert_notification),
+        events=events,
     )
     metrics.registry.register(AlertsCollector(alerts))
     reloader = Reloader(ctx, supervisor, metrics, seams.notifier, supervisor.summary)

@@ -62,6 +62,14 @@ async def test_a_locked_database_degrades_the_store_and_the_gateway_keeps_servin
                     while "VllmdStateStoreDegraded" not in await firing():  # noqa: ASYNC110
                         await anyio.sleep(0.1)
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
+                # Not written yet (the file is locked), the events are read from memory.
+                events = (await ctl.get("/v1/events")).json()["events"]
+                assert any(
+                    e["kind"] == "alert"
+                    and e["alertname"] == "VllmdStateStoreDegraded"
+                    and e["alertstate"] == "firing"
+                    for e in events
+                )
         finally:
             holder.execute("ROLLBACK")
             holder.close()

@@ -28,6 +28,7 @@ from vllmd.alerts.notify import Notifier, rfc3339
 from vllmd.alerts.rules import Alert, AlertState, Evaluator
 from vllmd.alerts.signals import Signals
 from vllmd.config.schema import Config
+from vllmd.events import EventBus, Kind
 
 log = structlog.get_logger("vllmd.alerts")
 
@@ -44,7 +45,9 @@ class AlertEngine:
         clock: Callable[[], float] = time.time,  # wall time: alerts carry timestamps
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         host: str | None = None,
+        events: EventBus | None = None,  # alert transitions go to the event log
     ) -> None:
+        self._events = events
         self._config = config
         self._signals = signals
         self._notifier = notifier
@@ -77,10 +80,22 @@ class AlertEngine:
         before = {a.fingerprint: a.state for a in self._alerts}
         for alert in alerts:
             if alert.state is not before.get(alert.fingerprint):
-                log.info("alert", alertname=alert.name, state=str(alert.state), labels=alert.labels)
+                self._told(alert)
         self._alerts = alerts
         self._notifier.offer(alerts, now)
         return alerts
+
+    def _told(self, alert: Alert) -> None:
+        fields = {
+            "alertname": alert.name,
+            "alertstate": str(alert.state),
+            "labels": dict(alert.labels),
+            "value": alert.value,
+        }
+        if self._events is None:
+            log.info("alert", **fields)
+        else:
+            self._events.emit(Kind.ALERT, alert.labels.get("model"), **fields)
 
     def alerts(self) -> list[Alert]:
         """Every alert of the last evaluation, resolved ones still kept included."""
