@@ -37,7 +37,7 @@ from vllmd.http.metrics_app import MetricsApp
 from vllmd.http.unix import bind_unix
 from vllmd.metrics import Metrics, run_lag_monitor
 from vllmd.reload import Reloader
-from vllmd.state import recover
+from vllmd.store import recover
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 from vllmd.wiring import Seams, build
@@ -142,7 +142,7 @@ async def serve(
         )
         await store.open()  # never raises: a store that cannot open is degraded
         parts.ctx.overrides.restore(
-            store.desired.pins, store.desired.loaded_on_purpose, set(config.models)
+            store.desired.pins, store.desired.loaded_on_purpose, config.models
         )
         devices = await parts.ctx.probe.snapshot()
         log.info(

@@ -37,7 +37,7 @@ class Kind(StrEnum):
     """Every kind of event vllmd tells (the fields each carries)."""
 
     STATE = "state"  # old, new (+ reason, delay, load_seconds, wake_seconds, level, ...)
-    SPAWNED = "spawned"  # pid, pgid, start_time (unix s), boot_id, address
+    SPAWNED = "spawned"  # pid, pgid, start_time (unix s), boot_id, marker, address
     CRASHED = "crashed"  # reason (crash|oom), status
     START_FAILED = "start_failed"  # error, result (failed|timeout)
     START_PROFILING_RETRY = "start_profiling_retry"  # retries

@@ -21,7 +21,7 @@ class Overrides:
 
     def pinned(self, model: ModelConfig) -> bool:
         """Whether `model` is pinned now: its config, else a runtime pin set over this config."""
-        return model.pinned or self._pins.get(model.name) == model.pinned
+        return model.pinned or self._pins.get(model.name, not model.pinned) == model.pinned
 
     def pin(self, model: ModelConfig) -> None:
         self._pins[model.name] = model.pinned
@@ -57,10 +57,22 @@ class Overrides:
             self._on_purpose.discard(name)
             self._changed()
 
-    def restore(self, pins: Mapping[str, bool], loaded: frozenset[str], known: set[str]) -> None:
-        """What a previous run persisted, for the models still configured (`known`)."""
-        self._pins.update({m: c for m, c in pins.items() if m in known})
-        self._on_purpose |= loaded & known
+    def restore(
+        self, pins: Mapping[str, bool], loaded: frozenset[str], models: Mapping[str, ModelConfig]
+    ) -> None:
+        """What a previous run persisted, for the models still configured as they were."""
+        self._pins.update(pins)
+        self._on_purpose |= loaded & models.keys()
+        self.reconcile(models)
+
+    def reconcile(self, models: Mapping[str, ModelConfig]) -> None:
+        """Drop the runtime pins whose model is gone or whose `pinned` key changed since the
+        pin was set (a reload, a restart with another config): they end there for good."""
+        void = [n for n, c in self._pins.items() if n not in models or models[n].pinned != c]
+        for name in void:
+            del self._pins[name]
+        if void:
+            self._changed()
 
     def watch(self, watcher: Callable[[], None]) -> None:
         """Call `watcher` (cheap, synchronous) after every change."""

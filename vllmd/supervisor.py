@@ -147,6 +147,7 @@ class Supervisor:
         rest take their new settings in place, new ones appear (loaded if `preload`)."""
         running = {n for n, i in self._instances.items() if i.state in _RUNNING}
         self._ctx.use_config(config)
+        self._ctx.overrides.reconcile(config.models)
         for name in plan.removed:
             await self._remove(self._instances[name])
         replaced = {*plan.restart, *plan.added}

@@ -26,7 +26,7 @@ from vllmd.http.unix import UnixServer
 from vllmd.instance.session import RuntimeOptions, Spawner
 from vllmd.metrics import Metrics
 from vllmd.reload import Reloader
-from vllmd.state import StateStore
+from vllmd.store import StateStore
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
 

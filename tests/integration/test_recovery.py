@@ -17,14 +17,16 @@ import psutil
 import pytest
 
 from tests.fakes.fake_gpu import FakeGpu
-from vllmd.engine.process import boot_id
+from vllmd.devices import DeviceSnapshot
+from vllmd.engine.process import MARKER_ENV, boot_id
 from vllmd.events import EventBus, Kind
-from vllmd.state import EngineRecord, recover
-from vllmd.state.recovery import find
+from vllmd.store import EngineRecord, recover
+from vllmd.store.recovery import find
 
 pytestmark = pytest.mark.anyio
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"
 GiB = 2**30
+MARKER = "test-recovery-engine"
 
 
 def _group_alive(pgid: int) -> list[int]:
@@ -42,7 +44,13 @@ def _group_alive(pgid: int) -> list[int]:
 def orphan(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], FakeGpu]]:
     """A fake engine left behind by a dead daemon: its own session, a worker holding 4 GiB."""
     gpu = FakeGpu(tmp_path / "gpu")
-    env = {**os.environ, **gpu.env(), "CUDA_VISIBLE_DEVICES": "0", "FAKE_GPU_BYTES": str(4 * GiB)}
+    env = {
+        **os.environ,
+        **gpu.env(),
+        "CUDA_VISIBLE_DEVICES": "0",
+        "FAKE_GPU_BYTES": str(4 * GiB),
+        MARKER_ENV: MARKER,  # as vllmd gives its engines: inherited by the worker
+    }
     argv = [sys.executable, str(FAKE_ENGINE), "--model", "m", "--uds", str(tmp_path / "e.sock")]
     engine = subprocess.Popen(
         argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
@@ -64,6 +72,7 @@ def _record(proc: subprocess.Popen[bytes], **kw: object) -> EngineRecord:
         "pgid": proc.pid,
         "start_time": psutil.Process(proc.pid).create_time(),
         "boot_id": boot_id(),
+        "marker": MARKER,
         **kw,
     }
     return EngineRecord(**fields)  # type: ignore[arg-type]
@@ -115,3 +124,28 @@ async def test_a_group_whose_leader_died_still_has_its_members_killed(
     assert workers and all(psutil.pid_exists(p) for p in workers)
     await recover([record], gpu, EventBus())
     assert _group_alive(engine.pid) == []
+
+
+def test_a_leaderless_group_that_is_not_the_engines_is_never_touched() -> None:
+    """The recorded group number, reused by another program whose group lost its leader (a
+    shell that backgrounded a job): its members show no sign of being the engine's."""
+    with subprocess.Popen(
+        ["sh", "-c", "sleep 300 & echo $!"], stdout=subprocess.PIPE, start_new_session=True
+    ) as shell:
+        assert shell.stdout is not None
+        sleeper = int(shell.stdout.readline())
+        created = psutil.Process(shell.pid).create_time()
+    try:
+        record = EngineRecord("m", shell.pid, shell.pid, created, boot_id(), marker=MARKER)
+        assert find([record], boot_id()) == []
+        anyio.run(recover, [record], FakeGpuless(), EventBus())
+        assert psutil.Process(sleeper).status() != psutil.STATUS_ZOMBIE
+    finally:
+        os.kill(sleeper, signal.SIGKILL)
+
+
+class FakeGpuless:
+    """A probe with no GPU at all (a cpu-only host)."""
+
+    async def snapshot(self) -> dict[str, DeviceSnapshot]:
+        return {}

@@ -4,6 +4,7 @@ default `VllmdStateStoreDegraded` alert) while the gateway keeps serving."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.integration.harness import client, eventually, fake_config, running
 from tests.integration.test_control_api import control
+from vllmd.events import Kind
 
 pytestmark = pytest.mark.anyio
 
@@ -73,3 +75,34 @@ async def test_a_locked_database_degrades_the_store_and_the_gateway_keeps_servin
         finally:
             holder.execute("ROLLBACK")
             holder.close()
+
+
+async def test_a_follower_from_an_old_id_gets_every_stored_event_then_the_new_ones(
+    tmp_path: Path,
+) -> None:
+    """More events than one page (1,000) and than the bus's memory: all come, in order."""
+    config = fake_config(tmp_path, {"a": {}})
+    async with running(config) as run, control(run) as ctl:
+        ids = [run.events.emit(Kind.CONTROL, "a", action="test", n=i).id for i in range(2500)]
+
+        def stored() -> bool:
+            with sqlite3.connect(tmp_path / "state" / "vllmd.db") as conn:
+                (count,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+            return bool(count >= 2500)
+
+        await eventually(stored, 10)
+        got: list[int] = []
+        params = {"since": "0", "follow": "1"}
+        with anyio.fail_after(15):
+            async with ctl.stream("GET", "/v1/events", params=params) as response:
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    got.append(json.loads(line)["id"])
+                    if got[-1] == ids[-1]:
+                        late = run.events.emit(Kind.CONTROL, "a", action="late").id
+                    if len(got) > 1 and got[-2] == ids[-1]:
+                        break
+    wanted = set(ids)
+    assert [i for i in got if i in wanted] == ids
+    assert got == sorted(got) and got[-1] == late

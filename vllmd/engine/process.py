@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -48,6 +49,17 @@ class ProcessRecord:
     pgid: int
     create_time: float  # unix seconds (psutil's create_time)
     boot_id: str = ""  # the kernel's boot id: a record from another boot names no process
+    marker: str = ""  # MARKER_ENV's value in the engine's environment (inherited by its tree)
+
+    def fields(self) -> dict[str, Any]:
+        """As the `spawned` event tells it (what the state store records)."""
+        return {
+            "pid": self.pid,
+            "pgid": self.pgid,
+            "start_time": self.create_time,
+            "boot_id": self.boot_id,
+            "marker": self.marker,
+        }
 
 
 @dataclass
@@ -257,7 +269,7 @@ async def spawn(
         created = psutil.Process(process.pid).create_time()
     except psutil.Error:
         created = 0.0
-    record = ProcessRecord(process.pid, process.pid, created, boot_id())
+    record = ProcessRecord(process.pid, process.pid, created, boot_id(), env.get(MARKER_ENV, ""))
     return EngineProcess(
         process=process,
         record=record,

@@ -32,13 +32,21 @@ from vllmd.errors import (
 )
 from vllmd.events import EventBus, Kind
 from vllmd.http.control_errors import STATUSES, ControlError
-from vllmd.http.query import allow, bool_param, flag, float_param, int_param, parse_since
+from vllmd.http.query import (
+    Since,
+    allow,
+    bool_param,
+    flag,
+    float_param,
+    int_param,
+    parse_since,
+)
 from vllmd.http.unix import Peer, Reply, Request, Streamed
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
 from vllmd.metrics import Metrics
 from vllmd.reload import Reloader
-from vllmd.state import StateStore
+from vllmd.store import StateStore
 from vllmd.supervisor import Supervisor
 
 log = structlog.get_logger("vllmd.control")
@@ -233,8 +241,7 @@ class ControlAPI:
         newest = raw is None  # no `since`: the latest `limit`; else the first after it
         everything = follow and raw is not None  # a follower gets all after `since`, then more
 
-        async def backlog() -> list[dict[str, Any]]:
-            count = MAX_EVENTS * 10 if everything else limit
+        async def backlog(since: Since, count: int) -> list[dict[str, Any]]:
             if self._store is not None:
                 return await self._store.events(
                     after_id=since.after_id, from_time=since.from_time, limit=count, newest=newest
@@ -243,17 +250,22 @@ class ControlAPI:
             return found[-count:] if newest else found[:count]
 
         if not follow:
-            return reply(200, {"events": await backlog()})
+            return reply(200, {"events": await backlog(since, limit)})
         self._followers += 1
         name = f"control-follower-{self._followers}"
 
         async def stream() -> AsyncIterator[bytes]:
             # Subscribed before the backlog is read: an event in between comes once.
             with self._events.subscribe(name, bound=1000) as events:
-                past = await backlog()
-                last = past[-1]["id"] if past else 0
-                for each in past:
-                    yield ndjson(each)
+                last, page = 0, since
+                while True:  # a follower from `since` gets all of it, page by page
+                    past = await backlog(page, MAX_EVENTS if everything else limit)
+                    for each in past:
+                        yield ndjson(each)
+                    last = past[-1]["id"] if past else last
+                    if not everything or len(past) < MAX_EVENTS:
+                        break
+                    page = Since(after_id=last)
                 async for event in events:
                     if event.id > last:
                         yield ndjson(event.as_dict())

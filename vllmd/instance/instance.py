@@ -308,16 +308,8 @@ class Instance:
         self._session = session
         self.engine_names = frozenset(self.model.served_names)
         self.starts += 1
-        record = session.process.record
-        self._events.emit(
-            Kind.SPAWNED,
-            self.name,
-            pid=record.pid,
-            pgid=record.pgid,
-            start_time=record.create_time,
-            boot_id=record.boot_id,
-            address=address.describe(),
-        )
+        fields = session.process.record.fields()
+        self._events.emit(Kind.SPAWNED, self.name, **fields, address=address.describe())
         try:
             async with session.supervised(self.output, self._notify):
                 end = await session.run(self, self.engine, self.model.served_names[0])

@@ -1,7 +1,7 @@
 """What outlives the daemon: the state store (SQLite) and the crash recovery that reads it."""
 
-from vllmd.state.db import Desired, EngineRecord
-from vllmd.state.recovery import recover
-from vllmd.state.store import StateStore
+from vllmd.store.db import StateStore
+from vllmd.store.records import Desired, EngineRecord
+from vllmd.store.recovery import recover
 
 __all__ = ["Desired", "EngineRecord", "StateStore", "recover"]

@@ -8,9 +8,10 @@ never killed.
 
 A record names a process only on the boot it was made (boot id), and only while the leader,
 if alive, has the recorded start time: a pid reused by another program is never touched. A
-leader that is gone may leave members of its group alive; Linux does not hand out a pid that
-is still some group's id, so the group's members are the engine's own (and each must also
-have started no earlier than the leader did).
+leader that is gone may leave members of its group alive, but once the whole group was gone its
+number may name another program's group: then only members that show they are the engine's
+(its marker in their environment, or vLLM's renamed processes started within WINDOW of it)
+are killed.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import psutil
 import structlog
 
 from vllmd.devices import DeviceProbe
-from vllmd.engine.process import boot_id
+from vllmd.engine.process import MARKER_ENV, boot_id
 from vllmd.errors import DeviceError
 from vllmd.events import EventBus, Kind
-from vllmd.state.db import EngineRecord
+from vllmd.store.records import EngineRecord
 
 log = structlog.get_logger("vllmd.recovery")
 
 KILL_WAIT = 10.0  # seconds for killed orphans to be gone
+WINDOW = 900.0  # seconds after its leader within which an engine's own processes start
 VERIFY_TRIES = 6  # device readings (0.5 s apart) for their memory to show free
 _SAME_START = 0.01  # psutil create_time tolerance (s)
 
@@ -47,27 +49,43 @@ class Orphans:
     pids: Mapping[int, float]
 
 
-def find(records: Iterable[EngineRecord], boot: str) -> list[Orphans]:
+def find(records: Iterable[EngineRecord], boot: str, window: float = WINDOW) -> list[Orphans]:
     """The recorded engines with processes still alive on this boot (blocking: psutil)."""
     found = []
-    groups: dict[int, list[tuple[int, float]]] = {}
+    groups: dict[int, list[psutil.Process]] = {}
     for proc in psutil.process_iter(["pid", "create_time", "status"]):
         with contextlib.suppress(psutil.Error, OSError):
             if proc.info["status"] != psutil.STATUS_ZOMBIE:
-                groups.setdefault(os.getpgid(proc.pid), []).append(
-                    (proc.pid, proc.info["create_time"])
-                )
+                groups.setdefault(os.getpgid(proc.pid), []).append(proc)
     for record in records:
         if record.boot_id != boot:
             continue  # another boot: those numbers name other processes now
         members = groups.get(record.pgid, [])
-        leader = next((c for p, c in members if p == record.pid), None)
-        if leader is not None and abs(leader - record.start_time) > _SAME_START:
-            continue  # the pid was reused by another program
-        pids = {p: c for p, c in members if c >= record.start_time - _SAME_START}
-        if pids:
-            found.append(Orphans(record, pids))
+        leader = next((p for p in members if p.pid == record.pid), None)
+        if leader is not None:
+            if abs(leader.info["create_time"] - record.start_time) > _SAME_START:
+                continue  # the pid was reused by another program
+            ours = [p for p in members if p.info["create_time"] >= record.start_time - _SAME_START]
+        else:  # the group's number may have been reused since: each member must show it is ours
+            ours = [p for p in members if _engines_own(p, record, window)]
+        if ours:
+            found.append(Orphans(record, {p.pid: p.info["create_time"] for p in ours}))
     return found
+
+
+def _engines_own(proc: psutil.Process, record: EngineRecord, window: float) -> bool:
+    """A member of a leaderless group is the recorded engine's when it carries the engine's
+    marker in its environment, or (vLLM's renamed processes overwrite their environment) is
+    one of vLLM's processes started while that engine started."""
+    created = proc.info["create_time"]
+    if not record.start_time - _SAME_START <= created <= record.start_time + window:
+        return False
+    with contextlib.suppress(psutil.Error, OSError):
+        if record.marker and proc.environ().get(MARKER_ENV) == record.marker:
+            return True
+        cmdline = proc.cmdline()
+        return proc.name().startswith("VLLM::") or bool(cmdline and cmdline[0].startswith("VLLM::"))
+    return False
 
 
 def kill(orphans: Iterable[Orphans], timeout: float = KILL_WAIT) -> list[int]:
@@ -104,10 +122,11 @@ async def recover(
     records: list[EngineRecord], probe: DeviceProbe, events: EventBus
 ) -> frozenset[str]:
     """Kill the engines a previous run left behind and verify their device memory is free.
-    Returns the models whose records are done with (all of them: a record names no live
-    process afterwards, or one that survived SIGKILL and was reported)."""
+    Returns the models whose records are done with: all but those with a process that
+    survived SIGKILL (reported; tried again at the next start)."""
     if not records:
         return frozenset()
+    stuck: set[str] = set()
     orphans = await anyio.to_thread.run_sync(find, records, boot_id())
     if orphans:
         survivors = await anyio.to_thread.run_sync(kill, orphans)
@@ -126,12 +145,14 @@ async def recover(
                 pgid=each.record.pgid,
                 survivors=sorted(set(survivors) & set(each.pids)),
             )
+            if set(survivors) & set(each.pids):
+                stuck.add(each.record.model)
         if survivors or holding:
             log.error("orphans_survive", survivors=survivors, still_on_devices=holding)
         foreign = sorted(on_devices - killed)
         if foreign:
             log.warning("foreign_device_processes", pids=foreign)
-    return frozenset(r.model for r in records)
+    return frozenset(r.model for r in records) - stuck
 
 
 async def _device_pids(probe: DeviceProbe) -> set[int]:

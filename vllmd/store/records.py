@@ -1,6 +1,6 @@
-"""The state database itself (SQLite, WAL): its schema and migrations, and the statements vllmd
-runs on it. Synchronous: only the state store calls it, from worker threads, one connection per
-thread role (a writer; a reader, which WAL lets run beside the writer).
+"""The state database itself (SQLite, WAL): its schema and migrations, the records it keeps, and
+the statements vllmd runs on it. Synchronous: only the state store (db.py) calls it, from worker
+threads, one connection per role (a writer; a reader, which WAL lets run beside the writer).
 
 A file that is not a database, or fails its quick check, is moved aside (`vllmd.db.corrupt-
 <unix time>`, with its -wal and -shm) and a new one is started: the event log is lost, the
@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("vllmd.state")
+log = structlog.get_logger("vllmd.store")
 
 FILENAME = "vllmd.db"
 BUSY_TIMEOUT_MS = 2000  # a locked database is waited for this long, then the write fails
@@ -44,6 +44,7 @@ MIGRATIONS: tuple[str, ...] = (
         start_time REAL NOT NULL,
         boot_id TEXT NOT NULL,
         address TEXT NOT NULL,
+        marker TEXT NOT NULL,
         spawned_at REAL NOT NULL
     );
     CREATE TABLE pins (model TEXT PRIMARY KEY, config_pinned INTEGER NOT NULL);
@@ -64,6 +65,7 @@ class EngineRecord:
     start_time: float
     boot_id: str
     address: str = ""
+    marker: str = ""  # the engine's MARKER_ENV value, inherited by its processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +114,9 @@ def connect(path: Path, *, max_pages: int | None = None) -> tuple[sqlite3.Connec
 
 
 def _open(path: Path, max_pages: int | None) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-    )
+    conn = _connect(str(path))
+
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable up to the last checkpoint
         if max_pages is not None:  # tests: a "full disk" at a chosen size
@@ -129,6 +129,26 @@ def _open(path: Path, max_pages: int | None) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _connect(target: str, *, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        target,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,  # autocommit: transactions are begun by hand
+        check_same_thread=False,  # used from worker threads, one at a time (the store's locks)
+        uri=uri,
+    )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection (no check, no migration: the writer did them); OSError or
+    sqlite3.Error when there is no usable database."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return _connect(f"file:{path}?mode=ro", uri=True)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -185,12 +205,14 @@ def write(
     rows: Sequence[Row],
     engines: Mapping[str, EngineRecord | None],
     desired: Desired | None,
+    id_floor: int | None = None,
 ) -> None:
     """One batch in one transaction: events, engine records (a model's new engine, or None:
-    its engine is gone) and the desired state when it changed. All or nothing."""
+    its engine is gone), the desired state when it changed, the id floor when it moved. All
+    or nothing; a batch written again (after a failure past its commit) changes nothing."""
     with transaction(conn):
         conn.executemany(
-            "INSERT OR REPLACE INTO events (id, time, kind, model, fields) VALUES (?,?,?,?,?)",
+            "INSERT OR IGNORE INTO events (id, time, kind, model, fields) VALUES (?,?,?,?,?)",
             [(r.id, r.time, r.kind, r.model, json.dumps(r.fields, default=str)) for r in rows],
         )
         now = time.time()
@@ -198,8 +220,8 @@ def write(
             conn.execute("DELETE FROM engines WHERE model = ?", (model,))
             if e is not None:
                 conn.execute(
-                    "INSERT INTO engines VALUES (?,?,?,?,?,?,?)",
-                    (model, e.pid, e.pgid, e.start_time, e.boot_id, e.address, now),
+                    "INSERT INTO engines VALUES (?,?,?,?,?,?,?,?)",
+                    (model, e.pid, e.pgid, e.start_time, e.boot_id, e.address, e.marker, now),
                 )
         if desired is not None:
             conn.execute("DELETE FROM pins")
@@ -211,6 +233,26 @@ def write(
                 "INSERT INTO loaded_on_purpose VALUES (?)",
                 [(m,) for m in sorted(desired.loaded_on_purpose)],
             )
+        if id_floor is not None:
+            _set_floor(conn, id_floor)
+
+
+def _set_floor(conn: sqlite3.Connection, floor: int) -> None:
+    conn.execute(
+        "INSERT INTO meta VALUES ('id_floor', ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+        (str(floor), str(floor)),
+    )
+
+
+def reserve_ids(conn: sqlite3.Connection, ahead: int, at_least: int = 0) -> int:
+    """The first event id this run may use: past every id stored and every id a previous run
+    may have handed out unwritten (its floor), and at least `at_least`. Ids up to `ahead`
+    beyond it are reserved now, before any is handed out."""
+    (floor,) = conn.execute("SELECT value FROM meta WHERE key = 'id_floor'").fetchone() or ("0",)
+    first = max(last_id(conn), int(floor), at_least - 1) + 1
+    with transaction(conn):
+        _set_floor(conn, first + ahead)
+    return first
 
 
 def prune(conn: sqlite3.Connection, before: float) -> int:
@@ -236,7 +278,9 @@ def last_id(conn: sqlite3.Connection) -> int:
 
 
 def engines(conn: sqlite3.Connection) -> list[EngineRecord]:
-    rows = conn.execute("SELECT model, pid, pgid, start_time, boot_id, address FROM engines")
+    rows = conn.execute(
+        "SELECT model, pid, pgid, start_time, boot_id, address, marker FROM engines"
+    )
     return [EngineRecord(*row) for row in rows]
 
 

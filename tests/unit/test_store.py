@@ -19,10 +19,10 @@ from tests.integration.harness import eventually
 from vllmd.config import ModelConfig
 from vllmd.events import EventBus, Kind
 from vllmd.overrides import Overrides
-from vllmd.state import StateStore
-from vllmd.state import db as state_db
-from vllmd.state.db import Desired, EngineRecord, Row
-from vllmd.state.store import BOUND, DEGRADED_HOLD
+from vllmd.store import StateStore
+from vllmd.store import records as state_db
+from vllmd.store.db import BOUND, DEGRADED_HOLD
+from vllmd.store.records import Desired, EngineRecord, Row
 
 pytestmark = pytest.mark.anyio
 DAY = 86400.0
@@ -46,8 +46,12 @@ def _store(directory: Path, clock: SkipClock | None = None, **kw: object) -> Sta
 
 
 def _rows(directory: Path) -> list[tuple[int, str, str | None]]:
-    with sqlite3.connect(directory / "vllmd.db") as conn:
-        return list(conn.execute("SELECT id, kind, model FROM events ORDER BY id"))
+    """The stored events (none while there is no database: a read never makes one)."""
+    try:
+        with sqlite3.connect(f"file:{directory / 'vllmd.db'}?mode=ro", uri=True) as conn:
+            return list(conn.execute("SELECT id, kind, model FROM events ORDER BY id"))
+    except sqlite3.OperationalError:
+        return []
 
 
 async def _running(
@@ -233,9 +237,10 @@ async def test_a_stalled_disk_overflows_the_bound_counted_and_degraded_never_blo
         rows: Sequence[Row],
         engines: Mapping[str, EngineRecord | None],
         desired: Desired | None,
+        id_floor: int | None,
     ) -> None:
         stall.wait(30)
-        state_db.write(conn, rows, engines, desired)
+        state_db.write(conn, rows, engines, desired, id_floor)
 
     store = _store(tmp_path, write=slow_write)
     await store.open()
@@ -265,3 +270,124 @@ def test_migrations_bring_a_new_file_to_the_current_schema(tmp_path: Path) -> No
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"events", "engines", "pins", "loaded_on_purpose"} <= tables
     conn.close()
+
+
+def _stalling(stall: threading.Event) -> object:
+    def slow_write(*args: object) -> None:
+        stall.wait(60)
+        state_db.write(*args)  # type: ignore[arg-type]
+
+    return slow_write
+
+
+async def test_a_hung_disk_neither_hangs_shutdown_nor_hides(tmp_path: Path) -> None:
+    stall = threading.Event()
+    clock = SkipClock()
+    store = _store(tmp_path, clock, write=_stalling(stall))
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(_running, store, bus)
+                bus.emit(Kind.CONTROL, "m", action="load")
+                await eventually(lambda: store._write_since is not None)
+                assert not store.degraded()  # a write that just began is not a stall
+                clock.skip(10)
+                assert store.degraded()  # one that has run for 10 s is
+                await store.drain(timeout=1)  # bounded, though the write never ends
+                tg.cancel_scope.cancel()  # and the write loop does not wait for it either
+    finally:
+        stall.set()
+
+
+async def test_ids_handed_out_but_never_written_are_not_handed_out_again(tmp_path: Path) -> None:
+    stall = threading.Event()
+    store = _store(tmp_path, write=_stalling(stall))
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(_running, store, bus)
+            seen = [bus.emit(Kind.CONTROL, "m", action="load").id for _ in range(3)]
+            tg.cancel_scope.cancel()  # the daemon dies with them unwritten
+    finally:
+        stall.set()
+    again = _store(tmp_path)
+    await again.open()
+    assert again.next_id() > max(seen)
+
+
+async def test_an_event_emitted_just_before_drain_is_written(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    await store.open()
+    bus = EventBus(next_id=store.next_id)
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus)
+        await anyio.sleep(0.05)  # the pump waits on the stream: the event goes straight to it
+        bus.emit(Kind.CONTROL, "m", action="load")
+        await store.drain()
+        tg.cancel_scope.cancel()
+    assert [r[1] for r in _rows(tmp_path)] == ["control"]
+
+
+async def test_corruption_found_mid_run_starts_a_new_file_with_this_runs_state(
+    tmp_path: Path,
+) -> None:
+    broken = [False]
+
+    def flaky_write(*args: object) -> None:
+        if broken[0]:
+            broken[0] = False
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        state_db.write(*args)  # type: ignore[arg-type]
+
+    store = _store(tmp_path, write=flaky_write)
+    await store.open()
+    bus, overrides = EventBus(next_id=store.next_id, history=1), Overrides()
+    spawned = {"pid": 77, "pgid": 77, "start_time": 1.0, "boot_id": "b", "marker": "x"}
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, store, bus, overrides)
+        bus.emit(Kind.SPAWNED, "a", **spawned)
+        overrides.mark_loaded("a")
+        await eventually(lambda: len(_rows(tmp_path)) == 1)
+        broken[0] = True
+        bus.emit(Kind.CONTROL, "a", action="pin")
+        await eventually(lambda: list(tmp_path.glob("vllmd.db.corrupt-*")), 10)
+        bus.emit(Kind.CONTROL, "a", action="unpin")
+        await eventually(lambda: len(_rows(tmp_path)) == 2, 10)
+        read = await store.events(limit=10, newest=True)  # from the new file, not the old one
+        assert [e["action"] for e in read] == ["pin", "unpin"]
+        await store.drain()
+        tg.cancel_scope.cancel()
+    again = _store(tmp_path)
+    await again.open()
+    assert [e.pid for e in again.engines] == [77]  # still running: recorded again
+    assert again.desired.loaded_on_purpose == {"a"}
+
+
+async def test_a_database_this_run_could_not_open_keeps_its_desired_state(
+    tmp_path: Path,
+) -> None:
+    first = _store(tmp_path)
+    await first.open()
+    bus, overrides = EventBus(next_id=first.next_id), Overrides()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, first, bus, overrides)
+        overrides.mark_loaded("a")
+        await first.drain()
+        tg.cancel_scope.cancel()
+    with sqlite3.connect(tmp_path / "vllmd.db") as conn:  # now a newer vllmd's
+        conn.execute(f"PRAGMA user_version = {state_db.SCHEMA_VERSION + 1}")
+    second = _store(tmp_path)
+    await second.open()
+    assert second.degraded() and second.desired.loaded_on_purpose == {"a"}  # read, read-only
+    bus, overrides = EventBus(next_id=second.next_id), Overrides()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_running, second, bus, overrides)
+        overrides.mark_loaded("b")
+        await anyio.sleep(0.3)
+        await second.drain(timeout=1)
+        tg.cancel_scope.cancel()
+    with sqlite3.connect(tmp_path / "vllmd.db") as conn:
+        assert [m for (m,) in conn.execute("SELECT model FROM loaded_on_purpose")] == ["a"]
