@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from json.encoder import encode_basestring_ascii
 from typing import Literal
 
 import structlog
@@ -34,3 +36,67 @@ def configure(level: str = "info", fmt: LogFormat | None = None) -> None:
     )
     # uvicorn and httpx use stdlib logging; keep their noise out, errors in.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+# The processor chain `configure` sets for JSON, by type: the line `RequestLog` can render.
+_JSON_CHAIN = (
+    type(structlog.processors.add_log_level),
+    structlog.processors.TimeStamper,
+    type(structlog.processors.format_exc_info),
+    structlog.processors.JSONRenderer,
+)
+
+
+class RequestLog:
+    """The gateway's one line per request, cheap: under `configure`'s JSON chain (and no
+    context bound), the very line structlog would write is formatted here, without building
+    an event dict and running five processors (a third of the gateway's own CPU per request
+    before). Under any other set-up (console, tests' capture) it is an ordinary structlog
+    call. The set-up is read at the first request (`configure` runs before any)."""
+
+    def __init__(self, logger: structlog.typing.FilteringBoundLogger) -> None:
+        self._logger = logger
+        self._sink: structlog.PrintLogger | None = None
+        self._checked = False
+        self._second = -1
+        self._stamp = ""
+
+    def _fast_sink(self) -> structlog.PrintLogger | None:
+        config = structlog.get_config()
+        processors = config["processors"]
+        factory = config["logger_factory"]
+        chain = tuple(type(p) for p in processors[1:]) if processors else ()
+        fast = (
+            len(processors) == 5
+            and processors[0] is structlog.contextvars.merge_contextvars
+            and all(issubclass(t, want) for t, want in zip(chain, _JSON_CHAIN, strict=True))
+            and isinstance(factory, structlog.PrintLoggerFactory)
+            and self._logger.is_enabled_for(logging.INFO)
+        )
+        return factory() if fast else None
+
+    def request(self, request_id: str, model: str, route: str, status: int, seconds: float) -> None:
+        if not self._checked:
+            self._sink, self._checked = self._fast_sink(), True
+        sink = self._sink
+        if sink is None or structlog.contextvars.get_contextvars():
+            self._logger.info(
+                "request",
+                request_id=request_id,
+                model=model,
+                route=route,
+                status=status,
+                seconds=round(seconds, 4),
+            )
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        sink.msg(
+            f'{{"request_id": {encode_basestring_ascii(request_id)}, '
+            f'"model": {encode_basestring_ascii(model)}, "route": "{route}", '
+            f'"status": {status}, "seconds": {round(seconds, 4)!r}, "event": "request", '
+            f'"level": "info", "timestamp": "{self._stamp}.{int((now - second) * 1e6):06d}Z"}}'
+        )
