@@ -6,6 +6,8 @@ vllmd can start it as an engine. Environment:
   FAST_STARTUP_DELAY  seconds before it listens (default 0)
   FAST_CHUNKS         SSE chunks of a streamed answer (default 16)
   FAST_CHUNK_DELAY    seconds between two chunks (default 0)
+  FAST_STAMP          1: every chunk carries `"t": <time.time() when sent>`
+  FAST_READY_FILE     written with time.time() once it listens (/health answers from then)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import time
 from typing import Any
 
@@ -40,9 +43,10 @@ def chunk(i: int) -> bytes:
 
 
 class App:
-    def __init__(self, chunks: int, delay: float) -> None:
+    def __init__(self, chunks: int, delay: float, stamp: bool) -> None:
         self.chunks = [chunk(i) for i in range(chunks)]
         self.delay = delay
+        self.stamp = stamp
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -62,6 +66,8 @@ class App:
             for i, data in enumerate(self.chunks):
                 if self.delay and i:
                     await asyncio.sleep(self.delay)
+                if self.stamp:
+                    data = data[:-3] + b', "t": ' + repr(time.time()).encode() + b"}\n\n"
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
@@ -76,18 +82,23 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8000)
     args, _ = p.parse_known_args()
     time.sleep(float(os.environ.get("FAST_STARTUP_DELAY", "0")))
-    app = App(int(os.environ.get("FAST_CHUNKS", "16")), float(os.environ.get("FAST_CHUNK_DELAY", "0")))
-    uvicorn.run(
-        app,
-        uds=args.uds,
-        host=args.host,
-        port=args.port,
-        http="httptools",
-        loop="uvloop",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
+    if args.uds:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(args.uds)
+    else:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    sock.listen(1024)
+    if ready := os.environ.get("FAST_READY_FILE"):
+        with open(ready, "w") as f:
+            f.write(repr(time.time()))
+    env = os.environ.get
+    app = App(int(env("FAST_CHUNKS", "16")), float(env("FAST_CHUNK_DELAY", "0")), bool(env("FAST_STAMP")))
+    config = uvicorn.Config(
+        app, http="httptools", loop="uvloop", lifespan="off", log_level="warning", access_log=False
     )
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import secrets
 import time
 from typing import Any
 
-import anyio
 import structlog
 
 from vllmd.alerts.signals import Observations
@@ -51,6 +51,18 @@ CLIENT_CLOSED = 499
 REJECT_REASONS = frozenset({"queue_full", "queue_timeout", "model_failed", "insufficient_memory"})
 
 
+class RequestIds:
+    """X-Request-Id for requests that bring none: 32 hex digits like a uuid4's, a random
+    prefix per gateway and a counter (os.urandom per request was a syscall each)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count(secrets.randbelow(1 << 32))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 class ClientGone(Exception):
     """The client disconnected before its request was read."""
 
@@ -69,6 +81,7 @@ class Gateway:
         self._observations = observations  # the alerts' error-ratio and latency windows
         self.proxy = Proxy(metrics, observations, ctx.clock)
         self._log = RequestLog(log)
+        self._ids = RequestIds()
         self.started = int(time.time())
         self._config: Config | None = None  # what the settings below were read from
         self._keys: tuple[bytes, ...] = ()
@@ -81,6 +94,7 @@ class Gateway:
 
     def close(self) -> None:
         self.accepting = False
+        self._log.flush()
 
     def _settings(self) -> Config:
         """The config in force, with what requests need of it prepared once per config."""
@@ -173,7 +187,7 @@ class Gateway:
         started = time.perf_counter()
         request_id, length = _request_headers(scope["headers"])
         if request_id is None:
-            request_id = secrets.token_hex(16)
+            request_id = self._ids.next()
         model_label = ""
         status = 500
         try:
@@ -197,17 +211,24 @@ class Gateway:
                 raise http_error(ShuttingDown())
             # From here the client may leave: its disconnect cancels the queue wait or the
             # upstream request (which makes vLLM abort the generation). The watcher is a bare
-            # task owned by this request (cancelled below, whatever happens): an anyio task
-            # group per request cost more than the rest of the gateway's own work.
+            # task owned by this request (cancelled below, whatever happens) that moves the
+            # request's asyncio deadline to now: an anyio task group per request, then an anyio
+            # cancel scope, cost more than the rest of the gateway's own work.
             status = CLIENT_CLOSED
-            with anyio.CancelScope() as scope_:
-                watcher = asyncio.get_running_loop().create_task(
-                    _cancel_on_disconnect(receive, scope_)
-                )
-                try:
-                    status = await self._forward(scope, send, route, body, instance, request_id)
-                finally:
-                    watcher.cancel()
+            gone = asyncio.timeout(None)
+            try:
+                async with gone:
+                    watcher = asyncio.get_running_loop().create_task(
+                        _cancel_on_disconnect(receive, gone)
+                    )
+                    try:
+                        status = await self._forward(scope, send, route, body, instance, request_id)
+                    finally:
+                        watcher.cancel()
+            except TimeoutError:
+                if not gone.expired():
+                    raise
+                status = CLIENT_CLOSED  # the watcher's deadline: the client left
         except ClientGone:
             status = CLIENT_CLOSED
         except HTTPError as exc:
@@ -270,11 +291,11 @@ class Gateway:
             raise http_error(exc) from None
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            scope.cancel()
+            deadline.reschedule(-1.0)  # in the past: the request is cancelled at once
             return
 
 
