@@ -7,7 +7,7 @@ vllmd can start it as an engine. Environment:
   FAST_CHUNKS         SSE chunks of a streamed answer (default 16)
   FAST_CHUNK_DELAY    seconds between two chunks (default 0)
   FAST_STAMP          1: every chunk carries `"t": <time.time() when sent>`
-  FAST_READY_FILE     written with time.time() once it listens (/health answers from then)
+  FAST_READY_FILE     written with time.time() once it serves (/health answers from then)
 """
 
 from __future__ import annotations
@@ -90,15 +90,20 @@ def main() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
     sock.listen(1024)
-    if ready := os.environ.get("FAST_READY_FILE"):
-        with open(ready, "w") as f:
-            f.write(repr(time.time()))
     env = os.environ.get
     app = App(int(env("FAST_CHUNKS", "16")), float(env("FAST_CHUNK_DELAY", "0")), bool(env("FAST_STAMP")))
     config = uvicorn.Config(
         app, http="httptools", loop="uvloop", lifespan="off", log_level="warning", access_log=False
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
+
+
+class Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if ready := os.environ.get("FAST_READY_FILE"):  # from now on /health answers 200
+            with open(ready, "w") as f:
+                f.write(repr(time.time()))
 
 
 if __name__ == "__main__":

@@ -40,13 +40,15 @@ def delays(port: int, model: str) -> tuple[list[float], float]:
         began = time.time()
         sock.sendall(_request(model, STREAM_BODY))
         tail = b""
-        while b"[DONE]" not in tail:
+        done = False
+        while not done:
             data = sock.recv(65536)
             now = time.time()
             if not data:
                 break
             tail += data
             *whole, tail = tail.split(b"\n\n")
+            done = any(b"[DONE]" in part for part in whole)
             out += [now - float(m) for part in whole for m in STAMP.findall(part + b"}")]
         return out, time.time() - began
 
