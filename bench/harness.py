@@ -71,12 +71,12 @@ def wrk(url: str, conns: int, seconds: float, tmp: Path, timeout: float = 2.0) -
     line = next(x for x in out.splitlines() if x.startswith("JSON "))
     r = json.loads(line[5:])
     errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    return Wrk(
-        r["requests"] / r["seconds"], r["p50"], r["p99"], r["max"], errors, r["timeout"]
-    )
+    return Wrk(r["requests"] / r["seconds"], r["p50"], r["p99"], r["max"], errors, r["timeout"])
 
 
-def wait_http(url: str, deadline: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> float:
+def wait_http(
+    url: str, deadline: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+) -> float:
     """Poll `url` (GET) until it answers; returns when, in time.time()."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:

@@ -144,12 +144,11 @@ def _state_left_ready(log: Path, model: str, since: float) -> float | None:
         if not line.startswith("{"):
             continue
         event = json.loads(line)
-        if event.get("event") == "state" and event.get("model") == model:
-            if event.get("old") == "ready":
-                stamp = time.mktime(time.strptime(event["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
-                t = stamp - time.timezone + float("0." + event["timestamp"][20:-1])
-                if t >= since:
-                    return t
+        if (event.get("event"), event.get("model"), event.get("old")) == ("state", model, "ready"):
+            stamp = time.mktime(time.strptime(event["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
+            t = stamp - time.timezone + float("0." + event["timestamp"][20:-1])
+            if t >= since:
+                return t
     return None
 
 

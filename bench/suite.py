@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (  # noqa: E402
+from harness import (
     BENCH,
     FAST_ENGINE,
     Processes,
@@ -40,7 +40,7 @@ from harness import (  # noqa: E402
     wait_http,
     wrk,
 )
-from streams import crash_reaction, lazy_start, streaming  # noqa: E402
+from streams import crash_reaction, lazy_start, streaming
 
 Figure = dict[str, Any]
 
@@ -50,7 +50,9 @@ class Results:
         self.figures: list[Figure] = []
 
     def add(self, name: str, value: float, unit: str, reference: str) -> None:
-        self.figures.append({"name": name, "value": round(value, 4), "unit": unit, "reference": reference})
+        self.figures.append(
+            {"name": name, "value": round(value, 4), "unit": unit, "reference": reference}
+        )
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +75,7 @@ def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results)
     fast = procs.start(
         [sys.executable, str(FAST_ENGINE), "--port", str(direct_port)], tmp / "direct.log"
     )
-    daemon = procs.start(
-        vllmd_argv(vllmd_config(tmp, vllmd_port, {"m": {}})), tmp / "vllmd.log"
-    )
+    daemon = procs.start(vllmd_argv(vllmd_config(tmp, vllmd_port, {"m": {}})), tmp / "vllmd.log")
     targets = {"direct": direct_port, "nginx": nginx_port, "vllmd": vllmd_port}
     nginx(procs, tmp, nginx_port, direct_port)
     if not args.skip_litellm:
@@ -103,7 +103,10 @@ def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results)
                 runs.setdefault((name, conns), []).append(wrk(url, conns, args.seconds, tmp))
     b = {key: best(r) for key, r in runs.items()}
     print("\n1. Proxy overhead, non-streaming (fast upstream; wrk, best of rounds)")
-    print(f"{'':8} {'c=1 p50':>9} {'added':>9} {'c=1 req/s':>10} {'c=32 req/s':>11} {'ratio':>6} {'c=32 p99':>9}")
+    head = ("c=1 p50", "added", "c=1 req/s", "c=32 req/s", "ratio", "c=32 p99")
+    print(
+        f"{'':8} " + " ".join(f"{h:>{w}}" for h, w in zip(head, (9, 9, 10, 11, 6, 9), strict=True))
+    )
     d1, d32 = b[("direct", 1)], b[("direct", 32)]
     for name in targets:
         one, many = b[(name, 1)], b[(name, 32)]
@@ -146,7 +149,9 @@ def footprint(tmp: Path, procs: Processes, res: Results) -> None:
         answering = wait_http(f"http://127.0.0.1:{port}/health", proc=daemon) - began
         time.sleep(2.0)
         rss = rss_mb(daemon.pid)
-        line = f"{n:5} models: gateway answering {answering:.3f} s after start, idle RSS {rss:.1f} MB"
+        line = (
+            f"{n:5} models: gateway answering {answering:.3f} s after start, idle RSS {rss:.1f} MB"
+        )
         res.add(f"vllmd.models{n}.answering", answering, "s", "target (100) <= 0.3")
         res.add(f"vllmd.models{n}.idle_rss", rss, "MB", "target (100) <= 50")
         if n == 100:
@@ -165,7 +170,9 @@ def footprint(tmp: Path, procs: Processes, res: Results) -> None:
                     ctl.get("/v1/status").raise_for_status()
                     lat.append(time.perf_counter() - t0)
             control_ms = sorted(lat)[len(lat) // 2] * 1e3
-            line += f", /metrics {metrics_ms:.1f} ms ({size} B), control API p50 {control_ms:.2f} ms"
+            line += (
+                f", /metrics {metrics_ms:.1f} ms ({size} B), control API p50 {control_ms:.2f} ms"
+            )
             res.add("vllmd.models100.metrics_time", metrics_ms, "ms", "target <= 10")
             res.add("vllmd.models100.metrics_size", size, "bytes", "-")
             res.add("vllmd.models100.control_p50", control_ms, "ms", "target <= 2")
@@ -176,7 +183,7 @@ def footprint(tmp: Path, procs: Processes, res: Results) -> None:
     snap = sched.build(sched.random.Random(42))
     fits = sched.pick(snap, want_evictions=False)
     median, p99 = sched.timed(lambda: sched.plan_load(sched.replace(snap), fits))
-    print(f"scheduler decision with 1,000 models: median {median / 1e3:.3f} ms, p99 {p99 / 1e3:.3f} ms")
+    print(f"scheduler decision, 1,000 models: median {median / 1e3:.3f} ms, p99 {p99 / 1e3:.3f} ms")
     res.add("scheduler.models1000.decision_median", median / 1e3, "ms", "target <= 1")
 
 
@@ -208,7 +215,8 @@ def main() -> None:
                 procs.close()
     out = BENCH / "results" / "latest.json"
     res.write(out)
-    print(f"\n{len(res.figures)} figures in {out.relative_to(BENCH.parent)}; took {time.monotonic() - began:.0f} s")
+    took = time.monotonic() - began
+    print(f"\n{len(res.figures)} figures in {out.relative_to(BENCH.parent)}; took {took:.0f} s")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def configure(level: str = "info", fmt: LogFormat | None = None) -> None:
 
 
 # The processor chain `configure` sets for JSON, by type: the line `RequestLog` can render.
-_JSON_CHAIN = (
+_JSON_CHAIN: tuple[type, ...] = (
     type(structlog.processors.add_log_level),
     structlog.processors.TimeStamper,
     type(structlog.processors.format_exc_info),

@@ -19,8 +19,8 @@ import httpx
 
 from vllmd.alerts.signals import Observations
 from vllmd.engine.api import Upstream
-from vllmd.http.upstream import UpstreamResponse
 from vllmd.http.asgi import HTTPError, Send
+from vllmd.http.upstream import UpstreamResponse
 from vllmd.metrics import Metrics
 
 # Hop-by-hop headers, and those the proxy sets itself: the client's Authorization carries the

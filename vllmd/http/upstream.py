@@ -31,7 +31,7 @@ import httptools
 import httpx
 
 HIGH_WATER = 256 * 1024
-MAX_IDLE = 64
+MAX_IDLE = 512  # above the busiest moment, else a burst of 256 clients churns connections
 
 
 class Connection(asyncio.Protocol):
