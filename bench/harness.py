@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,7 +195,9 @@ http {{
 def nginx(procs: Processes, tmp: Path, port: int, upstream: int) -> subprocess.Popen[bytes]:
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream))
-    return procs.start(["nginx", "-c", str(conf), "-p", str(tmp)], tmp / "nginx.log")
+    # Debian puts it in /usr/sbin, which a user's PATH may not hold.
+    exe = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin") or "nginx"
+    return procs.start([exe, "-c", str(conf), "-p", str(tmp)], tmp / "nginx.log")
 
 
 def litellm_bin() -> Path:

