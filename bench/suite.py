@@ -131,17 +131,33 @@ def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results)
             res.add(f"{name}.c1.added_p50", added, "ms", "target vllmd <= 0.4")
             res.add(f"{name}.c32.rps_ratio", ratio, "x direct", "target vllmd >= 0.5")
     print("\n   256 connections, 10 s, wrk timeout 2 s")
+    log = tmp / "vllmd.log"
     for name in ("direct", "vllmd"):
         url = f"http://127.0.0.1:{targets[name]}/v1/completions"
+        offset = log.stat().st_size
         r = wrk(url, 256, 10, tmp)
         extra = f", daemon RSS after {rss_mb(daemon.pid):.0f} MB" if name == "vllmd" else ""
         print(
             f"{name:8} {r.rps:7.0f} req/s p50 {r.p50 * 1e3:6.1f} ms p99 {r.p99 * 1e3:6.1f} ms "
             f"max {r.max * 1e3:6.0f} ms, errors/non-2xx {r.errors}, timeouts {r.timeouts}{extra}"
         )
+        res.add(f"{name}.c256.p50", r.p50 * 1e3, "ms", "direct.c256.p50")
         res.add(f"{name}.c256.p99", r.p99 * 1e3, "ms", "target vllmd <= 1000")
         res.add(f"{name}.c256.max", r.max * 1e3, "ms", "target vllmd <= 2000")
         res.add(f"{name}.c256.errors", r.errors, "count", "target 0")
+        if name == "vllmd":  # vllmd's own view: each request's `seconds` in its log line
+            time.sleep(0.2)  # request lines are written in batches
+            with open(log, "rb") as f:
+                f.seek(offset)
+                own = sorted(json.loads(x)["seconds"] for x in f if x.startswith(b'{"request_id"'))
+            p50, p99 = own[len(own) // 2], own[int(len(own) * 0.99)]
+            print(
+                f"{'':8} vllmd's own time per request: p50 {p50 * 1e3:.1f} ms, p99 "
+                f"{p99 * 1e3:.1f} ms, max {own[-1] * 1e3:.0f} ms ({len(own)} requests)"
+            )
+            res.add("vllmd.c256.own_p50", p50 * 1e3, "ms", "vllmd.c256.p50 (wrk)")
+            res.add("vllmd.c256.own_p99", p99 * 1e3, "ms", "vllmd.c256.p99 (wrk)")
+            res.add("vllmd.c256.own_max", own[-1] * 1e3, "ms", "vllmd.c256.max (wrk)")
     res.add("vllmd.rss_after_c256", rss_mb(daemon.pid), "MB", "target < 150")
     procs.stop(daemon)
     procs.close()

@@ -134,12 +134,15 @@ class Connection(asyncio.Protocol):
             raise self.error
 
     async def chunk(self) -> bytes | None:
-        """The next piece of the body, None at its end."""
+        """The body that has arrived since the last call (waiting for some), None at its end."""
         while True:
             if self._chunks:
-                data = self._chunks.popleft()
-                self._buffered -= len(data)
-                if self._paused and self._buffered <= HIGH_WATER // 2:
+                # Everything that has arrived, at once: nothing is held back, and a burst of
+                # small SSE chunks costs the client's socket one write instead of one each.
+                data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused:
                     self._paused = False
                     if self._transport is not None:
                         self._transport.resume_reading()
