@@ -154,7 +154,7 @@ async def test_an_answer_broken_off_is_a_read_error(tmp_path: Path) -> None:
         await w.drain()
         return False
 
-    async with engine(tmp_path, broken) as (fake, pool):
+    async with engine(tmp_path, broken) as (_fake, pool):
         response = await pool.post("/v1/completions", b"{}", [])
         with pytest.raises(httpx.ReadError):
             await response.aread()
@@ -193,7 +193,7 @@ async def test_no_engine_is_a_connect_error(tmp_path: Path) -> None:
 
 
 async def test_a_closed_pool_refuses_requests(tmp_path: Path) -> None:
-    async with engine(tmp_path, ok) as (fake, pool):
+    async with engine(tmp_path, ok) as (_fake, pool):
         pool.close()
         with pytest.raises(httpx.ConnectError):
             await pool.post("/v1/completions", b"{}", [])
