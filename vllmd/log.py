@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
+from json.encoder import encode_basestring_ascii
 from typing import Literal
 
 import structlog
@@ -34,3 +37,87 @@ def configure(level: str = "info", fmt: LogFormat | None = None) -> None:
     )
     # uvicorn and httpx use stdlib logging; keep their noise out, errors in.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+# The processor chain `configure` sets for JSON, by type: the line `RequestLog` can render.
+_JSON_CHAIN: tuple[type, ...] = (
+    type(structlog.processors.add_log_level),
+    structlog.processors.TimeStamper,
+    type(structlog.processors.format_exc_info),
+    structlog.processors.JSONRenderer,
+)
+
+
+FLUSH_AFTER = 0.01  # seconds a request line may wait to be written with others
+FLUSH_LINES = 256
+
+
+class RequestLog:
+    """The gateway's one line per request, cheap: under `configure`'s JSON chain (and no
+    context bound), the very line structlog would write is formatted here, without building
+    an event dict and running five processors, and lines are written together at most
+    `FLUSH_AFTER` later (a write and a flush per line were a tenth of the gateway's CPU).
+    Under any other set-up (console, tests' capture) it is an ordinary structlog call. The
+    set-up is read at the first request (`configure` runs before any)."""
+
+    def __init__(self, logger: structlog.typing.FilteringBoundLogger) -> None:
+        self._logger = logger
+        self._sink: structlog.PrintLogger | None = None
+        self._checked = False
+        self._second = -1
+        self._stamp = ""
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def flush(self) -> None:
+        """Write the lines waiting (the gateway calls it when it closes, too)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lines and self._sink is not None:
+            lines, self._lines = self._lines, []
+            self._sink.msg("\n".join(lines))
+
+    def _fast_sink(self) -> structlog.PrintLogger | None:
+        config = structlog.get_config()
+        processors = config["processors"]
+        factory = config["logger_factory"]
+        chain = tuple(type(p) for p in processors[1:]) if processors else ()
+        fast = (
+            len(processors) == 5
+            and processors[0] is structlog.contextvars.merge_contextvars
+            and all(issubclass(t, want) for t, want in zip(chain, _JSON_CHAIN, strict=True))
+            and isinstance(factory, structlog.PrintLoggerFactory)
+            and self._logger.is_enabled_for(logging.INFO)
+        )
+        return factory() if fast else None
+
+    def request(self, request_id: str, model: str, route: str, status: int, seconds: float) -> None:
+        if not self._checked:
+            self._sink, self._checked = self._fast_sink(), True
+        sink = self._sink
+        if sink is None or structlog.contextvars.get_contextvars():
+            self._logger.info(
+                "request",
+                request_id=request_id,
+                model=model,
+                route=route,
+                status=status,
+                seconds=round(seconds, 4),
+            )
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._lines.append(
+            f'{{"request_id": {encode_basestring_ascii(request_id)}, '
+            f'"model": {encode_basestring_ascii(model)}, "route": "{route}", '
+            f'"status": {status}, "seconds": {round(seconds, 4)!r}, "event": "request", '
+            f'"level": "info", "timestamp": "{self._stamp}.{int((now - second) * 1e6):06d}Z"}}'
+        )
+        if len(self._lines) >= FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)

@@ -1,19 +1,23 @@
 """The engine's HTTP surface, as vllmd uses it: health, warm-up, sleep/wake, metrics.
 
-One `httpx.AsyncClient` per running engine, made once when the engine is spawned and shared by
-the health checks and the gateway's proxying (no per-request client or connection set-up).
+One `httpx.AsyncClient` per running engine for vllmd's own calls and one keep-alive pool
+(vllmd.http.upstream) for the gateway's proxying, both made once when the engine is spawned
+(no per-request client or connection set-up).
 """
 
 from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
 from vllmd.config import EngineConfig
 from vllmd.engine.argv import EngineAddress
+from vllmd.http.upstream import Pool, UpstreamResponse, content_type
 
 
 def make_client(
@@ -23,17 +27,32 @@ def make_client(
     max_connections: int,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[httpx.AsyncClient, Upstream]:
-    """One connection pool per engine, used two ways: an httpx client for vllmd's own calls,
-    and an `Upstream` for proxying. Read timeouts are left to each call (streams are long).
+    """Two paths to one engine: an httpx client for vllmd's own calls, and an `Upstream` for
+    proxying (vllmd.http.upstream's keep-alive pool; closing the client closes it too). Read
+    timeouts are left to each call (streams are long).
 
-    `transport` replaces the pooled transport (tests pass an `httpx.MockTransport`); both
-    paths then go through it, so a test sees every request vllmd would send the engine."""
+    `transport` replaces both (tests pass an `httpx.MockTransport`): the proxy's path then
+    goes through it as well, so a test sees every request vllmd would send the engine."""
+    upstream: Upstream
     if transport is None:
-        transport = httpx.AsyncHTTPTransport(
-            uds=str(address.uds) if address.uds is not None else None,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
-            retries=0,
+        pool = Pool(
+            uds=address.uds,
+            host=address.host,
+            port=address.port or 0,
+            connect_timeout=connect_timeout,
+            auth=f"Bearer {address.api_key}".encode() if address.api_key else b"",
         )
+        transport = _ClosingTransport(
+            httpx.AsyncHTTPTransport(
+                uds=str(address.uds) if address.uds is not None else None,
+                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=4),
+                retries=0,
+            ),
+            pool,
+        )
+        upstream = pool
+    else:
+        upstream = TransportUpstream(transport, address, connect_timeout)
     headers = {"Authorization": f"Bearer {address.api_key}"} if address.api_key else {}
     client = httpx.AsyncClient(
         transport=transport,
@@ -41,13 +60,37 @@ def make_client(
         headers=headers,
         timeout=httpx.Timeout(None, connect=connect_timeout),
     )
-    return client, Upstream(transport, address, connect_timeout)
+    return client, upstream
 
 
-class Upstream:
-    """The proxy's path to one engine: straight to the pooled transport. The gateway needs
-    none of what `AsyncClient.send` adds per request (auth flow, redirects, cookies, URL
-    merging); URLs and fixed headers are built once."""
+class Upstream(Protocol):
+    """The proxy's path to one engine."""
+
+    async def post(
+        self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> UpstreamResponse:
+        """Send a POST and return the response with its body still to be read."""
+        ...
+
+
+class _ClosingTransport(httpx.AsyncBaseTransport):
+    """The client's transport, closing the proxy's pool with it (one owner, one close)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, pool: Pool) -> None:
+        self._inner = inner
+        self._pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        self._pool.close()
+        await self._inner.aclose()
+
+
+class TransportUpstream:
+    """The proxy's path through an injected httpx transport (tests): straight to it, with
+    none of what `AsyncClient.send` adds per request; URLs and fixed headers built once."""
 
     def __init__(
         self, transport: httpx.AsyncBaseTransport, address: EngineAddress, connect_timeout: float
@@ -62,8 +105,7 @@ class Upstream:
 
     async def post(
         self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> httpx.Response:
-        """Send a POST and return the response with its body still to be streamed."""
+    ) -> UpstreamResponse:
         url = self._urls.get(route)
         if url is None:
             url = self._urls[route] = httpx.URL(self._base + route)
@@ -76,7 +118,28 @@ class Upstream:
         request = httpx.Request(
             "POST", url, headers=headers, content=body, extensions={"timeout": self._timeout}
         )
-        return await self._transport.handle_async_request(request)
+        return _HttpxResponse(await self._transport.handle_async_request(request))
+
+
+class _HttpxResponse:
+    __slots__ = ("_response", "headers", "status_code")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = list(response.headers.raw)
+
+    def content_type(self) -> bytes:
+        return content_type(self.headers)
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def aread(self) -> bytes:
+        return await self._response.aread()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 class EngineAPI:

@@ -8,13 +8,14 @@ streaming, the client's disconnect is watched: it cancels the wait or the upstre
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import itertools
 import json
+import secrets
 import time
-import uuid
 from typing import Any
 
-import anyio
 import structlog
 
 from vllmd.alerts.signals import Observations
@@ -37,6 +38,7 @@ from vllmd.http.routes import OTHER
 from vllmd.http.routes import match as match_route
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
+from vllmd.log import RequestLog
 from vllmd.metrics import Metrics
 from vllmd.supervisor import Supervisor
 
@@ -47,6 +49,18 @@ CLIENT_CLOSED = 499
 
 # `vllmd_requests_rejected_total{reason}` takes only DESIGN's values.
 REJECT_REASONS = frozenset({"queue_full", "queue_timeout", "model_failed", "insufficient_memory"})
+
+
+class RequestIds:
+    """X-Request-Id for requests that bring none: 32 hex digits like a uuid4's, a random
+    prefix per gateway and a counter (os.urandom per request was a syscall each)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count(secrets.randbelow(1 << 32))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class ClientGone(Exception):
@@ -66,6 +80,8 @@ class Gateway:
         self.metrics = metrics
         self._observations = observations  # the alerts' error-ratio and latency windows
         self.proxy = Proxy(metrics, observations, ctx.clock)
+        self._log = RequestLog(log)
+        self._ids = RequestIds()
         self.started = int(time.time())
         self._config: Config | None = None  # what the settings below were read from
         self._keys: tuple[bytes, ...] = ()
@@ -78,6 +94,7 @@ class Gateway:
 
     def close(self) -> None:
         self.accepting = False
+        self._log.flush()
 
     def _settings(self) -> Config:
         """The config in force, with what requests need of it prepared once per config."""
@@ -168,11 +185,13 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, route: str, path_model: str | None
     ) -> None:
         started = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        request_id, length = _request_headers(scope["headers"])
+        if request_id is None:
+            request_id = self._ids.next()
         model_label = ""
         status = 500
         try:
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(receive, length)
             payload = _json_object(body)
             name = path_model if path_model is not None else _body_model(payload)
             try:
@@ -191,18 +210,25 @@ class Gateway:
             if not self.accepting:
                 raise http_error(ShuttingDown())
             # From here the client may leave: its disconnect cancels the queue wait or the
-            # upstream request (which makes vLLM abort the generation).
+            # upstream request (which makes vLLM abort the generation). The watcher is a bare
+            # task owned by this request (cancelled below, whatever happens) that moves the
+            # request's asyncio deadline to now: an anyio task group per request, then an anyio
+            # cancel scope, cost more than the rest of the gateway's own work.
             status = CLIENT_CLOSED
-            error: HTTPError | None = None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                try:
-                    status = await self._forward(scope, send, route, body, instance, request_id)
-                except HTTPError as exc:  # raised out of a task group it would come grouped
-                    error = exc
-                tg.cancel_scope.cancel()
-            if error is not None:
-                raise error
+            gone = asyncio.timeout(None)
+            try:
+                async with gone:
+                    watcher = asyncio.get_running_loop().create_task(
+                        _cancel_on_disconnect(receive, gone)
+                    )
+                    try:
+                        status = await self._forward(scope, send, route, body, instance, request_id)
+                    finally:
+                        watcher.cancel()
+            except TimeoutError:
+                if not gone.expired():
+                    raise
+                status = CLIENT_CLOSED  # the watcher's deadline: the client left
         except ClientGone:
             status = CLIENT_CLOSED
         except HTTPError as exc:
@@ -210,20 +236,13 @@ class Gateway:
             exc_headers = [(b"x-request-id", request_id.encode())]
             await send_error(send, exc, exc_headers)
         finally:
-            self.metrics.request(model_label, route, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.request(model_label, route, status, seconds)
             if model_label and self._observations is not None:
                 self._observations.request(model_label, status, None, self._ctx.clock())
-            log.info(
-                "request",
-                request_id=request_id,
-                model=model_label,
-                route=route,
-                status=status,
-                seconds=round(time.perf_counter() - started, 4),
-            )
+            self._log.request(request_id, model_label, route, status, seconds)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        length = _header(scope, b"content-length")
+    async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self.metrics.rejected("", "body_too_large")
             raise HTTPError(413, "body_too_large", f"request body over {self._max_body} bytes")
@@ -272,11 +291,11 @@ class Gateway:
             raise http_error(exc) from None
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            scope.cancel()
+            deadline.reschedule(-1.0)  # in the past: the request is cancelled at once
             return
 
 
@@ -297,8 +316,12 @@ def _body_model(payload: dict[str, Any]) -> str:
     return model
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bytes | None]:
+    """The client's X-Request-Id and Content-Length, in one pass over its headers."""
+    request_id = length = None
+    for key, value in headers:
+        if key == b"x-request-id" and request_id is None:
+            request_id = value.decode("latin-1")
+        elif key == b"content-length" and length is None:
+            length = value
+    return request_id, length

@@ -20,6 +20,7 @@ import httpx
 from vllmd.alerts.signals import Observations
 from vllmd.engine.api import Upstream
 from vllmd.http.asgi import HTTPError, Send
+from vllmd.http.upstream import UpstreamResponse
 from vllmd.metrics import Metrics
 
 # Hop-by-hop headers, and those the proxy sets itself: the client's Authorization carries the
@@ -38,6 +39,7 @@ REQUEST_DROP = frozenset(
         b"content-length",
         b"authorization",
         b"x-request-id",  # set once by the gateway
+        b"expect",  # the whole body goes at once: no interim 100 to wait for
     }
 )
 RESPONSE_DROP = frozenset(
@@ -101,14 +103,14 @@ class Proxy:
             await response.aclose()
 
     async def relay(
-        self, send: Send, response: httpx.Response, *, request_id: str, model: str, sent: float
+        self, send: Send, response: UpstreamResponse, *, request_id: str, model: str, sent: float
     ) -> int:
         """Relay an engine's `response` (body not read yet) to `send`; `sent` is when the
         request left, for the time to first byte. Returns the status to count: 502 when a
         stream broke off, though the client was sent the engine's status."""
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
+        headers = [(k, v) for k, v in response.headers if k.lower() not in RESPONSE_DROP]
         headers.append((b"x-request-id", request_id.encode()))
-        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+        streaming = response.content_type().startswith(b"text/event-stream")
         if not streaming:
             try:
                 data = await response.aread()

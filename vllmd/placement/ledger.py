@@ -18,7 +18,7 @@ from vllmd.instance.instance import Instance
 from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
-from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot
+from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot, held_bytes
 
 S = InstanceState
 log = structlog.get_logger("vllmd.ledger")
@@ -103,7 +103,8 @@ class Ledger:
 
     def held(self, inst: Instance) -> int:
         """What the instance holds on each of its devices now (the accounting's view)."""
-        return self.view(inst).held()
+        residue = self._residue.get(inst.name, self._ctx.config.scheduler.sleep_residue)
+        return held_bytes(inst.state, inst.model.memory, self._measured.get(inst.name, 0), residue)
 
     def can_sleep(self, inst: Instance) -> bool:
         """Whether the model can be put to sleep (the one answer: sleep mode on its devices,

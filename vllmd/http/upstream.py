@@ -1,0 +1,311 @@
+"""The gateway's HTTP/1.1 client to one engine: keep-alive connections on asyncio protocols,
+responses parsed by httptools (the C parser uvicorn already uses for the client side).
+
+Why not httpx here: its pool (httpcore) walks every idle connection per request and asks
+each whether it expired through anyio's typed attributes, and h11 parses in Python; with 32
+clients that cost more than the rest of the gateway together. aiohttp's client has a C parser
+too, but adds a dependency and a session/connector layer (timeouts, cookie jar, tracing
+hooks) the proxy does not use; a protocol of ~200 lines sends a request in one write and
+hands body chunks over as they arrive. httpx stays vllmd's client for everything else
+(health, warm-up, sleep, metrics) and the tests' seam (`make_client(transport=...)`).
+
+Errors are httpx's own exception types (`ConnectError`, `ConnectTimeout`, `ReadError`,
+`RemoteProtocolError`), so the proxy has one error vocabulary for either client.
+
+Idle connections are kept LIFO (the warmest first); one the engine closed is known at once
+(`connection_lost`) and never reused. A reused connection that ends before a single byte of
+its answer was the engine closing it as the request went out: the request is sent once more
+on a fresh connection (nothing was processed). Reading pauses while a slow client leaves
+more than `HIGH_WATER` bytes unsent, so a stream never piles up in the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol, cast
+
+import httptools
+import httpx
+
+HIGH_WATER = 256 * 1024
+MAX_IDLE = 512  # above the busiest moment, else a burst of 256 clients churns connections
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request on it at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.received = False  # any byte of the current answer
+        self._paused = False
+        self._head: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+        self.keep_alive = True
+        self.error: Exception | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("the engine upgraded the connection"))
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"bad answer from the engine: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if not self.complete:
+            what = "closed the connection" if exc is None else f"failed ({exc})"
+            self._fail(httpx.ReadError(f"the engine {what} before the answer ended"))
+
+    def pause_writing(self) -> None:  # the request is written at once; nothing to pause
+        pass
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()
+        if 100 <= self.status < 200:  # an interim answer: the real one follows
+            self.headers = []
+            return
+        _wake(self._head)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        _wake(self._waiter)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200:
+            return
+        self.complete = True
+        _wake(self._head)
+        _wake(self._waiter)
+
+    # --- used by Pool and Response ----------------------------------------------------------
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        _wake(self._head)
+        _wake(self._waiter)
+        self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def request(self, data: bytes) -> None:
+        """Send one whole request and wait for the head of its answer."""
+        assert self._transport is not None
+        self.received = self.complete = False
+        self.status, self.headers, self.error = 0, [], None
+        self._head = self._loop.create_future()
+        self._transport.write(data)
+        await self._head
+        self._head = None
+        if self.error is not None:
+            raise self.error
+
+    async def chunk(self) -> bytes | None:
+        """The body that has arrived since the last call (waiting for some), None at its end."""
+        while True:
+            if self._chunks:
+                # Everything that has arrived, at once: nothing is held back, and a burst of
+                # small SSE chunks costs the client's socket one write instead of one each.
+                data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused:
+                    self._paused = False
+                    if self._transport is not None:
+                        self._transport.resume_reading()
+                return data
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def release(self) -> None:
+        """The caller is done: keep the connection when its answer was read to the end."""
+        if self.complete and self.keep_alive and not self.closed and not self._chunks:
+            self._pool.keep(self)
+        else:
+            self.abort()
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class UpstreamResponse(Protocol):
+    """An engine's answer with its body still to come: the part of `httpx.Response` the
+    proxy uses (`headers` raw, as the engine sent them)."""
+
+    status_code: int
+    headers: list[tuple[bytes, bytes]]
+
+    def content_type(self) -> bytes: ...
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+    async def aread(self) -> bytes: ...
+    async def aclose(self) -> None: ...
+
+
+def content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value
+    return b""
+
+
+class Response:
+    """An answer on one of the pool's connections."""
+
+    __slots__ = ("_conn", "headers", "status_code")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.status_code = conn.status
+        self.headers = conn.headers  # raw (name, value) pairs as the engine sent them
+
+    def content_type(self) -> bytes:
+        return content_type(self.headers)
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while (data := await self._conn.chunk()) is not None:
+            yield data
+
+    async def aread(self) -> bytes:
+        chunks = [data async for data in self.aiter_raw()]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous, so a cancelled caller still closes: an unfinished answer's connection
+        is aborted (the engine sees the client leave and stops generating)."""
+        self._conn.release()
+
+
+class Pool:
+    """Keep-alive connections to one engine, on a Unix socket or TCP."""
+
+    def __init__(
+        self,
+        *,
+        uds: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        connect_timeout: float = 5.0,
+        auth: bytes = b"",
+    ) -> None:
+        self._uds = str(uds) if uds is not None else None
+        self._host, self._port = host, port
+        self._connect_timeout = connect_timeout
+        self._idle: list[Connection] = []
+        self._closed = False
+        # Every request starts with these bytes after its request line.
+        self._fixed = b"host: engine\r\n" + (b"authorization: " + auth + b"\r\n" if auth else b"")
+        self._lines: dict[str, bytes] = {}
+
+    def keep(self, conn: Connection) -> None:
+        if self._closed or len(self._idle) >= MAX_IDLE:
+            conn.abort()
+        else:
+            self._idle.append(conn)
+
+    def forget(self, conn: Connection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        """Close every idle connection; those in use close when their answers are done."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().abort()
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._uds is not None:
+                    _, conn = await loop.create_unix_connection(lambda: Connection(self), self._uds)
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(self), self._host, self._port
+                    )
+        except TimeoutError:
+            raise httpx.ConnectTimeout("no connection to the engine in time") from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
+        return conn
+
+    def encode(self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        line = self._lines.get(route)
+        if line is None:
+            line = self._lines[route] = f"POST {route} HTTP/1.1\r\n".encode() + self._fixed
+        parts = [line, b"content-length: ", str(len(body)).encode(), b"\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"\r\n", body)
+        return b"".join(parts)
+
+    async def post(self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
+        """Send a POST and return the answer with its body still to be read."""
+        if self._closed:
+            raise httpx.ConnectError("the engine's connections are closed")
+        data = self.encode(route, body, headers)
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.closed:
+                continue
+            try:
+                await conn.request(data)
+            except httpx.TransportError:
+                if conn.received:
+                    raise
+                continue  # closed by the engine as the request went out: try another
+            except BaseException:
+                conn.abort()
+                raise
+            return Response(conn)
+        conn = await self._connect()
+        try:
+            await conn.request(data)
+        except BaseException:
+            conn.abort()
+            raise
+        return Response(conn)
