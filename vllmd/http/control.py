@@ -204,8 +204,8 @@ class ControlAPI:
 
     def status(self) -> dict[str, Any]:
         by_state: dict[str, int] = {}
-        for st in self._supervisor.statuses():
-            by_state[str(st.state)] = by_state.get(str(st.state), 0) + 1
+        for instance in self._supervisor.instances.values():  # states only: no whole views
+            by_state[instance.state.value] = by_state.get(instance.state.value, 0) + 1
         path = self._ctx.config.path
         return {
             "version": __version__,

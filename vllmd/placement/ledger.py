@@ -132,10 +132,16 @@ class Ledger:
             placed.append(PlacedDevice(name, kind, total, uuid))
         return tuple(placed)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, *, holding_only: bool = False) -> Snapshot:
+        """What the scheduler decides on; `holding_only`: the models that hold memory only
+        (what accounting needs: a stopped model changes no device's figures)."""
         sched = self._ctx.config.scheduler
         devices = self._device_budgets()
-        models = {name: self.view(inst) for name, inst in self._instances.items()}
+        models = {
+            name: self.view(inst)
+            for name, inst in self._instances.items()
+            if not holding_only or self.held(inst) > 0
+        }
         level1 = sum(
             self.host_bytes(i)
             for i in self._instances.values()
@@ -152,7 +158,7 @@ class Ledger:
 
     def accounts(self) -> list[DeviceAccount]:
         """Every device's memory now, by name."""
-        snap = self.snapshot()
+        snap = self.snapshot(holding_only=True)
         out = []
         for name in sorted(snap.devices):
             dev = snap.devices[name]
