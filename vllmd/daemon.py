@@ -223,6 +223,7 @@ async def serve(
                 await supervisor.stop_all()
             with anyio.CancelScope(shield=True):
                 await reaper.reap()  # what died on the way out
+                gateway.close()  # again: the request lines of the drain, written now
                 await store.drain()
             tg.cancel_scope.cancel()
 

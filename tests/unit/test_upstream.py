@@ -197,3 +197,69 @@ async def test_a_closed_pool_refuses_requests(tmp_path: Path) -> None:
         pool.close()
         with pytest.raises(httpx.ConnectError):
             await pool.post("/v1/completions", b"{}", [])
+
+
+async def test_a_request_the_engine_worked_on_before_dropping_it_is_not_sent_twice(
+    tmp_path: Path,
+) -> None:
+    """Past RETRY_WINDOW the engine may have acted on the POST: the error stands."""
+
+    async def work_then_drop(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, request: bytes
+    ) -> bool:
+        if len(fake.requests) == 2:
+            await asyncio.sleep(0.3)  # generating, then the engine goes away
+            return False
+        w.write(OK)
+        await w.drain()
+        return True
+
+    async with engine(tmp_path, work_then_drop) as (fake, pool):
+        response = await pool.post("/v1/completions", b"{}", [])
+        await response.aread()
+        await response.aclose()
+        with pytest.raises(httpx.ReadError):
+            await pool.post("/v1/completions", b"{}", [])
+    assert len(fake.requests) == 2
+
+
+async def test_bytes_sent_when_no_answer_is_due_never_reach_the_next_answer(
+    tmp_path: Path,
+) -> None:
+    """An engine that sends a stray answer after the real one (a 408 on an idle
+    connection): the connection ends, the next request gets its own answer only."""
+    stray = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 5\r\n\r\nstale"
+
+    async def answer_then_stray(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, request: bytes
+    ) -> bool:
+        w.write(OK)
+        await w.drain()
+        if len(fake.requests) == 1:
+            await asyncio.sleep(0.05)
+            w.write(stray)
+            await w.drain()
+        return True
+
+    async with engine(tmp_path, answer_then_stray) as (fake, pool):
+        response = await pool.post("/v1/completions", b"{}", [])
+        assert await response.aread() == b"{}"
+        await response.aclose()
+        await asyncio.sleep(0.2)  # the stray arrives while the connection is idle
+        response = await pool.post("/v1/completions", b"{}", [])
+        assert (response.status_code, await response.aread()) == (200, b"{}")
+        await response.aclose()
+    assert fake.connections == 2
+
+
+async def test_a_stray_answer_in_the_same_read_does_not_change_this_one(tmp_path: Path) -> None:
+    async def two_at_once(r: asyncio.StreamReader, w: asyncio.StreamWriter, request: bytes) -> bool:
+        w.write(OK + b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nx-stray: 1\r\n\r\n")
+        await w.drain()
+        return True
+
+    async with engine(tmp_path, two_at_once) as (_fake, pool):
+        response = await pool.post("/v1/completions", b"{}", [])
+        assert (response.status_code, await response.aread()) == (200, b"{}")
+        assert (b"x-stray", b"1") not in response.headers
+        await response.aclose()

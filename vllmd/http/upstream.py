@@ -13,10 +13,14 @@ Errors are httpx's own exception types (`ConnectError`, `ConnectTimeout`, `ReadE
 `RemoteProtocolError`), so the proxy has one error vocabulary for either client.
 
 Idle connections are kept LIFO (the warmest first); one the engine closed is known at once
-(`connection_lost`) and never reused. A reused connection that ends before a single byte of
-its answer was the engine closing it as the request went out: the request is sent once more
-on a fresh connection (nothing was processed). Reading pauses while a slow client leaves
-more than `HIGH_WATER` bytes unsent, so a stream never piles up in the daemon.
+(`connection_lost`) and never reused, nor one idle longer than KEEP_IDLE (the engine's uvicorn
+closes its side after 5 s). A reused connection that ends before a single byte of its answer
+and within RETRY_WINDOW of the request going out was the engine closing it as the request
+went out: the request is sent once more on another connection. Later than that the engine
+may have taken the request (a POST is not sent twice): the error stands. Bytes the engine
+sends when no answer is expected end the connection, never reach the next answer. Reading
+pauses while a slow client leaves more than `HIGH_WATER` bytes unsent, so a stream never
+piles up in the daemon.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import httptools
 import httpx
 
 HIGH_WATER = 256 * 1024
+KEEP_IDLE = 4.0  # seconds a connection may sit idle and still be used (uvicorn's is 5)
+RETRY_WINDOW = 0.1  # seconds after sending in which a lost connection is the keep-alive race
 MAX_IDLE = 512  # above the busiest moment, else a burst of 256 clients churns connections
 
 
@@ -54,6 +60,9 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = True
         self.error: Exception | None = None
+        self.expecting = False  # an answer is due: from request() until its end
+        self.sent_at = 0.0  # when the current request went out (the loop's clock)
+        self.idle_since = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -61,6 +70,9 @@ class Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
+        if not self.expecting:  # bytes no request asked for: this connection is done
+            self.abort()
+            return
         self.received = True
         try:
             self._parser.feed_data(data)
@@ -82,9 +94,13 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if self.expecting:  # (a second answer in the same read is not this request's)
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if not self.expecting:
+            self.abort()
+            return
         self.status = self._parser.get_status_code()
         self.keep_alive = self._parser.should_keep_alive()
         if 100 <= self.status < 200:  # an interim answer: the real one follows
@@ -93,6 +109,8 @@ class Connection(asyncio.Protocol):
         _wake(self._head)
 
     def on_body(self, body: bytes) -> None:
+        if not self.expecting:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
@@ -101,8 +119,9 @@ class Connection(asyncio.Protocol):
         _wake(self._waiter)
 
     def on_message_complete(self) -> None:
-        if 100 <= self.status < 200:
+        if not self.expecting or 100 <= self.status < 200:
             return
+        self.expecting = False
         self.complete = True
         _wake(self._head)
         _wake(self._waiter)
@@ -124,9 +143,13 @@ class Connection(asyncio.Protocol):
     async def request(self, data: bytes) -> None:
         """Send one whole request and wait for the head of its answer."""
         assert self._transport is not None
+        if self.closed or self.error is not None:
+            raise self.error or httpx.ReadError("the engine closed the connection")
         self.received = self.complete = False
-        self.status, self.headers, self.error = 0, [], None
+        self.status, self.headers, self._chunks = 0, [], deque()
+        self.expecting = True
         self._head = self._loop.create_future()
+        self.sent_at = self._loop.time()
         self._transport.write(data)
         await self._head
         self._head = None
@@ -156,6 +179,13 @@ class Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def mark_idle(self) -> None:
+        self.idle_since = self._loop.time()
+
+    def raced(self) -> bool:
+        """Whether the current request's connection was lost right as it went out."""
+        return self._loop.time() - self.sent_at < RETRY_WINDOW
 
     def release(self) -> None:
         """The caller is done: keep the connection when its answer was read to the end."""
@@ -193,10 +223,11 @@ def content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
 class Response:
     """An answer on one of the pool's connections."""
 
-    __slots__ = ("_conn", "headers", "status_code")
+    __slots__ = ("_conn", "_done", "headers", "status_code")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._done = False
         self.status_code = conn.status
         self.headers = conn.headers  # raw (name, value) pairs as the engine sent them
 
@@ -216,8 +247,10 @@ class Response:
 
     def close(self) -> None:
         """Synchronous, so a cancelled caller still closes: an unfinished answer's connection
-        is aborted (the engine sees the client leave and stops generating)."""
-        self._conn.release()
+        is aborted (the engine sees the client leave and stops generating). Once only."""
+        if not self._done:
+            self._done = True
+            self._conn.release()
 
 
 class Pool:
@@ -245,6 +278,7 @@ class Pool:
         if self._closed or len(self._idle) >= MAX_IDLE:
             conn.abort()
         else:
+            conn.mark_idle()
             self._idle.append(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -288,14 +322,16 @@ class Pool:
         if self._closed:
             raise httpx.ConnectError("the engine's connections are closed")
         data = self.encode(route, body, headers)
+        now = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
-            if conn.closed:
+            if conn.closed or now - conn.idle_since > KEEP_IDLE:
+                conn.abort()  # the engine is about to close it, if it has not
                 continue
             try:
                 await conn.request(data)
             except httpx.TransportError:
-                if conn.received:
+                if conn.received or not conn.raced():
                     raise
                 continue  # closed by the engine as the request went out: try another
             except BaseException:
