@@ -49,7 +49,10 @@ def _start(config: Path, port: int, log: Path, tag: str) -> Daemon:
             env={**os.environ, TAG_ENV: tag},
         )
     daemon = Daemon(process, f"http://127.0.0.1:{port}", log, tag)
-    _until(daemon, lambda: httpx.get(f"{daemon.url}/health", timeout=2).status_code == 200, 30)
+    # The gateway's socket is bound before crash recovery runs and answered once it is done
+    # (killing a vLLM group takes seconds): a connection waits in the backlog meanwhile.
+    with daemon.client(timeout=60) as http:
+        _until(daemon, lambda: http.get("/health").status_code == 200, 90)
     return daemon
 
 
