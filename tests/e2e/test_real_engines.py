@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -28,13 +28,21 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory(models)
 
 
-def sdk(daemon: Daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", timeout=300, max_retries=0)
+@pytest.fixture(scope="module")
+def sdk(daemon: Daemon) -> Iterator[openai.OpenAI]:
+    """The OpenAI SDK on the gateway, closed with the module (left open, its keep-alive
+    sockets went to the garbage collector: a ResourceWarning in a later test)."""
+    with openai.OpenAI(
+        base_url=f"{daemon.url}/v1", api_key="unused", timeout=300, max_retries=0
+    ) as client:
+        yield client
 
 
-def test_first_request_starts_the_engine_and_chat_answers(daemon: Daemon) -> None:
+def test_first_request_starts_the_engine_and_chat_answers(
+    daemon: Daemon, sdk: openai.OpenAI
+) -> None:
     assert daemon.models()["tiny-chat"]["state"] == "stopped"
-    reply = sdk(daemon).chat.completions.create(
+    reply = sdk.chat.completions.create(
         model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5
     )
     assert reply.model == "tiny-chat"
@@ -43,8 +51,8 @@ def test_first_request_starts_the_engine_and_chat_answers(daemon: Daemon) -> Non
     assert daemon.models()["tiny-chat"]["state"] == "ready"
 
 
-def test_streaming_chat_through_an_alias(daemon: Daemon) -> None:
-    stream = sdk(daemon).chat.completions.create(
+def test_streaming_chat_through_an_alias(daemon: Daemon, sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
     )
     chunks = list(stream)
@@ -55,8 +63,8 @@ def test_streaming_chat_through_an_alias(daemon: Daemon) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_embeddings_from_minilm_have_384_dimensions(daemon: Daemon) -> None:
-    result = sdk(daemon).embeddings.create(model="minilm", input=["hello world", "goodbye"])
+def test_embeddings_from_minilm_have_384_dimensions(daemon: Daemon, sdk: openai.OpenAI) -> None:
+    result = sdk.embeddings.create(model="minilm", input=["hello world", "goodbye"])
     assert [len(d.embedding) for d in result.data] == [384, 384]
     a, b = (d.embedding for d in result.data)
     assert a != b
@@ -71,11 +79,13 @@ def _promtool(text: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_metrics_with_real_engines_pass_promtool_and_the_relay_parses(daemon: Daemon) -> None:
+def test_metrics_with_real_engines_pass_promtool_and_the_relay_parses(
+    daemon: Daemon, sdk: openai.OpenAI
+) -> None:
     """vllmd's own /metrics is lint-clean with real engines running; /metrics/engines (vLLM's
     series, whose `vllm:` names promtool's linter flags) has no parse error: the only
     complaints are the expected lint ones."""
-    sdk(daemon).chat.completions.create(
+    sdk.chat.completions.create(
         model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=2
     )
     own = httpx.get(f"{daemon.url}/metrics", timeout=30).text
@@ -99,30 +109,30 @@ def test_metrics_with_real_engines_pass_promtool_and_the_relay_parses(daemon: Da
     assert problems == [], problems
 
 
-def test_engine_error_passes_through_as_openai_error(daemon: Daemon) -> None:
+def test_engine_error_passes_through_as_openai_error(daemon: Daemon, sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk(daemon).chat.completions.create(
+        sdk.chat.completions.create(
             model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1000
         )
     assert "max_model_len" in str(caught.value)
 
 
-def test_unknown_model_is_404_model_not_found(daemon: Daemon) -> None:
+def test_unknown_model_is_404_model_not_found(daemon: Daemon, sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
-        sdk(daemon).chat.completions.create(
-            model="nope", messages=[{"role": "user", "content": "hi"}]
-        )
+        sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.code == "model_not_found"
 
 
-def test_killing_the_engine_group_is_recovered_by_the_next_request(daemon: Daemon) -> None:
+def test_killing_the_engine_group_is_recovered_by_the_next_request(
+    daemon: Daemon, sdk: openai.OpenAI
+) -> None:
     pid = daemon.models()["tiny-chat"]["pid"]
     assert isinstance(pid, int)
     os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while daemon.models()["tiny-chat"]["state"] == "ready" and time.monotonic() < deadline:
         time.sleep(0.1)
-    reply = sdk(daemon).chat.completions.create(
+    reply = sdk.chat.completions.create(
         model="tiny-chat", messages=[{"role": "user", "content": "again"}], max_tokens=3
     )
     assert reply.choices[0].message.content
