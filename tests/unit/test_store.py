@@ -15,6 +15,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
 
+from tests.fakes.clock import SkipClock
 from tests.integration.harness import eventually
 from vllmd.config import ModelConfig
 from vllmd.events import EventBus, Kind
@@ -28,21 +29,13 @@ pytestmark = pytest.mark.anyio
 DAY = 86400.0
 
 
-class SkipClock:
-    """Wall-clock time a test can move forward (the store's clock is unix seconds)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def skip(self, seconds: float) -> None:
-        self.offset += seconds
-
-
 def _store(directory: Path, clock: SkipClock | None = None, **kw: object) -> StateStore:
-    return StateStore(directory, retention=lambda: 30 * DAY, clock=clock or SkipClock(), **kw)  # type: ignore[arg-type]
+    return StateStore(
+        directory,
+        retention=lambda: 30 * DAY,
+        clock=clock or SkipClock(time.time),
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def _rows(directory: Path) -> list[tuple[int, str, str | None]]:
@@ -141,7 +134,7 @@ async def test_desired_state_is_written_on_every_change_and_read_back(tmp_path: 
 
 
 async def test_old_events_are_pruned_at_open_and_the_newest_keeps_the_ids(tmp_path: Path) -> None:
-    clock = SkipClock()
+    clock = SkipClock(time.time)
     store = _store(tmp_path, clock)
     await store.open()
     bus = EventBus(next_id=store.next_id, clock=lambda: time.time() - 40 * DAY)
@@ -160,7 +153,7 @@ async def test_old_events_are_pruned_at_open_and_the_newest_keeps_the_ids(tmp_pa
 
 async def test_a_corrupt_file_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:
     (tmp_path / "vllmd.db").write_bytes(b"this is not an sqlite database " * 200)
-    clock = SkipClock()
+    clock = SkipClock(time.time)
     store = _store(tmp_path, clock)
     await store.open()
     aside = list(tmp_path.glob("vllmd.db.corrupt-*"))
@@ -180,7 +173,7 @@ async def test_a_corrupt_file_is_moved_aside_and_a_new_one_started(tmp_path: Pat
 
 
 async def test_a_locked_database_degrades_then_recovers_with_nothing_lost(tmp_path: Path) -> None:
-    clock = SkipClock()
+    clock = SkipClock(time.time)
     store = _store(tmp_path, clock)
     await store.open()
     bus = EventBus(next_id=store.next_id)
@@ -282,7 +275,7 @@ def _stalling(stall: threading.Event) -> object:
 
 async def test_a_hung_disk_neither_hangs_shutdown_nor_hides(tmp_path: Path) -> None:
     stall = threading.Event()
-    clock = SkipClock()
+    clock = SkipClock(time.time)
     store = _store(tmp_path, clock, write=_stalling(stall))
     await store.open()
     bus = EventBus(next_id=store.next_id)
