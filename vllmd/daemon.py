@@ -4,7 +4,7 @@
     └── task group
         ├── reaper (waits for engine processes that died as the daemon's children)
         ├── supervisor (one actor per model)
-        ├── gateway, metrics listener (uvicorn on pre-bound sockets)
+        ├── gateway, metrics listener (vllmd.http.server on pre-bound sockets)
         └── watchdog / status
     shutdown trigger -> stop accepting -> drain + stop every engine -> exit
 
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import anyio
 import structlog
-import uvicorn
 from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
@@ -33,7 +32,7 @@ from vllmd.engine.reaper import become_subreaper
 from vllmd.errors import ConfigError, ListenFailed
 from vllmd.events import EventBus, Kind
 from vllmd.http.gateway import Gateway
-from vllmd.http.metrics_app import MetricsApp
+from vllmd.http.server import Server
 from vllmd.http.unix import bind_unix
 from vllmd.metrics import Metrics, run_lag_monitor
 from vllmd.reload import Reloader
@@ -45,26 +44,13 @@ from vllmd.wiring import Seams, build
 log = structlog.get_logger("vllmd.daemon")
 
 
-async def _start_server(server: uvicorn.Server, sock: socket.socket) -> None:
-    """uvicorn's startup without `serve()`, whose signal handlers would fight the daemon's:
-    returns once the socket accepts connections."""
-    server.config.load()
-    server.lifespan = server.config.lifespan_class(server.config)
-    await server.startup(sockets=[sock])
-
-
-async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
-    await server.main_loop()
-    await server.shutdown(sockets=[sock])
-
-
 def bind(listen: Listen, key: str = "gateway.listen") -> socket.socket:
     """Bind a listening TCP socket; errors surface here, before READY=1, as ListenFailed
     naming the address and the config key."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     # Protocol given explicitly: asyncio sets TCP_NODELAY on accepted sockets only when it
-    # is IPPROTO_TCP, and without it uvicorn's separate header and body writes wait ~40 ms
-    # for the client's delayed ACK.
+    # is IPPROTO_TCP, and without it a stream's head and first chunk, written apart, wait
+    # ~40 ms for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -77,21 +63,6 @@ def bind(listen: Listen, key: str = "gateway.listen") -> socket.socket:
         raise ListenFailed(f"cannot listen on {listen} ({key}): {reason}") from exc
     sock.setblocking(False)
     return sock
-
-
-def _http_server(app: Gateway | MetricsApp, limit: int, graceful: int) -> uvicorn.Server:
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            http="httptools",
-            limit_concurrency=limit,
-            timeout_graceful_shutdown=graceful,
-            server_header=False,
-        )
-    )
 
 
 def _url(sock: socket.socket) -> str:
@@ -150,14 +121,18 @@ async def serve(
             devices={n: {"kind": d.kind, "total": d.total, "up": d.up} for n, d in devices.items()},
         )
         sock = undo.enter_context(bind(config.gateway.listen))
-        server = _http_server(
-            gateway, config.gateway.max_connections, int(config.engine.drain_timeout) + 1
+        server = Server(
+            gateway,
+            max_connections=config.gateway.max_connections,
+            graceful=config.engine.drain_timeout + 1,
         )
         listeners = [(server, sock)]
         metrics_sock: socket.socket | None = None
         if config.metrics.listen is not None:
             metrics_sock = undo.enter_context(bind(config.metrics.listen, "metrics.listen"))
-            listeners.append((_http_server(parts.metrics_app, 64, 1), metrics_sock))
+            listeners.append(
+                (Server(parts.metrics_app, max_connections=64, graceful=1), metrics_sock)
+            )
         control_path = config.daemon.control_socket
         control_sock = undo.enter_context(
             bind_unix(
@@ -178,8 +153,7 @@ async def serve(
             await tg.start(_reload_on_sighup, parts.reloader)  # before READY: HUP is ours
             await tg.start(parts.control_server.serve, control_sock)
             for each_server, each_sock in listeners:
-                await _start_server(each_server, each_sock)
-                tg.start_soon(_run_server, each_server, each_sock)
+                await each_server.start(each_sock)
             gateway.open()
             notifier.ready(supervisor.summary())
             log.info(
@@ -204,7 +178,7 @@ async def serve(
             notifier.extend_timeout(config.engine.drain_timeout + config.engine.stop_timeout + 30)
             gateway.close()
             for each_server, _ in listeners:
-                each_server.should_exit = True
+                tg.start_soon(each_server.shutdown)
             if force is not None:
                 async with anyio.create_task_group() as stop_tg:
 

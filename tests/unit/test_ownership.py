@@ -12,8 +12,6 @@ MAX_LINES = 400
 
 # Attribute writes whose target is not `self`/`cls`, each a real exception:
 ALLOWED: dict[str, set[str]] = {
-    # uvicorn's Server is configured and stopped by attribute: that is its API.
-    "vllmd/daemon.py": {"server.lifespan", "each_server.should_exit"},
     # The `tokenizers` library assembles a tokenizer by attribute: that is its API.
     "vllmd/demo_models.py": {"tokenizer.pre_tokenizer", "tokenizer.decoder"},
 }
