@@ -31,7 +31,6 @@ from vllmd.config import Config, Listen
 from vllmd.engine.reaper import become_subreaper
 from vllmd.errors import ConfigError, ListenFailed
 from vllmd.events import EventBus, Kind
-from vllmd.http.gateway import Gateway
 from vllmd.http.server import Server
 from vllmd.http.unix import bind_unix
 from vllmd.metrics import Metrics, run_lag_monitor

@@ -1,15 +1,14 @@
 """The supervisor: the command surface the gateway (and the control API) call.
 
 It holds every model's `Instance` and runs their actors; requests get a ready instance through
-`lease` (queued by `Admission`, placed and started by the placer; concurrent requests share
+`acquire` (queued by `Admission`, placed and started by the placer; concurrent requests share
 one start); operators load, unload and add models. Readers get `ModelStatus` views. Placement
 and eviction decisions are the scheduler's.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Iterator, Mapping
 from types import MappingProxyType
 
 import anyio
@@ -188,18 +187,18 @@ class Supervisor:
         """Have the instance placed and started if needed; return once it is READY."""
         await self._placer.ensure(instance)
 
-    @asynccontextmanager
-    async def lease(self, instance: Instance) -> AsyncIterator[Instance]:
-        """A READY instance for one request, counted in flight while the caller holds it."""
+    async def acquire(self, instance: Instance) -> None:
+        """Wait until `instance` is READY for one request and count it in flight; the caller
+        ends it with `release()`, whatever happens. (A plain pair, not a context manager: an
+        async generator per request cost more than the rest of this.)"""
         if instance.state is not S.READY:
             if instance.state is S.FAILED and not instance.wanted_up:
                 await self.ensure_ready(instance)  # raises ModelFailed at once, queue or not
             await self.admission.wait(instance, lambda: self.ensure_ready(instance))
         instance.begin_request()
-        try:
-            yield instance
-        finally:
-            instance.end_request()
+
+    def release(self, instance: Instance) -> None:
+        instance.end_request()
 
     # --- operators (the control API's verbs) ------------------------------------------------
     # Each checks what it can at once (raising InvalidState before anything happens) and

@@ -9,6 +9,7 @@ streaming, the client's disconnect is watched: it cancels the wait or the upstre
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import itertools
 import json
@@ -36,6 +37,7 @@ from vllmd.http.asgi import (
 from vllmd.http.proxy import Proxy
 from vllmd.http.routes import OTHER
 from vllmd.http.routes import match as match_route
+from vllmd.http.server import NO_EXTENSIONS, ON_DISCONNECT
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
 from vllmd.log import RequestLog
@@ -210,21 +212,29 @@ class Gateway:
             if not self.accepting:
                 raise http_error(ShuttingDown())
             # From here the client may leave: its disconnect cancels the queue wait or the
-            # upstream request (which makes vLLM abort the generation). The watcher is a bare
-            # task owned by this request (cancelled below, whatever happens) that moves the
-            # request's asyncio deadline to now: an anyio task group per request, then an anyio
-            # cancel scope, cost more than the rest of the gateway's own work.
+            # upstream request (which makes vLLM abort the generation) by moving the request's
+            # asyncio deadline to now. vllmd's server calls back when the client leaves; under
+            # another ASGI server a watcher task owned by this request (cancelled below,
+            # whatever happens) waits in receive(). An anyio task group per request, then an
+            # anyio cancel scope, cost more than the rest of the gateway's own work.
             status = CLIENT_CLOSED
             gone = asyncio.timeout(None)
+            watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
             try:
                 async with gone:
-                    watcher = asyncio.get_running_loop().create_task(
-                        _cancel_on_disconnect(receive, gone)
-                    )
+                    if watch is not None:  # vllmd's server calls back: no task needed
+                        watch(functools.partial(gone.reschedule, -1.0))
+                    else:
+                        watcher = asyncio.get_running_loop().create_task(
+                            _cancel_on_disconnect(receive, gone)
+                        )
                     try:
                         status = await self._forward(scope, send, route, body, instance, request_id)
                     finally:
-                        watcher.cancel()
+                        if watch is not None:
+                            watch(None)
+                        else:
+                            watcher.cancel()
             except TimeoutError:
                 if not gone.expired():
                     raise
@@ -272,9 +282,10 @@ class Gateway:
     ) -> int:
         try:
             queued = time.perf_counter()
-            async with self.supervisor.lease(instance) as inst:
-                self.metrics.queued(inst.name, time.perf_counter() - queued)
-                upstream = inst.upstream
+            await self.supervisor.acquire(instance)
+            try:
+                self.metrics.queued(instance.name, time.perf_counter() - queued)
+                upstream = instance.upstream
                 assert upstream is not None
                 return await self.proxy.forward(
                     send,
@@ -283,8 +294,10 @@ class Gateway:
                     body,
                     scope["headers"],
                     request_id=request_id,
-                    model=inst.name,
+                    model=instance.name,
                 )
+            finally:
+                self.supervisor.release(instance)
         except VllmdError as exc:
             if exc.code in REJECT_REASONS:
                 self.metrics.rejected(instance.name, exc.code)

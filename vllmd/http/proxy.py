@@ -1,7 +1,7 @@
 """Forwarding one request to an engine and relaying its answer to the ASGI client.
 
 Knows an engine only as an `Upstream` (its pooled transport) and a model name for labels
-and messages: no supervisor, no leases, no queues. The gateway leases the instance and
+and messages: no supervisor, no leases, no queues. The gateway acquires the instance and
 watches the client's disconnect; this module moves the bytes.
 
 Bytes are relayed unbuffered when the engine streams (SSE) and read whole otherwise, so a

@@ -45,6 +45,11 @@ STATUS_LINES = {
 }
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT: Message = {"type": "http.disconnect"}
+# A scope extension: `scope["extensions"][ON_DISCONNECT](callback)` has `callback()` called
+# when the client leaves before the answer is complete (at once if it has left already);
+# `(None)` forgets it. What a watcher task blocked in receive() would learn, without a task.
+ON_DISCONNECT = "vllmd.on_disconnect"
+NO_EXTENSIONS: dict[str, Any] = {}
 
 
 def _plain(status: int, text: str) -> bytes:
@@ -84,6 +89,7 @@ class Server:
         self.date = b""  # the `date` header line, renewed every second by the sweeper
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._emptied: asyncio.Event | None = None  # set when the last connection closes
         self._stamp()
 
     async def start(self, sock: socket.socket) -> None:
@@ -100,15 +106,21 @@ class Server:
             server.close()
         for conn in list(self.connections):
             conn.shutdown()
-        deadline = time.monotonic() + self.graceful
         try:
-            while self.connections and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            if self.connections:
+                self._emptied = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._emptied.wait(), self.graceful)
         finally:  # also when the daemon stops waiting: nothing is left serving
             for conn in list(self.connections):
                 conn.cancel()
             if self._sweeper is not None:
                 self._sweeper.cancel()
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self._emptied is not None and not self.connections:
+            self._emptied.set()
 
     def _stamp(self) -> None:
         self.date = b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
@@ -167,10 +179,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self.queue.clear()
         if self.current is not None:
-            self.current.wake()
+            self.current.gone()
         self._drained()
 
     def data_received(self, data: bytes) -> None:
@@ -227,6 +239,7 @@ class Connection(asyncio.Protocol):
         scope["query_string"] = url.query or b""
         scope["headers"] = self._headers
         exchange = Exchange(self, scope, parser.should_keep_alive(), method == "HEAD")
+        scope["extensions"] = {ON_DISCONNECT: exchange.on_disconnect}
         for name, value in self._headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 exchange.expect_continue = True
@@ -364,6 +377,7 @@ class Exchange:
         "head",
         "head_only",
         "keep_alive",
+        "left",
         "scope",
         "started",
         "waiter",
@@ -383,10 +397,23 @@ class Exchange:
         self.chunked = False
         self.head = b""  # the answer's head, not written yet
         self.waiter: asyncio.Future[None] | None = None
+        self.left: Callable[[], object] | None = None  # the app's ON_DISCONNECT callback
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def on_disconnect(self, callback: Callable[[], object] | None) -> None:
+        self.left = callback
+        if callback is not None and self.conn.lost and not self.done:
+            callback()
+
+    def gone(self) -> None:
+        """The client left while this exchange was in hand."""
+        self.wake()
+        if self.left is not None and not self.done:
+            callback, self.left = self.left, None
+            callback()
 
     async def receive(self) -> Message:
         conn = self.conn
@@ -463,8 +490,6 @@ class Exchange:
         parts = [line, self.conn.server.date]
         length = False
         for name, value in headers:
-            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                raise RuntimeError("a header with a line break")
             lower = name.lower()
             if lower == b"content-length":
                 length = True
@@ -483,4 +508,8 @@ class Exchange:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        head = b"".join(parts)
+        # Each part ends in the one line break it may hold: counted in C, not per header.
+        if head.count(b"\n") != len(parts) or head.count(b"\r") != len(parts):
+            raise RuntimeError("a header name or value with a line break")
+        return head

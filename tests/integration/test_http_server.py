@@ -1,0 +1,388 @@
+"""vllmd's HTTP/1.1 server (the gateway's and the metrics listener's) on real sockets, and at its
+transport seam where the number of writes is the point: framing, keep-alive and pipelining,
+`Expect: 100-continue`, disconnects (receive() and the ON_DISCONNECT callback), flow control,
+its own plain answers (400, 431, 500, 503) and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from vllmd.http.asgi import Message, Receive, Scope, Send
+from vllmd.http.server import ON_DISCONNECT, Connection, Server
+
+pytestmark = pytest.mark.anyio
+
+
+class App:
+    """Echoes what it was asked; `/stream` streams until told to stop; `/slow` waits;
+    `/boom` fails; `/nolength` answers without content-length."""
+
+    def __init__(self) -> None:
+        self.disconnects: list[str] = []
+        self.disconnected = asyncio.Event()
+        self.callbacks: list[str] = []
+        self.release = asyncio.Event()
+        self.cancelled: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        scope["extensions"][ON_DISCONNECT](lambda: self.callbacks.append(path))
+        try:
+            if path == "/boom":
+                raise ValueError("boom")
+            if path == "/stream":
+                await send(_start([(b"content-type", b"text/event-stream")]))
+                await send(
+                    {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}
+                )
+                self.disconnects.append(_kind(await receive()) + " " + path)
+                self.disconnected.set()
+                return
+            if path == "/slow":
+                await self.release.wait()
+            if path == "/nolength":
+                await send(_start([]))
+                for part in (b"ab", b"", b"cd"):
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            out = f"{scope['method']} {path} {scope['query_string'].decode()} ".encode() + body
+            await send(_start([(b"content-length", str(len(out)).encode())]))
+            await send({"type": "http.response.body", "body": out})
+        except asyncio.CancelledError:
+            self.cancelled.append(path)
+            raise
+
+
+def _start(headers: list[tuple[bytes, bytes]], status: int = 200) -> Message:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _kind(message: Message) -> str:
+    return str(message["type"])
+
+
+@asynccontextmanager
+async def serving(app: App, **options: Any) -> AsyncIterator[tuple[int, Server]]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    options.setdefault("max_connections", 16)
+    options.setdefault("graceful", 1.0)
+    server = Server(app, **options)
+    await server.start(sock)
+    try:
+        yield sock.getsockname()[1], server
+    finally:
+        await server.shutdown()
+
+
+async def _exchange(port: int, data: bytes, wait: float = 2.0) -> bytes:
+    """Send `data`, then read until the server closes or goes quiet for `wait` seconds."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        await stream.send(data)
+        out = b""
+        with anyio.move_on_after(wait):
+            while True:
+                try:
+                    out += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+        return out
+
+
+async def test_pipelined_requests_are_answered_in_order_with_their_own_bodies() -> None:
+    async with serving(App()) as (port, _):
+        out = await _exchange(
+            port,
+            b"GET /one?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"POST /two HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+            b"POST /three HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nde\r\n1\r\nf\r\n0\r\n\r\n"
+            b"GET /a%20b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in out.split(b"HTTP/1.1 200 OK")[1:]]
+    assert bodies == [b"GET /one x=1 ", b"POST /two  abc", b"POST /three  def", b"GET /a b  "]
+    assert out.count(b"\r\ndate: ") == 4
+    assert out.endswith(b"connection: close\r\ncontent-length: 10\r\n\r\nGET /a b  ") or (
+        b"connection: close" in out.split(b"HTTP/1.1 200 OK")[-1]
+    )
+
+
+async def test_an_answer_without_length_is_chunked_for_http11_and_closed_for_http10() -> None:
+    async with serving(App()) as (port, _):
+        chunked = await _exchange(port, b"GET /nolength HTTP/1.1\r\nHost: h\r\n\r\n", wait=0.5)
+        old = await _exchange(port, b"GET /nolength HTTP/1.0\r\n\r\n")
+    assert b"transfer-encoding: chunked\r\n" in chunked
+    assert chunked.endswith(b"\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n")
+    assert b"transfer-encoding" not in old and b"connection: close\r\n" in old
+    assert old.endswith(b"\r\n\r\nabcd")
+
+
+async def test_head_gets_the_head_only_and_100_continue_is_sent_before_the_body() -> None:
+    async with serving(App()) as (port, _):
+        head = await _exchange(port, b"HEAD /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            await stream.send(
+                b"POST /y HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+            )
+            with anyio.fail_after(2):
+                interim = await stream.receive()
+            await stream.send(b"hi")
+            with anyio.fail_after(2):
+                final = await stream.receive()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 9\r\n" in head
+    assert head.endswith(b"\r\n\r\n")  # no body
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n") and final.endswith(b"POST /y  hi")
+
+
+async def test_a_client_leaving_mid_stream_is_a_disconnect_and_a_callback_at_once() -> None:
+    app = App()
+    async with serving(app) as (port, server):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        await stream.send(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(2):
+            first = await stream.receive()
+        assert b"text/event-stream" in first
+        began = time.monotonic()
+        await stream.aclose()
+        with anyio.fail_after(2):
+            await app.disconnected.wait()
+        assert time.monotonic() - began < 0.5
+        assert app.disconnects == ["http.disconnect /stream"]
+        assert app.callbacks == ["/stream"]
+        # A request answered in full calls no callback when its client leaves afterwards.
+        await _exchange(port, b"GET /done HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert app.callbacks == ["/stream"]
+        assert not server.connections or all(c.current is None for c in server.connections)
+
+
+async def test_malformed_http_and_huge_heads_get_plain_answers_and_the_server_stays() -> None:
+    app = App()
+    async with serving(app, max_head=1024) as (port, _):
+        bad = await _exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
+        huge = await _exchange(port, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
+        boom = await _exchange(port, b"GET /boom HTTP/1.1\r\nHost: h\r\n\r\n")
+        fine = await _exchange(port, b"GET /ok HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert bad.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close" in bad
+    assert huge.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert boom.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert fine.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_connections_over_the_limit_get_503_and_the_others_are_served() -> None:
+    async with serving(App(), max_connections=2) as (port, _):
+        held = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
+        await anyio.sleep(0.05)
+        over = await _exchange(port, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        await held[0].send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(2):
+            served = await held[0].receive()
+        for stream in held:
+            await stream.aclose()
+    assert over.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert served.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_idle_connections_close_after_keep_alive_and_a_slow_head_too() -> None:
+    async with serving(App(), keep_alive=1.0) as (port, _):
+        began = time.monotonic()
+        kept = await _exchange(port, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n", wait=5)
+        kept_for = time.monotonic() - began
+        began = time.monotonic()
+        partial = await _exchange(port, b"GET /x HTTP/1.1\r\nHost:", wait=5)
+        slow_for = time.monotonic() - began
+    assert kept.startswith(b"HTTP/1.1 200 OK") and 0.9 < kept_for < 3.0
+    assert partial == b"" and 0.9 < slow_for < 3.0
+
+
+async def test_shutdown_closes_idle_connections_and_cancels_requests_past_the_grace() -> None:
+    app = App()
+    async with serving(app, graceful=0.3) as (port, server):
+        idle = await anyio.connect_tcp("127.0.0.1", port)
+        await idle.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        await idle.receive()
+        busy = await anyio.connect_tcp("127.0.0.1", port)
+        await busy.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        await anyio.sleep(0.05)
+        began = time.monotonic()
+        await server.shutdown()
+        took = time.monotonic() - began
+        with anyio.fail_after(1):
+            assert await _drain(idle) == b""
+            assert await _drain(busy) == b""
+        await idle.aclose()
+        await busy.aclose()
+        await anyio.sleep(0.01)
+        assert app.cancelled == ["/slow"]
+        assert 0.25 < took < 1.0
+        with pytest.raises(OSError):
+            await anyio.connect_tcp("127.0.0.1", port)
+
+
+async def test_shutdown_lets_a_request_in_flight_finish_within_the_grace() -> None:
+    app = App()
+    async with serving(app, graceful=5.0) as (port, server):
+        busy = await anyio.connect_tcp("127.0.0.1", port)
+        await busy.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        await anyio.sleep(0.05)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.shutdown)
+            await anyio.sleep(0.1)
+            app.release.set()
+            with anyio.fail_after(2):
+                answer = await _drain(busy)
+            await busy.aclose()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close\r\n" in answer
+    assert app.cancelled == []
+
+
+async def _drain(stream: anyio.abc.SocketStream) -> bytes:
+    out = b""
+    while True:
+        try:
+            out += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return out
+
+
+# --- at the transport seam --------------------------------------------------------------------
+
+
+class Transport(asyncio.Transport):
+    """Records writes; reading and closing as flags."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.reading = True
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name in ("sockname", "peername") else default
+
+
+def _connection(app: Any) -> tuple[Connection, Transport]:
+    conn = Connection(Server(app, max_connections=8, graceful=1))
+    transport = Transport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+async def test_a_whole_answer_is_one_write_and_a_streams_head_goes_before_its_first_chunk() -> None:
+    chunk = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        if scope["path"] == "/plain":
+            await send(_start([(b"content-length", b"2")]))
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await send(_start([(b"content-type", b"text/event-stream")]))
+        await chunk.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    conn, transport = _connection(app)
+    conn.data_received(b"GET /plain HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 1 and transport.writes[0].endswith(b"\r\n\r\nok")
+    conn.data_received(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 2 and transport.writes[1].endswith(b"chunked\r\n\r\n")
+    chunk.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert transport.writes[2:] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]
+    assert not transport.closed
+
+
+async def test_send_waits_while_the_client_is_slow_and_reading_pauses_for_a_large_body() -> None:
+    sent: list[int] = []
+    got: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            got.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send(_start([]))
+        for n in range(3):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            sent.append(n)
+        await send({"type": "http.response.body", "body": b""})
+
+    conn, transport = _connection(app)
+    conn.pause_writing()  # the client reads nothing yet
+    size = 300 * 1024
+    conn.data_received(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size)
+    conn.data_received(b"a" * size)
+    assert not transport.reading  # over READ_HIGH buffered: the socket waits
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sum(got) == size and transport.reading
+    assert sent == []  # the first chunk waits for the client to drain
+    conn.resume_writing()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sent == [0, 1, 2] and transport.writes[-1] == b"0\r\n\r\n"
+
+
+async def test_a_lost_client_never_leaves_send_waiting() -> None:
+    done = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send(_start([]))
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await send({"type": "http.response.body", "body": b"y", "more_body": True})
+        done.set()
+
+    conn, _ = _connection(app)
+    conn.pause_writing()
+    conn.data_received(b"GET /s HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not done.is_set()
+    conn.connection_lost(None)
+    with anyio.fail_after(1):
+        await done.wait()
