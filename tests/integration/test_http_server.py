@@ -16,7 +16,8 @@ import anyio
 import pytest
 
 from vllmd.http.asgi import Message, Receive, Scope, Send
-from vllmd.http.server import ON_DISCONNECT, Connection, Server
+from vllmd.http.exchange import ON_DISCONNECT
+from vllmd.http.server import Connection, Server
 
 pytestmark = pytest.mark.anyio
 

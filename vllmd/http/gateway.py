@@ -34,10 +34,10 @@ from vllmd.http.asgi import (
     send_error,
     send_json,
 )
+from vllmd.http.exchange import NO_EXTENSIONS, ON_DISCONNECT
 from vllmd.http.proxy import Proxy
 from vllmd.http.routes import OTHER
 from vllmd.http.routes import match as match_route
-from vllmd.http.server import NO_EXTENSIONS, ON_DISCONNECT
 from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
 from vllmd.log import RequestLog
