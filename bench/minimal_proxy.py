@@ -3,17 +3,22 @@
 with vllmd's own upstream pool, with none of vllmd's queues, leases, metrics, log lines or
 disconnect watching.
 
-Run: python bench/minimal_proxy.py PORT UPSTREAM_PORT
+Run: python bench/minimal_proxy.py PORT UPSTREAM_PORT [uvicorn|vllmd]
+(`vllmd`: the same app on vllmd's own HTTP server, `vllmd.http.server`, instead of uvicorn.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import sys
 from typing import Any
 
 import uvicorn
+import uvloop
 
+from vllmd.http.server import Server
 from vllmd.http.upstream import Pool
 
 DROP = {b"host", b"content-length", b"connection", b"transfer-encoding"}
@@ -47,8 +52,21 @@ def app_for(upstream: int) -> Any:
     return app
 
 
+async def own_server(port: int, upstream: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    await Server(app_for(upstream), max_connections=4096, graceful=1).start(sock)
+    await asyncio.Event().wait()
+
+
 def main() -> None:
     port, upstream = int(sys.argv[1]), int(sys.argv[2])
+    if sys.argv[3:] == ["vllmd"]:
+        uvloop.run(own_server(port, upstream))
+        return
     uvicorn.run(
         app_for(upstream),
         host="127.0.0.1",

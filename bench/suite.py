@@ -34,6 +34,7 @@ from harness import (
     FAST_ENGINE,
     Processes,
     Wrk,
+    cpu_seconds,
     free_port,
     litellm,
     nginx,
@@ -76,16 +77,21 @@ def best(runs: list[Wrk]) -> Wrk:
 
 
 def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results) -> None:
-    direct_port, vllmd_port, nginx_port, litellm_port, bound_port = (free_port() for _ in range(5))
+    ports = [free_port() for _ in range(6)]
+    direct_port, vllmd_port, nginx_port, litellm_port, bound_port, own_port = ports
     fast = procs.start(
         [sys.executable, str(FAST_ENGINE), "--port", str(direct_port)], tmp / "direct.log"
     )
     daemon = procs.start(vllmd_argv(vllmd_config(tmp, vllmd_port, {"m": {}})), tmp / "vllmd.log")
     targets = {"direct": direct_port, "nginx": nginx_port, "minimal": bound_port}
+    targets["min-own"] = own_port  # the minimal proxy on vllmd's server
     targets["vllmd"] = vllmd_port
     nginx(procs, tmp, nginx_port, direct_port)
     minimal = BENCH / "minimal_proxy.py"
-    procs.start([sys.executable, str(minimal), str(bound_port), str(direct_port)], tmp / "min.log")
+    bound = [sys.executable, str(minimal), str(bound_port), str(direct_port)]
+    pids = {"direct": fast.pid, "vllmd": daemon.pid}
+    pids["minimal"] = procs.start(bound, tmp / "min.log").pid
+    pids["min-own"] = procs.start([*bound[:2], str(own_port), bound[3], "vllmd"], tmp / "o.log").pid
     if not args.skip_litellm:
         litellm(procs, tmp, litellm_port, direct_port)
         targets["litellm"] = litellm_port
@@ -103,12 +109,18 @@ def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results)
         else:
             raise SystemExit(f"{name} never answered")
     runs: dict[tuple[str, int], list[Wrk]] = {}
+    cpu: dict[str, list[float]] = {}  # CPU microseconds per request at 32 connections
     for _ in range(args.rounds):  # interleaved: background load hits every target alike
         for conns in (1, 32):
             for name, port in targets.items():
                 url = f"http://127.0.0.1:{port}/v1/completions"
                 wrk(url, conns, 1, tmp)
-                runs.setdefault((name, conns), []).append(wrk(url, conns, args.seconds, tmp))
+                before = cpu_seconds(pids[name]) if name in pids else 0.0
+                run = wrk(url, conns, args.seconds, tmp)
+                runs.setdefault((name, conns), []).append(run)
+                if conns == 32 and name in pids:
+                    used = cpu_seconds(pids[name]) - before
+                    cpu.setdefault(name, []).append(used / (run.rps * args.seconds) * 1e6)
     b = {key: best(r) for key, r in runs.items()}
     print("\n1. Proxy overhead, non-streaming (fast upstream; wrk, best of rounds)")
     head = ("c=1 p50", "added", "c=1 req/s", "c=32 req/s", "ratio", "c=32 p99")
@@ -130,6 +142,12 @@ def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results)
         if name != "direct":
             res.add(f"{name}.c1.added_p50", added, "ms", "target vllmd <= 0.4")
             res.add(f"{name}.c32.rps_ratio", ratio, "x direct", "target vllmd >= 0.5")
+        if name in cpu:
+            res.add(f"{name}.c32.cpu_per_request", min(cpu[name]), "us", "direct.c32.cpu")
+    print(
+        "   CPU per request at 32 connections (the process's own; its upstream not counted): "
+        + ", ".join(f"{name} {min(us):.0f} us" for name, us in cpu.items())
+    )
     print("\n   256 connections, 10 s, wrk timeout 2 s")
     log = tmp / "vllmd.log"
     for name in ("direct", "vllmd"):
