@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from vllmd.http.asgi import Message, Receive, Scope, Send
+from vllmd.http.connection import Connection
 from vllmd.http.exchange import ON_DISCONNECT
-from vllmd.http.server import Connection, Server
+from vllmd.http.server import Server
 
 pytestmark = pytest.mark.anyio
 
@@ -387,3 +389,106 @@ async def test_a_lost_client_never_leaves_send_waiting() -> None:
     conn.connection_lost(None)
     with anyio.fail_after(1):
         await done.wait()
+
+
+async def test_an_unfinished_header_value_is_cut_off_at_the_head_limit() -> None:
+    async with serving(App(), max_head=4096) as (port, _):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        sent = 0
+        async with stream:
+            await stream.send(b"GET / HTTP/1.1\r\nX-Big: ")
+            with anyio.fail_after(5):
+                while sent < 64 * 1024 * 1024:  # a value that never ends
+                    try:
+                        await stream.send(b"a" * 1024)
+                    except (anyio.BrokenResourceError, OSError):
+                        break
+                    sent += 1024
+                    await anyio.lowlevel.checkpoint()
+    # The server gave up near 4 KiB (what the kernel's buffers held on top is all that went).
+    assert sent < 8 * 1024 * 1024
+
+
+async def test_an_upgrade_is_served_as_plain_http_and_then_closed() -> None:
+    async with serving(App()) as (port, _):
+        out = await _exchange(
+            port,
+            b"GET /up HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        )
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"GET /up  ")
+    assert b"connection: close\r\n" in out
+
+
+async def test_an_answer_before_the_100_continue_body_closes_the_connection() -> None:
+    async def early(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(_start([(b"content-length", b"0")], status=401))
+        await send({"type": "http.response.body", "body": b""})
+
+    conn, transport = _connection(early)
+    conn.data_received(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert transport.writes[0].startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b"100 Continue" not in b"".join(transport.writes)
+    assert b"connection: close\r\n" in transport.writes[0] and transport.closed
+
+
+async def test_a_client_that_asks_faster_than_it_reads_gets_one_answer_at_a_time() -> None:
+    conn, transport = _connection(App())
+    conn.pause_writing()
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n" * 50)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 1 and not transport.reading  # the rest wait for a read
+    conn.resume_writing()
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 50 and transport.reading
+
+
+async def test_garbage_after_a_started_answer_drops_the_connection_without_a_400() -> None:
+    app = App()
+    conn, transport = _connection(app)
+    conn.data_received(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    conn.data_received(b"\x00\x01 not http\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert transport.closed
+    assert not any(b"400 Bad Request" in w for w in transport.writes)
+
+
+async def test_a_client_that_reads_nothing_is_cut_off_and_a_stuck_close_aborted() -> None:
+    conn, transport = _connection(App())
+    conn.data_received(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    conn.pause_writing()
+    now = time.monotonic()
+    conn.sweep(now + 1.0)
+    assert not transport.closed
+    conn.sweep(now + conn.server.send_timeout + 1.0)
+    assert transport.closed  # aborted: the request in hand hears of it as a disconnect
+    closing, stuck = _connection(App())
+    closing.close()  # e.g. after a `connection: close` answer the client never reads
+    assert stuck.closed
+    stuck.closed = False  # the transport keeps flushing; only an abort ends it
+    closing.sweep(time.monotonic() + closing.server.keep_alive + 1.0)
+    assert stuck.closed
+
+
+async def test_a_refused_connection_holds_no_slot() -> None:
+    async with serving(App(), max_connections=1) as (port, _):
+        first = await anyio.connect_tcp("127.0.0.1", port)
+        await anyio.sleep(0.05)
+        refused = await anyio.connect_tcp("127.0.0.1", port)  # idle: sends nothing
+        await anyio.sleep(0.05)
+        await first.aclose()
+        await anyio.sleep(0.05)
+        third = await _exchange(port, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        await refused.aclose()
+    assert third.startswith(b"HTTP/1.1 200 OK\r\n")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from vllmd.http.asgi import Message, Scope
 
 if TYPE_CHECKING:
-    from vllmd.http.server import Connection
+    from vllmd.http.connection import Connection
 
 READ_HIGH = 256 * 1024  # body bytes buffered for the app before reading pauses
 STATUS_LINES = {
@@ -105,7 +105,8 @@ class Exchange:
                     return DISCONNECT
                 if self.expect_continue:
                     self.expect_continue = False
-                    conn.write(CONTINUE)
+                    if not self.started:  # else the final answer went already
+                        conn.write(CONTINUE)
                 await self._wait()
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             self.body = []
@@ -121,11 +122,11 @@ class Exchange:
         return DISCONNECT
 
     async def _wait(self) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
+        # One future for every task waiting in receive(), each woken by wake(); shielded, so
+        # one of them cancelled does not cancel the others' wait.
+        if self.waiter is None or self.waiter.done():
+            self.waiter = self.conn.loop.create_future()
+        await asyncio.shield(self.waiter)
 
     async def send(self, message: Message) -> None:
         conn = self.conn
@@ -133,10 +134,10 @@ class Exchange:
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("the answer was started already")
-            self.started = True
             self.head = self._head(message["status"], message.get("headers", ()))
+            self.started = True
             # Written with the first body part, or at the end of this pass of the loop.
-            asyncio.get_running_loop().call_soon(self._flush_head)
+            conn.loop.call_soon(self._flush_head)
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -161,6 +162,8 @@ class Exchange:
             conn.finished(self)
         elif conn.paused:
             await conn.drain()
+        elif conn.lost:
+            await asyncio.sleep(0)  # an app that only sends must not starve the loop
 
     def _flush_head(self) -> None:
         if self.head:
@@ -175,8 +178,10 @@ class Exchange:
             lower = name.lower()
             if lower == b"content-length":
                 length = True
-            elif lower == b"connection" and value.lower() == b"close":
-                self.keep_alive = False
+            elif lower == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue  # the server's to say, below
             elif lower == b"transfer-encoding":
                 continue  # the server frames the body itself
             parts.append(b"%s: %s\r\n" % (name, value))
@@ -186,9 +191,15 @@ class Exchange:
                 parts.append(b"transfer-encoding: chunked\r\n")
             else:
                 self.keep_alive = False  # an HTTP/1.0 client reads to the close
+        if self.expect_continue and not self.complete:
+            # Answered before the body the client was to send on a 100: the client may send
+            # it, or skip it and send its next request; neither can be told apart.
+            self.keep_alive = False
         if not self.keep_alive or self.conn.closing:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
+        elif self.scope["http_version"] == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
         # Each part ends in the one line break it may hold: counted in C, not per header.

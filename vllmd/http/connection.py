@@ -1,0 +1,317 @@
+"""One client connection of `vllmd.http.server`: its bytes parsed by httptools, its requests
+answered in order (each an `Exchange`), its flow control both ways, and the server's own plain
+answers (400, 431, 500, 503)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import httptools
+import structlog
+
+from vllmd.http.exchange import ON_DISCONNECT, READ_HIGH, STATUS_LINES, Exchange
+
+if TYPE_CHECKING:
+    from vllmd.http.server import Server
+
+log = structlog.get_logger("vllmd.http")
+
+
+def _plain(status: int, text: str) -> bytes:
+    """A complete answer of the server's own (uvicorn's plain-text ones), closing."""
+    body = text.encode()
+    return (
+        STATUS_LINES[status]
+        + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+        + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+BAD_REQUEST = _plain(400, "Invalid HTTP request received.")
+HEAD_TOO_LARGE = _plain(431, "Request header fields too large.")
+UNAVAILABLE = _plain(503, "Service Unavailable")
+INTERNAL_ERROR = _plain(500, "Internal Server Error")
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses its requests and runs the app for each, in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.scope_base: dict[str, Any] = {}
+        self.idle_since: float | None = time.monotonic()  # None while a request is in hand
+        self.lost = False
+        self.refused = False
+        self.closing = False  # no more requests: answer the one in hand, then close
+        self.closed_at: float | None = None  # close() asked, the buffer still flushing
+        self.paused = False  # the transport's write buffer is full
+        self.paused_at = 0.0
+        self.reading = True
+        self.deferred = False  # an answer ended while paused: what follows waits for a drain
+        self.drained: asyncio.Future[None] | None = None
+        self.parsing: Exchange | None = None  # the request whose bytes are being parsed
+        self.current: Exchange | None = None  # the request the app is answering
+        self.queue: deque[Exchange] = deque()  # pipelined requests after `current`
+        self.extensions = {ON_DISCONNECT: self.on_disconnect}  # every request's, one dict
+        self._in_head = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0  # the head's parsed parts
+        self._head_bytes = 0  # bytes received while a head was unfinished
+        self._expect = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.server.connections.add(self)
+        server = transport.get_extra_info("sockname")
+        client = transport.get_extra_info("peername")
+        self.scope_base = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "scheme": "http",
+            "root_path": "",
+            "server": tuple(server[:2]) if isinstance(server, tuple) else None,
+            "client": tuple(client[:2]) if isinstance(client, tuple) else None,
+            "extensions": self.extensions,
+        }
+        # Over the limit: every request on this connection gets a 503, then it closes.
+        self.refused = not self.server.admit()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.forget(self)
+        self.queue.clear()
+        if self.current is not None:
+            self.current.gone()
+        self._drained()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No websockets, no h2c: the request is served as plain HTTP/1.1 (as uvicorn
+            # does), and the connection closes after it, the parser being past its end.
+            self.closing = True
+            self._pause_reading()
+            if self.parsing is not None:
+                self.parsing.end_body()
+            return
+        except httptools.HttpParserError:
+            self._malformed(
+                BAD_REQUEST if self._head_size <= self.server.max_head else HEAD_TOO_LARGE
+            )
+            return
+        if self._in_head:  # a head still unfinished (httptools holds its bytes): bounded too
+            self._head_bytes += len(data)
+            if self._head_bytes > self.server.max_head:
+                self._malformed(HEAD_TOO_LARGE)
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes: the client will send nothing more
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.paused_at = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._drained()
+        if self.deferred:
+            self.deferred = False
+            self._next()
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._head_bytes = 0
+        self._expect = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self._headers.append((name, value))
+        self._grow(len(name) + len(value) + 4)  # ": " and the line break
+        if name == b"expect" and value.lower() == b"100-continue":
+            self._expect = True
+
+    def _grow(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self.server.max_head:
+            raise httptools.HttpParserError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self.parser
+        url = httptools.parse_url(self._url)
+        raw_path: bytes = url.path
+        path = raw_path.decode("ascii", "replace")
+        if "%" in path:
+            path = unquote(path)
+        method = parser.get_method().decode("ascii")
+        scope = dict(self.scope_base)
+        scope["http_version"] = parser.get_http_version()
+        scope["method"] = method
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = url.query or b""
+        scope["headers"] = self._headers
+        keep_alive = parser.should_keep_alive()
+        exchange = Exchange(self, scope, keep_alive, method == "HEAD", self._expect)
+        self.parsing = exchange
+        self.idle_since = None
+        if self.current is None and not self.deferred:
+            self._begin(exchange)
+        else:
+            self.queue.append(exchange)
+            self._pause_reading()  # one answer at a time: the rest wait in the socket
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        if exchange is None or exchange.done:
+            return
+        if exchange.feed(body) > READ_HIGH:
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        if exchange is None:
+            return
+        exchange.end_body()
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def _begin(self, exchange: Exchange) -> None:
+        self.current = exchange
+        if self.refused or self.closing:
+            self._refuse(UNAVAILABLE)
+            return
+        self.server.track(self.loop.create_task(self._run(exchange)))
+
+    async def _run(self, exchange: Exchange) -> None:
+        try:
+            await self.server.app(exchange.scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:
+            if not exchange.done:
+                self.abort()
+            raise
+        except Exception:
+            log.exception("app_failed", path=exchange.scope["path"])
+        if exchange.done:
+            return
+        if exchange.started:
+            self.abort()  # the answer was cut short: the client must not take it as whole
+        else:
+            self._refuse(INTERNAL_ERROR)
+
+    def on_disconnect(self, callback: Callable[[], object] | None) -> None:
+        """ON_DISCONNECT, for the request in hand (the only one whose app runs)."""
+        if self.current is not None:
+            self.current.on_disconnect(callback)
+
+    def finished(self, exchange: Exchange) -> None:
+        """`exchange`'s answer is all written: the next request, or idle, or close."""
+        exchange.wake()  # its app may still wait in receive(): that is a disconnect now
+        self.current = None
+        if not exchange.keep_alive or self.closing:
+            self.close()
+        elif self.paused:  # the client reads slower than it asks: nothing more till it reads
+            self.deferred = True
+        else:
+            self._next()
+
+    def _next(self) -> None:
+        if self.queue:
+            self._begin(self.queue.popleft())
+            if not self.queue:
+                self.resume_reading()
+            return
+        self.idle_since = time.monotonic()
+        self.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.paused and not self.lost:
+            if self.drained is None:
+                self.drained = self.loop.create_future()
+            await asyncio.shield(self.drained)
+
+    def _drained(self) -> None:
+        if self.drained is not None:
+            if not self.drained.done():
+                self.drained.set_result(None)
+            self.drained = None
+
+    def _pause_reading(self) -> None:
+        if self.reading and self.transport is not None and not self.lost:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.reading and self.transport is not None and not self.lost:
+            self.reading = True
+            self.transport.resume_reading()
+
+    def _malformed(self, answer: bytes) -> None:
+        """The client sent what cannot be parsed: nothing more is read from it."""
+        self.queue.clear()
+        if self.current is None:
+            self._refuse(answer)
+        elif self.current.started:
+            self.abort()  # never an error answer in the middle of another
+        else:
+            self.closing = True  # the request in hand is answered, then the connection closes
+            self._pause_reading()
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer with one of the server's own plain answers and close."""
+        if self.current is not None:
+            self.current.abandon()
+        self.write(answer)
+        self.close()
+
+    def shutdown(self) -> None:
+        """The server stops: close now when idle, else after the answer in hand."""
+        self.closing = True
+        if self.current is None:
+            self.close()
+
+    def sweep(self, now: float) -> None:
+        """The sweeper's pass: idle too long, or a client that reads nothing."""
+        keep_alive = self.server.keep_alive
+        if self.closed_at is not None:
+            if now - self.closed_at > keep_alive:
+                self.abort()  # closing, but the client never takes the rest
+        elif self.idle_since is not None and now - self.idle_since > keep_alive:
+            self.close()
+        elif self.paused and now - self.paused_at > self.server.send_timeout:
+            log.info("client_too_slow", client=self.scope_base.get("client"))
+            self.abort()  # the request in hand hears of it as a disconnect
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.closed_at = time.monotonic()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
