@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,6 +184,12 @@ def proxies(args: argparse.Namespace, tmp: Path, procs: Processes, res: Results)
 
 def footprint(tmp: Path, procs: Processes, res: Results) -> None:
     print("\n5. Daemon footprint (fast engine configured, none started)")
+    # vllmd's modules byte-compiled, as pip does when it installs a wheel: an editable
+    # install under PYTHONDONTWRITEBYTECODE (set on these machines) compiles every module
+    # from source at every start, ~0.2-0.35 s here.
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(BENCH.parent / "vllmd")], check=True
+    )
     for n in (1, 100, 1000):
         port = free_port()
         config = vllmd_config(tmp, port, {f"m{i}": {} for i in range(n)}, name=f"fp{n}")
