@@ -492,3 +492,19 @@ async def test_a_refused_connection_holds_no_slot() -> None:
         third = await _exchange(port, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         await refused.aclose()
     assert third.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_a_packet_with_a_whole_request_and_the_start_of_the_next_is_no_large_head() -> None:
+    async with serving(App(), max_head=4096) as (port, _):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            body = b"x" * 100_000
+            await stream.send(
+                b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                + b"GET /b HTTP/1.1\r\nHost: h\r\n"  # the next head, unfinished
+            )
+            await anyio.sleep(0.1)
+            await stream.send(b"Connection: close\r\n\r\n")
+            with anyio.fail_after(3):
+                out = await _drain(stream)
+    assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"GET /b  ")

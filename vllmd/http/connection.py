@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()  # pipelined requests after `current`
         self.extensions = {ON_DISCONNECT: self.on_disconnect}  # every request's, one dict
         self._in_head = False
+        self._begun = 0  # requests whose parsing began
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0  # the head's parsed parts
@@ -96,6 +97,7 @@ class Connection(asyncio.Protocol):
         self._drained()
 
     def data_received(self, data: bytes) -> None:
+        begun = self._begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -111,7 +113,10 @@ class Connection(asyncio.Protocol):
                 BAD_REQUEST if self._head_size <= self.server.max_head else HEAD_TOO_LARGE
             )
             return
-        if self._in_head:  # a head still unfinished (httptools holds its bytes): bounded too
+        # A head begun in an earlier packet and still unfinished (httptools holds its bytes,
+        # a header value that never ends included) is bounded too. A packet in which a head
+        # begins is not counted: it may hold earlier requests and bodies whole.
+        if self._in_head and self._begun == begun:
             self._head_bytes += len(data)
             if self._head_bytes > self.server.max_head:
                 self._malformed(HEAD_TOO_LARGE)
@@ -133,6 +138,7 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self._in_head = True
         self._url = b""
         self._headers = []
