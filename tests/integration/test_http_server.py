@@ -508,3 +508,18 @@ async def test_a_packet_with_a_whole_request_and_the_start_of_the_next_is_no_lar
             with anyio.fail_after(3):
                 out = await _drain(stream)
     assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"GET /b  ")
+
+
+async def test_a_broken_body_of_the_request_in_hand_is_a_400_and_frees_the_connection() -> None:
+    app = App()
+    async with serving(app, max_connections=1) as (port, server):
+        bad = await _exchange(
+            port,
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\nZZ not a chunk size\r\n\r\n",
+        )
+        await anyio.sleep(0.05)
+        fine = await _exchange(port, b"GET /ok HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert not server.tasks
+    assert bad.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert fine.startswith(b"HTTP/1.1 200 OK\r\n")

@@ -280,7 +280,9 @@ class Connection(asyncio.Protocol):
     def _malformed(self, answer: bytes) -> None:
         """The client sent what cannot be parsed: nothing more is read from it."""
         self.queue.clear()
-        if self.current is None:
+        if self.current is None or not self.current.complete:
+            # Nothing in hand, or a request whose own body broke off: the app hears of a
+            # disconnect, the client gets the plain error answer.
             self._refuse(answer)
         elif self.current.started:
             self.abort()  # never an error answer in the middle of another
