@@ -108,19 +108,28 @@ class Notifier:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Post what `offer` queues until cancelled."""
-        client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
         try:
             async with anyio.create_task_group() as tg:
-                self._client, self._tg = client, tg
+                self._tg = tg
                 try:
                     task_status.started()
                     await anyio.sleep_forever()
                 finally:
-                    self._client = self._tg = None
+                    self._tg = None
         finally:
-            # Shielded: closing under the daemon's cancellation would leave sockets open.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await client.aclose()
+            client, self._client = self._client, None
+            if client is not None:
+                # Shielded: closing under the daemon's cancellation would leave sockets open.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        # Made at the first post, not at start: its SSL context (the CA bundle read and
+        # parsed) and httpcore's import were ~70 ms of the daemon's start-up, and most
+        # daemons never send an alert. Sync, so receivers' tasks cannot make two.
+        if self._client is None:
+            self._client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+        return self._client
 
     def offer(self, alerts: Sequence[Alert], now: float) -> None:
         """The latest evaluation's alerts at `now` (unix s): queue what each receiver is due."""
@@ -241,9 +250,8 @@ class Notifier:
         return failed
 
     async def _send(self, receiver: _Receiver, url: str, body: object) -> bool:
-        assert self._client is not None
         try:
-            response = await self._client.post(url, json=body)
+            response = await self._http().post(url, json=body)
             response.raise_for_status()
         except httpx.HTTPError as exc:
             self._count(receiver.name, "error")
