@@ -8,7 +8,9 @@ device that does not answer is reported down.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from types import ModuleType
@@ -22,6 +24,7 @@ from vllmd.devices.snapshot import DeviceSnapshot, GpuProcess, NvmlUnavailable, 
 
 T = TypeVar("T")
 
+_LIBRARY = "libnvidia-ml.so.1"
 # NVML's "not available" for a process's memory (WDDM, no permission). Recent pynvml turns it
 # into None itself; older versions pass the raw value through.
 _NOT_AVAILABLE = 2**64 - 1
@@ -153,6 +156,7 @@ class NvmlProbe:
 
     def _init_and_count(self) -> int:
         if self._nvml is None:
+            _load_library()
             try:
                 self._nvml = importlib.import_module("pynvml")
             except ImportError as exc:
@@ -174,6 +178,18 @@ class NvmlProbe:
             elif reading.up and reading.name in self._down:
                 self._down.discard(reading.name)
                 self._log.info("gpu up", device=reading.name)
+
+
+def _load_library() -> None:
+    """Loads the library pynvml would load, or raises NvmlUnavailable as pynvml's nvmlInit
+    would. Tried before pynvml is imported: that import alone (a 5,000-line module and
+    ctypes.util) was ~30 ms of every start on hosts without the driver, only to fail here."""
+    if not sys.platform.startswith("linux"):
+        return  # pynvml looks in other places elsewhere: let it
+    try:
+        ctypes.CDLL(_LIBRARY)  # pynvml's own name for it; loaded once, pynvml then reuses it
+    except OSError as exc:
+        raise NvmlUnavailable(f"NVMLError_LibraryNotFound: {exc}") from exc
 
 
 def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
