@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import anyio
 import anyio.to_thread
-import psutil
 
+from vllmd.devices.host import CpuUse, host_memory_total
 from vllmd.devices.nvml import NvmlProbe
 from vllmd.devices.snapshot import (
     DeclaredDevice,
@@ -55,7 +55,7 @@ class DeclaredProbe:
         self._devices = dict(devices)
         self._timeout = timeout
         self._host_total: int | None = None
-        self._cpu_primed = False
+        self._cpu = CpuUse()
 
     async def snapshot(
         self, discovered: Mapping[str, DeviceSnapshot] | None = None
@@ -81,11 +81,8 @@ class DeclaredProbe:
         return result
 
     def _read_host(self) -> float | None:
-        self._host_total = int(psutil.virtual_memory().total)
-        # cpu_percent(None) measures since its previous call; the first one means nothing.
-        percent = float(psutil.cpu_percent(interval=None))
-        primed, self._cpu_primed = self._cpu_primed, True
-        return percent / 100 if primed else None
+        self._host_total = host_memory_total()
+        return self._cpu.read()
 
 
 def _declared_gpu(
@@ -136,6 +133,8 @@ class CompositeProbe:
 
 def process_tree_rss(pid: int) -> int:
     """RSS in bytes of a process and all its descendants; 0 when it is gone. Blocking."""
+    import psutil  # on first use: ~10 ms of import that the daemon's start does without
+
     try:
         root = psutil.Process(pid)
         family = [root, *root.children(recursive=True)]

@@ -18,16 +18,18 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import psutil
 import structlog
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from vllmd.engine.kernel_log import KernelLog, KernelLogOpener, Kmsg, oom_victims
 from vllmd.engine.reaper import Reaper
+
+if TYPE_CHECKING:  # imported where used (~10 ms): the daemon's start has no engine yet
+    import psutil
 
 ENGINE_OOM_SCORE_ADJ = 500
 MAX_LINE = 16 * 1024
@@ -177,6 +179,8 @@ def _descendants(pid: int, marker: str | None) -> dict[int, tuple[float, int]]:
     """The engine's process tree, plus orphans of it that re-parented to this daemon (the
     subreaper) after their parent exited: those are told apart by the marker they inherited.
     pid -> (create_time, pgid)."""
+    import psutil
+
     found: dict[int, tuple[float, int]] = {}
     candidates: list[psutil.Process] = []
     with contextlib.suppress(psutil.Error):
@@ -195,6 +199,8 @@ def _descendants(pid: int, marker: str | None) -> dict[int, tuple[float, int]]:
 
 def kill_pids(pids: Mapping[int, float]) -> None:
     """SIGKILL processes still alive with the same start time (a reused pid is never touched)."""
+    import psutil
+
     for pid, created in pids.items():
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
@@ -214,6 +220,8 @@ def _wait_gone(pgid: int, pids: Mapping[int, float], timeout: float) -> None:
 
 
 def _alive(pid: int, created: float) -> bool:
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         same = abs(proc.create_time() - created) <= 0.01
@@ -224,6 +232,8 @@ def _alive(pid: int, created: float) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """True while any process of the group exists (zombies excluded)."""
+    import psutil
+
     for proc in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error, ProcessLookupError):  # it may exit meanwhile
             if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
@@ -265,6 +275,8 @@ async def spawn(
         raise
     if reaper is not None:
         reaper.adopt(process.pid, leader=process.pid)
+    import psutil
+
     try:
         created = psutil.Process(process.pid).create_time()
     except psutil.Error:

@@ -8,11 +8,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import psutil
 import structlog
 
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot, budget_total, engine_total
+from vllmd.devices.host import host_memory_total
 from vllmd.engine.argv import PlacedDevice, sleep_mode_enabled
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import MEASURED, InstanceState
@@ -62,7 +62,7 @@ class Ledger:
         # `measure_weights` (a directory walk, in a thread); until then, and where the size is
         # unknown, the model's reservation is the bound.
         self._host_bytes: dict[str, int] = {}
-        self._host_ram = psutil.virtual_memory().total
+        self._host_ram = host_memory_total()
 
     async def measure_weights(self) -> None:
         """Size every model's weights (for the level-1 host-memory budget), in a thread."""

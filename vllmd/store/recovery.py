@@ -22,9 +22,9 @@ import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
-import psutil
 import structlog
 
 from vllmd.devices import DeviceProbe
@@ -32,6 +32,9 @@ from vllmd.engine.process import MARKER_ENV, boot_id
 from vllmd.errors import DeviceError
 from vllmd.events import EventBus, Kind
 from vllmd.store.records import EngineRecord
+
+if TYPE_CHECKING:  # imported where used (~10 ms): recovery has work only after a crash
+    import psutil
 
 log = structlog.get_logger("vllmd.recovery")
 
@@ -51,6 +54,8 @@ class Orphans:
 
 def find(records: Iterable[EngineRecord], boot: str, window: float = WINDOW) -> list[Orphans]:
     """The recorded engines with processes still alive on this boot (blocking: psutil)."""
+    import psutil
+
     found = []
     groups: dict[int, list[psutil.Process]] = {}
     for proc in psutil.process_iter(["pid", "create_time", "status"]):
@@ -77,6 +82,8 @@ def _engines_own(proc: psutil.Process, record: EngineRecord, window: float) -> b
     """A member of a leaderless group is the recorded engine's when it carries the engine's
     marker in its environment, or (vLLM's renamed processes overwrite their environment) is
     one of vLLM's processes started while that engine started."""
+    import psutil
+
     created = proc.info["create_time"]
     if not record.start_time - _SAME_START <= created <= record.start_time + window:
         return False
@@ -91,6 +98,8 @@ def _engines_own(proc: psutil.Process, record: EngineRecord, window: float) -> b
 def kill(orphans: Iterable[Orphans], timeout: float = KILL_WAIT) -> list[int]:
     """SIGKILL every orphan (start time checked again), then wait until they are gone;
     the pids still alive after `timeout` are returned (blocking)."""
+    import psutil
+
     pids: dict[int, float] = {}
     for each in orphans:
         pids.update(each.pids)
@@ -108,6 +117,8 @@ def kill(orphans: Iterable[Orphans], timeout: float = KILL_WAIT) -> list[int]:
 
 
 def _alive(pid: int, created: float) -> bool:
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         return bool(
