@@ -68,6 +68,12 @@ class RequestLog:
         self._stamp = ""
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        # structlog's registry of the context variables ever bound: while it is empty, no
+        # context can be bound, and looking (a walk over every variable of the request's
+        # context) is skipped. None (another structlog): always look.
+        self._bound_vars: dict[str, object] | None = getattr(
+            structlog.contextvars, "_CONTEXT_VARS", None
+        )
 
     def flush(self) -> None:
         """Write the lines waiting (the gateway calls it when it closes, too)."""
@@ -96,7 +102,8 @@ class RequestLog:
         if not self._checked:
             self._sink, self._checked = self._fast_sink(), True
         sink = self._sink
-        if sink is None or structlog.contextvars.get_contextvars():
+        bound = self._bound_vars
+        if sink is None or ((bound is None or bound) and structlog.contextvars.get_contextvars()):
             self._logger.info(
                 "request",
                 request_id=request_id,

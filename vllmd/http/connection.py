@@ -153,7 +153,9 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         self._headers.append((name, value))
-        self._grow(len(name) + len(value) + 4)  # ": " and the line break
+        self._head_size += len(name) + len(value) + 4  # ": " and the line break
+        if self._head_size > self.server.max_head:
+            raise httptools.HttpParserError("request head too large")
         if name == b"expect" and value.lower() == b"100-continue":
             self._expect = True
 

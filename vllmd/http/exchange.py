@@ -173,6 +173,7 @@ class Exchange:
     def _head(self, status: int, headers: Any) -> bytes:
         line = STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
         parts = [line, self.conn.server.date]
+        lines = 0  # the headers' lines, each of four parts
         length = False
         for name, value in headers:
             lower = name.lower()
@@ -184,7 +185,8 @@ class Exchange:
                 continue  # the server's to say, below
             elif lower == b"transfer-encoding":
                 continue  # the server frames the body itself
-            parts.append(b"%s: %s\r\n" % (name, value))
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
         if not length and not self.head_only and status >= 200 and status not in (204, 304):
             if self.scope["http_version"] == "1.1":
                 self.chunked = True
@@ -202,7 +204,8 @@ class Exchange:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
-        # Each part ends in the one line break it may hold: counted in C, not per header.
-        if head.count(b"\n") != len(parts) or head.count(b"\r") != len(parts):
+        # Each line ends in the one line break it may hold: counted in C, not per header.
+        breaks = len(parts) - 3 * lines
+        if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
             raise RuntimeError("a header name or value with a line break")
         return head

@@ -9,7 +9,6 @@ streaming, the client's disconnect is watched: it cancels the wait or the upstre
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import itertools
 import json
@@ -212,33 +211,28 @@ class Gateway:
             if not self.accepting:
                 raise http_error(ShuttingDown())
             # From here the client may leave: its disconnect cancels the queue wait or the
-            # upstream request (which makes vLLM abort the generation) by moving the request's
-            # asyncio deadline to now. vllmd's server calls back when the client leaves; under
-            # another ASGI server a watcher task owned by this request (cancelled below,
-            # whatever happens) waits in receive(). An anyio task group per request, then an
-            # anyio cancel scope, cost more than the rest of the gateway's own work.
+            # upstream request (which makes vLLM abort the generation). vllmd's server calls
+            # back when the client leaves, and the callback cancels this task; under another
+            # ASGI server a watcher task waits in receive(). An anyio task group per request,
+            # then an anyio cancel scope, then an asyncio.timeout each cost more than the
+            # rest of the gateway's own work.
             status = CLIENT_CLOSED
-            gone = asyncio.timeout(None)
             watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
-            try:
-                async with gone:
-                    if watch is not None:  # vllmd's server calls back: no task needed
-                        watch(functools.partial(gone.reschedule, -1.0))
-                    else:
-                        watcher = asyncio.get_running_loop().create_task(
-                            _cancel_on_disconnect(receive, gone)
-                        )
-                    try:
-                        status = await self._forward(scope, send, route, body, instance, request_id)
-                    finally:
-                        if watch is not None:
-                            watch(None)
-                        else:
-                            watcher.cancel()
-            except TimeoutError:
-                if not gone.expired():
-                    raise
-                status = CLIENT_CLOSED  # the watcher's deadline: the client left
+            if watch is None:
+                status = await self._forward_watched(
+                    scope, receive, send, route, body, instance, request_id
+                )
+            else:
+                left = _Left()
+                watch(left)
+                try:
+                    status = await self._forward(scope, send, route, body, instance, request_id)
+                except asyncio.CancelledError:
+                    if not left.uncancel():
+                        raise  # (also) cancelled by someone else: the server's shutdown
+                    status = CLIENT_CLOSED
+                finally:
+                    watch(None)
         except ClientGone:
             status = CLIENT_CLOSED
         except HTTPError as exc:
@@ -271,6 +265,33 @@ class Gateway:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def _forward_watched(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: str,
+        body: bytes,
+        instance: Instance,
+        request_id: str,
+    ) -> int:
+        """`_forward` under an ASGI server without ON_DISCONNECT: a watcher task owned by
+        this request (cancelled whatever happens) waits in receive() for the disconnect."""
+        gone = asyncio.timeout(None)
+        try:
+            async with gone:
+                watcher = asyncio.get_running_loop().create_task(
+                    _cancel_on_disconnect(receive, gone)
+                )
+                try:
+                    return await self._forward(scope, send, route, body, instance, request_id)
+                finally:
+                    watcher.cancel()
+        except TimeoutError:
+            if not gone.expired():
+                raise
+            return CLIENT_CLOSED  # the watcher's deadline: the client left
+
     async def _forward(
         self,
         scope: Scope,
@@ -302,6 +323,27 @@ class Gateway:
             if exc.code in REJECT_REASONS:
                 self.metrics.rejected(instance.name, exc.code)
             raise http_error(exc) from None
+
+
+class _Left:
+    """ON_DISCONNECT's callback for one request: the client left, so the request's task is
+    cancelled (as asyncio.timeout does, without its timer and bookkeeping)."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.fired = False
+
+    def __call__(self) -> None:
+        if not self.fired and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def uncancel(self) -> bool:
+        """After a CancelledError: True when it was this callback's doing alone (the
+        cancellation is then taken back), False when the task was cancelled otherwise."""
+        return self.fired and self.task is not None and self.task.uncancel() == 0
 
 
 async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:

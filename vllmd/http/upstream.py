@@ -156,6 +156,17 @@ class Connection(asyncio.Protocol):
         if self.error is not None:
             raise self.error
 
+    def whole(self) -> bytes | None:
+        """The whole body at once when all of it has arrived and none was taken (a plain
+        answer, most often in one read), else None: `chunk()` then."""
+        if not self.complete or self.error is not None or self._paused:
+            return None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return data
+
     async def chunk(self) -> bytes | None:
         """The body that has arrived since the last call (waiting for some), None at its end."""
         while True:
@@ -239,7 +250,13 @@ class Response:
             yield data
 
     async def aread(self) -> bytes:
-        chunks = [data async for data in self.aiter_raw()]
+        conn = self._conn
+        data = conn.whole()  # no async generator or wait for an answer read whole already
+        if data is not None:
+            return data
+        chunks = []
+        while (data := await conn.chunk()) is not None:
+            chunks.append(data)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def aclose(self) -> None:
