@@ -137,7 +137,7 @@ class Exchange:
             self.head = self._head(message["status"], message.get("headers", ()))
             self.started = True
             # Written with the first body part, or at the end of this pass of the loop.
-            conn.loop.call_soon(self._flush_head)
+            conn.server.flush_soon(self)
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -165,7 +165,7 @@ class Exchange:
         elif conn.lost:
             await asyncio.sleep(0)  # an app that only sends must not starve the loop
 
-    def _flush_head(self) -> None:
+    def flush_head(self) -> None:
         if self.head:
             self.conn.write(self.head)
             self.head = b""

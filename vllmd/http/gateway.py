@@ -117,7 +117,8 @@ class Gateway:
                 # vllmd.routes for why a path near one (`..`, `%2F`, `//`) matches nothing.
                 hit = match_route(path, scope.get("raw_path"))
                 if hit is not None:
-                    self._authorize(scope)
+                    if self._keys or self._ctx.config is not self._config:
+                        self._authorize(scope)
                     await self._proxy(scope, receive, send, hit[0], hit[1])
                     return
             elif method == "GET" and await self._get(scope, send, path):
@@ -354,7 +355,22 @@ async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> 
             return
 
 
+# json's own scanner (C), which json.loads reaches through four Python calls.
+_scan_json = json.JSONDecoder().scan_once
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
+    if body[:1] == b"{" and body[-1:] == b"}":
+        # What clients send: a UTF-8 object, nothing around it. Scanned whole, it is what
+        # json.loads would return; anything else (a BOM, UTF-16, an error) goes to it.
+        try:
+            text = body.decode()
+            value, end = _scan_json(text, 0)
+        except (ValueError, StopIteration):
+            pass
+        else:
+            if end == len(text):
+                return value  # type: ignore[no-any-return]  # an object: it began with {
     try:
         payload = json.loads(body)
     except ValueError:

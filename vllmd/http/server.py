@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 
 from vllmd.http.asgi import Receive, Scope, Send
 from vllmd.http.connection import Connection
+from vllmd.http.exchange import Exchange
 
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -65,7 +66,21 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._emptied: asyncio.Event | None = None  # set when the last connection closes
+        self._heads: list[Exchange] = []  # answers' heads waiting for the end of this pass
         self._stamp()
+
+    def flush_soon(self, exchange: Exchange) -> None:
+        """Write `exchange`'s head at the end of this pass of the loop unless its first body
+        part takes it along first: one callback per pass for every answer begun in it (a
+        plain answer's body follows at once, and its head never waits)."""
+        if not self._heads:
+            asyncio.get_running_loop().call_soon(self._flush_heads)
+        self._heads.append(exchange)
+
+    def _flush_heads(self) -> None:
+        heads, self._heads = self._heads, []
+        for exchange in heads:
+            exchange.flush_head()
 
     async def start(self, sock: socket.socket) -> None:
         """Accept connections on `sock` (bound and listening) from now on."""
