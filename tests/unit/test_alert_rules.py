@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from types import MappingProxyType
 
 import anyio
@@ -18,6 +19,7 @@ from vllmd.alerts.rules import (
     LabelSet,
     fingerprint,
     render,
+    this_host,
 )
 from vllmd.config.schema import AlertRule, AlertsConfig, Config, ModelConfig
 from vllmd.instance.states import InstanceState
@@ -127,6 +129,17 @@ def test_config_labels_may_replace_host_but_not_alertname() -> None:
     assert alert.labels["alertname"] == "QueueDeep"
     assert alert.labels["severity"] == "critical"
     assert alert.labels["host"] == "gpu-a"
+
+
+def test_the_host_name_is_looked_up_at_the_first_alert_not_before() -> None:
+    """A reverse DNS lookup at start delayed it (seconds where DNS is broken)."""
+    this_host.cache_clear()
+    ev = Evaluator()
+    r = rule(0)
+    assert ev.evaluate([r], {r.name: {QWEN: 1}}, 0.0) == []  # below the threshold
+    assert this_host.cache_info().currsize == 0
+    (alert,) = ev.evaluate([r], {r.name: {QWEN: 9}}, 1.0)
+    assert alert.labels["host"] == socket.getfqdn()
 
 
 def test_a_removed_rule_resolves_its_firing_alerts() -> None:

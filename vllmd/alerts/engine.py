@@ -13,7 +13,6 @@ receivers take effect at the next one.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -53,7 +52,7 @@ class AlertEngine:
         self._notifier = notifier
         self._clock = clock
         self._sleep = sleep
-        self._evaluator = Evaluator(host or socket.getfqdn())
+        self._evaluator = Evaluator(host)
         self._alerts: list[Alert] = []
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

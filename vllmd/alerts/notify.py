@@ -13,7 +13,6 @@ most one entry per alert, and a slow one never delays the evaluation.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ import httpx
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from vllmd.alerts.rules import Alert, AlertState
+from vllmd.alerts.rules import Alert, AlertState, this_host
 from vllmd.config.schema import Config
 
 log = structlog.get_logger("vllmd.alerts")
@@ -97,7 +96,7 @@ class Notifier:
         self._transport = transport
         self._count = count
         self._sleep = sleep
-        self._host = host or socket.getfqdn()
+        self._host = host  # None: this_host(), looked up when an alert is first told
         self._timeout = timeout
         self._backoff = backoff
         self._receivers: dict[tuple[str, str], _Receiver] = {}
@@ -151,7 +150,6 @@ class Notifier:
     ) -> dict[str, dict[str, Any]]:
         resend, interval = config.alerts.resend, config.alerts.interval
         valid_until = now + 4 * max(resend, interval)
-        url = generator_url(config, self._host)
         due: dict[str, dict[str, Any]] = {}
         current: set[str] = set()
         for alert in alerts:
@@ -169,7 +167,7 @@ class Notifier:
                 "annotations": dict(alert.annotations),
                 "startsAt": rfc3339(alert.fired_at or alert.active_at),
                 "endsAt": rfc3339(ends),
-                "generatorURL": url,
+                "generatorURL": self._generator_url(config),
             }
         for fp in set(self._sent) - current:
             del self._sent[fp]
@@ -180,7 +178,6 @@ class Notifier:
     ) -> dict[str, dict[str, dict[str, Any]]]:
         """Per alertname whose firing set changed: its firing alerts and the ones that just
         resolved, as webhook alert entries."""
-        url = generator_url(config, self._host)
         by_name: dict[str, list[Alert]] = {}
         for alert in alerts:
             if alert.state is not AlertState.PENDING:
@@ -193,12 +190,16 @@ class Notifier:
             if firing == known:
                 continue
             told = [a for a in group if a.fingerprint in firing | known]
+            url = self._generator_url(config)
             changes[alertname] = {a.fingerprint: _webhook_alert(a, url) for a in told}
             if firing:
                 self._firing[alertname] = firing
             else:
                 self._firing.pop(alertname, None)
         return changes
+
+    def _generator_url(self, config: Config) -> str:
+        return generator_url(config, self._host or this_host())
 
     def _sync_receivers(self, config: Config) -> None:
         wanted = {("alertmanager", u) for u in config.alerts.alertmanager} | {
@@ -240,7 +241,7 @@ class Notifier:
             ok = await self._send(receiver, url, list(batch.values()))
             return [] if ok else list(batch)
         config = self._config()
-        external = generator_url(config, self._host)
+        external = self._generator_url(config)
         failed = []
         for alertname, group in batch.items():
             if not await self._send(

@@ -12,8 +12,10 @@ hold. `Evaluator.evaluate` is given the time, so tests step through it without s
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -108,11 +110,20 @@ def _selected(rule: AlertRule, series: LabelSet) -> bool:
     return not (rule.device and own.get("device") != rule.device)
 
 
+@functools.cache
+def this_host() -> str:
+    """This host's name in alerts (label `host`, generatorURL): looked up at the first alert,
+    not at start (a reverse DNS lookup, ~1-3 ms here and seconds where DNS is broken; most
+    daemons never raise an alert)."""
+    return socket.getfqdn()
+
+
 class Evaluator:
     """The state of every rule's alerts between evaluations (keyed by their full label set,
-    as Prometheus does: an alert whose labels change is a new alert)."""
+    as Prometheus does: an alert whose labels change is a new alert). `host`: None for
+    `this_host()`."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str | None = None) -> None:
         self._host = host
         self._alerts: dict[tuple[tuple[str, str], ...], Alert] = {}
 
@@ -130,7 +141,7 @@ class Evaluator:
             for series, value in values.get(rule.name, {}).items():
                 if not _selected(rule, series) or not holds(value, rule.threshold):
                     continue
-                labels = alert_labels(rule, series, common or {}, self._host)
+                labels = alert_labels(rule, series, common or {}, self._host or this_host())
                 key = tuple(sorted(labels.items()))
                 seen.add(key)
                 annotations = {k: render(v, labels, value) for k, v in rule.annotations.items()}
