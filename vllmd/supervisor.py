@@ -107,16 +107,22 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for instance in self._instances.values():
-                await tg.start(self._run_actor, instance)
+                self._start_actor(instance)
             await tg.start(self._placer.run)
             task_status.started()
 
-    async def _run_actor(
-        self, instance: Instance, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        with anyio.CancelScope() as scope:
-            self._actors[instance.name] = scope
-            await instance.run(task_status=task_status)
+    def _start_actor(self, instance: Instance) -> None:
+        # start_soon, not start: an actor has nothing to wait for (what is asked of it is kept
+        # on the instance until its loop looks), and waiting for each one's first step cost
+        # ~0.07 ms per model before READY (70 ms with 1,000 models).
+        assert self._tg is not None, "the supervisor is not running"
+        scope = anyio.CancelScope()
+        self._actors[instance.name] = scope
+        self._tg.start_soon(self._run_actor, instance, scope, name=f"actor {instance.name}")
+
+    async def _run_actor(self, instance: Instance, scope: anyio.CancelScope) -> None:
+        with scope:
+            await instance.run()
 
     async def add(self, model: ModelConfig) -> Instance:
         """Add a model to the running daemon, or replace a changed one (stopped first: its
@@ -135,8 +141,7 @@ class Supervisor:
         self._instances[model.name] = instance
         self._index()
         self._placer.attach(instance)
-        assert self._tg is not None, "add() needs the supervisor running"
-        await self._tg.start(self._run_actor, instance)
+        self._start_actor(instance)
         self._ctx.events.emit(Kind.MODEL_ADDED, model.name, replaced=old is not None)
         return instance
 
