@@ -14,6 +14,7 @@ import itertools
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -194,7 +195,7 @@ class Gateway:
         status = 500
         try:
             body = await self._read_body(receive, length)
-            payload = _json_object(body)
+            payload = json_object(body)
             name = path_model if path_model is not None else _body_model(payload)
             try:
                 instance = self.supervisor.get(name)
@@ -224,10 +225,12 @@ class Gateway:
                     scope, receive, send, route, body, instance, request_id
                 )
             else:
-                left = _Left()
-                watch(left)
+                left = CancelOnLeave()
+                watch(left)  # calls back at once if the client has left already
                 try:
-                    status = await self._forward(scope, send, route, body, instance, request_id)
+                    if not left.fired:
+                        left.arm()
+                        status = await self._forward(scope, send, route, body, instance, request_id)
                 except asyncio.CancelledError:
                     if not left.uncancel():
                         raise  # (also) cancelled by someone else: the server's shutdown
@@ -326,25 +329,39 @@ class Gateway:
             raise http_error(exc) from None
 
 
-class _Left:
+class CancelOnLeave:
     """ON_DISCONNECT's callback for one request: the client left, so the request's task is
-    cancelled (as asyncio.timeout does, without its timer and bookkeeping)."""
+    cancelled (as asyncio.timeout does, without its timer and bookkeeping).
 
-    __slots__ = ("fired", "task")
+    Armed only once the request is about to wait: a call before (the client had left when
+    the callback was registered) only marks it, since a cancellation that no await inside
+    the request takes would hit the task later. Once armed, every call comes from the loop
+    while the task waits inside the request, where the cancellation lands."""
+
+    __slots__ = ("_cancelling", "fired", "task")
 
     def __init__(self) -> None:
-        self.task = asyncio.current_task()
+        self.task: asyncio.Task[Any] | None = None
         self.fired = False
+        self._cancelling = 0
+
+    def arm(self) -> None:
+        self.task = asyncio.current_task()
+        if self.task is not None:
+            self._cancelling = self.task.cancelling()
 
     def __call__(self) -> None:
-        if not self.fired and self.task is not None:
+        if not self.fired:
             self.fired = True
-            self.task.cancel()
+            if self.task is not None:
+                self.task.cancel()
 
     def uncancel(self) -> bool:
         """After a CancelledError: True when it was this callback's doing alone (the
         cancellation is then taken back), False when the task was cancelled otherwise."""
-        return self.fired and self.task is not None and self.task.uncancel() == 0
+        if not self.fired or self.task is None:
+            return False
+        return self.task.uncancel() <= self._cancelling
 
 
 async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
@@ -356,10 +373,10 @@ async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> 
 
 
 # json's own scanner (C), which json.loads reaches through four Python calls.
-_scan_json = json.JSONDecoder().scan_once
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
     if body[:1] == b"{" and body[-1:] == b"}":
         # What clients send: a UTF-8 object, nothing around it. Scanned whole, it is what
         # json.loads would return; anything else (a BOM, UTF-16, an error) goes to it.
