@@ -154,7 +154,7 @@ async def serve(
             for each_server, each_sock in listeners:
                 await each_server.start(each_sock)
             gateway.open()
-            notifier.ready(supervisor.summary())
+            notifier.ready(supervisor.summary)
             log.info(
                 "ready",
                 gateway=str(config.gateway.listen),
@@ -221,7 +221,7 @@ async def _report_status(events: EventBus, supervisor: Supervisor, notifier: Not
     with events.subscribe("systemd-status") as stream:
         async for event in stream:
             if event.kind is Kind.STATE:
-                notifier.status(supervisor.summary())
+                notifier.status(supervisor.summary)
 
 
 async def _watchdog(notifier: Notifier, supervisor: Supervisor) -> None:

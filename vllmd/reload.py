@@ -56,7 +56,7 @@ class Reloader:
                 log.error("reload_refused", path=str(path), problems=exc.problems)
                 raise
             finally:
-                self._notifier.ready(self._status())
+                self._notifier.ready(self._status)
             self._metrics.reload_result(ok=True)
             self._ctx.events.emit(
                 Kind.RELOADED,

@@ -1,13 +1,15 @@
 """systemd's notify protocol: READY, STATUS, STOPPING, WATCHDOG, RELOADING.
 
 Without NOTIFY_SOCKET (not under systemd) every call does nothing, so the daemon calls these
-unconditionally.
+unconditionally; a STATUS= line is given as a function, called only when it is sent (it walks
+every model: ~1 ms with 100 models, at READY and at every state change).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import sdnotify
 
@@ -26,11 +28,13 @@ class Notifier:
             self._notifier.socket.close()
             self._notifier = None
 
-    def ready(self, status: str) -> None:
-        self._send("READY=1", f"STATUS={status}")
+    def ready(self, status: Callable[[], str]) -> None:
+        if self._notifier is not None:
+            self._send("READY=1", f"STATUS={status()}")
 
-    def status(self, status: str) -> None:
-        self._send(f"STATUS={status}")
+    def status(self, status: Callable[[], str]) -> None:
+        if self._notifier is not None:
+            self._send(f"STATUS={status()}")
 
     def stopping(self) -> None:
         self._send("STOPPING=1", "STATUS=stopping: draining requests, stopping engines")
