@@ -5,18 +5,21 @@ changes what needs a daemon restart, changes nothing: the problems are returned 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from vllmd.config import load_config
-from vllmd.config.diff import ReloadPlan, plan_reload
 from vllmd.context import Context
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
 from vllmd.metrics import Metrics
 from vllmd.supervisor import Supervisor
 from vllmd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from vllmd.config.diff import ReloadPlan
 
 log = structlog.get_logger("vllmd.reload")
 
@@ -46,6 +49,9 @@ class Reloader:
             self._notifier.reloading()
             try:
                 new = await anyio.to_thread.run_sync(load_config, path)
+                # Here, not at start: most daemons never reload (~1 ms of dataclass set-up).
+                from vllmd.config.diff import plan_reload
+
                 plan = plan_reload(self._ctx.config, new)
                 if plan.refused:
                     raise ConfigError(list(plan.refused))

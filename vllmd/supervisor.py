@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Iterator, Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -17,7 +18,6 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd.admission import Admission
 from vllmd.config import Config, ModelConfig
-from vllmd.config.diff import ReloadPlan
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot
 from vllmd.errors import InvalidState, ModelNotFound, StartFailed, VllmdError
@@ -28,6 +28,9 @@ from vllmd.instance.status import ModelStatus
 from vllmd.overrides import Overrides
 from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
+
+if TYPE_CHECKING:  # the reload's module is loaded by the first reload (see vllmd.reload)
+    from vllmd.config.diff import ReloadPlan
 
 S = InstanceState
 log = structlog.get_logger("vllmd.supervisor")
