@@ -8,7 +8,6 @@ returns the default, so one pass over the file reports everything that is wrong 
 from __future__ import annotations
 
 import datetime
-import difflib
 import json
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -173,6 +172,8 @@ class Table:
         for name in self.data:
             if name in self._seen:
                 continue
+            import difflib  # for a config with a mistake only: not in every start (~1 ms)
+
             close = difflib.get_close_matches(name, sorted(self._seen), n=1, cutoff=0.6)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             self.problem(name, f"unknown key{hint}")
