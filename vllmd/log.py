@@ -48,6 +48,19 @@ _JSON_CHAIN: tuple[type, ...] = (
 )
 
 
+_LINE = (
+    '{"request_id": %s, "model": %s, "route": "%s", "status": %d, "seconds": %s, '
+    '"event": "request", "level": "info", "timestamp": "%s.%06dZ"}'
+)
+
+
+def rounded(seconds: float) -> str:
+    """`repr(round(seconds, 4))` for 0 <= seconds < 1e11, for half its cost: both round the
+    binary value correctly to four places, and no shorter decimal names the same double."""
+    text = ("%.4f" % seconds).rstrip("0")  # noqa: UP031  # % is the fast one here
+    return text + "0" if text.endswith(".") else text
+
+
 FLUSH_AFTER = 0.01  # seconds a request line may wait to be written with others
 FLUSH_LINES = 256
 
@@ -118,11 +131,18 @@ class RequestLog:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        # %-formatting: f-strings with format specs and repr(round(x, 4)) were most of it.
         self._lines.append(
-            f'{{"request_id": {encode_basestring_ascii(request_id)}, '
-            f'"model": {encode_basestring_ascii(model)}, "route": "{route}", '
-            f'"status": {status}, "seconds": {round(seconds, 4)!r}, "event": "request", '
-            f'"level": "info", "timestamp": "{self._stamp}.{int((now - second) * 1e6):06d}Z"}}'
+            _LINE
+            % (
+                encode_basestring_ascii(request_id),
+                encode_basestring_ascii(model),
+                route,
+                status,
+                rounded(seconds),
+                self._stamp,
+                (now - second) * 1e6,
+            )
         )
         if len(self._lines) >= FLUSH_LINES:
             self.flush()

@@ -443,3 +443,38 @@ async def test_alerts_lists_the_active_alerts_and_status_counts_the_firing_ones(
     assert always["state"] == "firing" and always["labels"]["model"] == "a"
     assert status["alerts_firing"] >= 1
     assert 'alertname="Always"' in metrics and 'alertstate="firing"' in metrics
+
+
+async def test_the_gateways_time_to_first_byte_feeds_the_ttfb_alert(tmp_path: Path) -> None:
+    """The proxy hands each request's time to first byte to the gateway, which counts it in
+    the alerts' window with the request: a TTFB rule over 0 s fires after one request."""
+    config = fake_config(
+        tmp_path,
+        {"a": {}},
+        alerts={
+            "interval": "100ms",
+            "alertmanager": [],
+            "rules": [
+                {
+                    "name": "SlowFirstByte",
+                    "signal": "model_ttfb_p99_seconds",
+                    "op": ">",
+                    "threshold": 0,
+                    "for": "0s",
+                    "window": "1m",
+                    "severity": "info",
+                }
+            ],
+        },
+    )
+    async with running(config) as run, control(run) as ctl, client(run) as http:
+        await anyio.sleep(0.3)  # evaluations before any request: nothing to fire on
+        assert not (await ctl.get("/v1/alerts")).json()["alerts"]
+        r = await http.post("/v1/completions", json={"model": "a", "prompt": "x"})
+        assert r.status_code == 200
+        with anyio.fail_after(5):
+            while not (await ctl.get("/v1/alerts")).json()["alerts"]:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        (alert,) = (await ctl.get("/v1/alerts")).json()["alerts"]
+    assert alert["labels"]["alertname"] == "SlowFirstByte" and alert["labels"]["model"] == "a"
+    assert alert["value"] > 0

@@ -82,5 +82,3 @@ async def test_a_shutdown_cancel_beside_the_leave_is_not_swallowed() -> None:
         await asyncio.sleep(10)
     assert not left.uncancel()  # the other cancellation stands
     assert task.uncancel() == 0  # (taken back here, so the test itself ends normally)
-
-

@@ -107,7 +107,7 @@ class Setup:
         self.client = Client()
 
     async def forward(self, headers: list[tuple[bytes, bytes]] | None = None) -> int:
-        return await self.proxy.forward(
+        status, _ = await self.proxy.forward(
             self.client,
             self.upstream,
             ROUTE,
@@ -116,6 +116,7 @@ class Setup:
             request_id=REQUEST_ID,
             model=MODEL,
         )
+        return status
 
     def first_bytes(self) -> float | None:
         return self.metrics.registry.get_sample_value(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import re
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from vllmd.log import RequestLog
+from vllmd.log import RequestLog, rounded
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +91,23 @@ def test_any_other_setup_gets_an_ordinary_event() -> None:
             "seconds": 0.5,
         }
     ]
+
+
+def test_seconds_are_written_as_repr_of_round_to_four_places() -> None:
+    values = [0.0, 0.5, 2.0, 1e-5, 5e-5, 0.00015, 0.00025, 123.45675, 99999.99995, 0.1 + 0.2]
+    rng = random.Random(7)
+    values += [rng.random() * 10 ** rng.randint(-6, 6) for _ in range(20000)]
+    values += [rng.randint(0, 10**7) / 10 ** rng.randint(0, 8) for _ in range(20000)]
+    assert [rounded(v) for v in values] == [repr(round(v, 4)) for v in values]
+
+
+async def test_a_bound_context_sends_the_line_through_structlog(json_log: io.StringIO) -> None:
+    """The direct line skips structlog's context walk only while nothing was ever bound."""
+    request_log = RequestLog(structlog.get_logger("vllmd.gateway"))
+    with structlog.contextvars.bound_contextvars(peer="p1"):
+        request_log.request("r1", "m", "/v1/completions", 200, 0.001)
+    request_log.request("r2", "m", "/v1/completions", 200, 0.001)
+    request_log.flush()
+    lines = [json.loads(x) for x in json_log.getvalue().splitlines()]
+    assert [(x["request_id"], x.get("peer")) for x in lines] == [("r1", "p1"), ("r2", None)]
+    assert all(re.fullmatch(r"[0-9T:-]+\.[0-9]{6}Z", x["timestamp"]) for x in lines)

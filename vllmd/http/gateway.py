@@ -35,7 +35,7 @@ from vllmd.http.asgi import (
     send_json,
 )
 from vllmd.http.exchange import NO_EXTENSIONS, ON_DISCONNECT
-from vllmd.http.proxy import Proxy
+from vllmd.http.proxy import Forwarded, Proxy
 from vllmd.http.routes import OTHER
 from vllmd.http.routes import match as match_route
 from vllmd.http.views import model_view
@@ -81,7 +81,7 @@ class Gateway:
         self.supervisor = supervisor
         self.metrics = metrics
         self._observations = observations  # the alerts' error-ratio and latency windows
-        self.proxy = Proxy(metrics, observations, ctx.clock)
+        self.proxy = Proxy(metrics)
         self._log = RequestLog(log)
         self._ids = RequestIds()
         self.started = int(time.time())
@@ -193,6 +193,7 @@ class Gateway:
             request_id = self._ids.next()
         model_label = ""
         status = 500
+        ttfb: float | None = None
         try:
             body = await self._read_body(receive, length)
             payload = json_object(body)
@@ -221,7 +222,7 @@ class Gateway:
             status = CLIENT_CLOSED
             watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
             if watch is None:
-                status = await self._forward_watched(
+                status, ttfb = await self._forward_watched(
                     scope, receive, send, route, body, instance, request_id
                 )
             else:
@@ -230,7 +231,9 @@ class Gateway:
                 try:
                     if not left.fired:
                         left.arm()
-                        status = await self._forward(scope, send, route, body, instance, request_id)
+                        status, ttfb = await self._forward(
+                            scope, send, route, body, instance, request_id
+                        )
                 except asyncio.CancelledError:
                     if not left.uncancel():
                         raise  # (also) cancelled by someone else: the server's shutdown
@@ -247,7 +250,7 @@ class Gateway:
             seconds = time.perf_counter() - started
             self.metrics.request(model_label, route, status, seconds)
             if model_label and self._observations is not None:
-                self._observations.request(model_label, status, None, self._ctx.clock())
+                self._observations.request(model_label, status, ttfb, self._ctx.clock())
             self._log.request(request_id, model_label, route, status, seconds)
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
@@ -278,7 +281,7 @@ class Gateway:
         body: bytes,
         instance: Instance,
         request_id: str,
-    ) -> int:
+    ) -> Forwarded:
         """`_forward` under an ASGI server without ON_DISCONNECT: a watcher task owned by
         this request (cancelled whatever happens) waits in receive() for the disconnect."""
         gone = asyncio.timeout(None)
@@ -294,7 +297,7 @@ class Gateway:
         except TimeoutError:
             if not gone.expired():
                 raise
-            return CLIENT_CLOSED  # the watcher's deadline: the client left
+            return CLIENT_CLOSED, None  # the watcher's deadline: the client left
 
     async def _forward(
         self,
@@ -304,7 +307,7 @@ class Gateway:
         body: bytes,
         instance: Instance,
         request_id: str,
-    ) -> int:
+    ) -> Forwarded:
         try:
             queued = time.perf_counter()
             await self.supervisor.acquire(instance)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import httpx
 
-from vllmd.alerts.signals import Observations
 from vllmd.engine.api import Upstream
 from vllmd.http.asgi import HTTPError, Send
 from vllmd.http.upstream import UpstreamResponse
@@ -55,23 +54,15 @@ RESPONSE_DROP = frozenset(
 )
 
 
+# The status to count and the time to first byte (None when no byte came from the engine).
+Forwarded = tuple[int, float | None]
+
+
 class Proxy:
     """Sends a request to an engine's `Upstream` and relays the answer to an ASGI `send`."""
 
-    def __init__(
-        self,
-        metrics: Metrics,
-        observations: Observations | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._observations = observations  # the alerts' time-to-first-byte windows
-        self._clock = clock
-
-    def _first_byte(self, model: str, seconds: float) -> None:
-        self.metrics.first_byte(model, seconds)
-        if self._observations is not None:
-            self._observations.first_byte(model, seconds, self._clock())
 
     async def forward(
         self,
@@ -83,9 +74,10 @@ class Proxy:
         *,
         request_id: str,
         model: str,
-    ) -> int:
+    ) -> Forwarded:
         """POST `body` to `route` on the engine and relay its answer; returns the status to
-        count. Raises `HTTPError` (502) when the engine fails before any header is sent."""
+        count and the time to first byte (None: no byte came). Raises `HTTPError` (502) when
+        the engine fails before any header is sent."""
         headers = [(k, v) for k, v in client_headers if k not in REQUEST_DROP]
         headers.append((b"x-request-id", request_id.encode()))
         sent = time.perf_counter()
@@ -104,10 +96,10 @@ class Proxy:
 
     async def relay(
         self, send: Send, response: UpstreamResponse, *, request_id: str, model: str, sent: float
-    ) -> int:
+    ) -> Forwarded:
         """Relay an engine's `response` (body not read yet) to `send`; `sent` is when the
-        request left, for the time to first byte. Returns the status to count: 502 when a
-        stream broke off, though the client was sent the engine's status."""
+        request left, for the time to first byte. Returns the status to count (502 when a
+        stream broke off, though the client was sent the engine's status) and that time."""
         headers = [(k, v) for k, v in response.headers if k.lower() not in RESPONSE_DROP]
         headers.append((b"x-request-id", request_id.encode()))
         streaming = response.content_type().startswith(b"text/event-stream")
@@ -120,21 +112,24 @@ class Proxy:
                     "engine_unavailable",
                     f"the engine of model {model} broke off its answer ({type(exc).__name__})",
                 ) from None
-            self._first_byte(model, time.perf_counter() - sent)
+            seconds = time.perf_counter() - sent
+            self.metrics.first_byte(model, seconds)
             headers.append((b"content-length", str(len(data)).encode()))
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
             await send({"type": "http.response.body", "body": data})
-            return response.status_code
+            return response.status_code, seconds
         status: int = response.status_code
         await send({"type": "http.response.start", "status": status, "headers": headers})
         first = True
+        ttfb: float | None = None
         last = b""
         try:
             async for chunk in response.aiter_raw():
                 if first:
-                    self._first_byte(model, time.perf_counter() - sent)
+                    ttfb = time.perf_counter() - sent
+                    self.metrics.first_byte(model, ttfb)
                     first = False
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 last = chunk
@@ -145,7 +140,7 @@ class Proxy:
             await send({"type": "http.response.body", "body": event, "more_body": True})
             status = 502  # what metrics and the log count: the engine failed this request
         await send({"type": "http.response.body", "body": b""})
-        return status
+        return status, ttfb
 
 
 def stream_error(last: bytes, model: str, exc: Exception) -> bytes:
