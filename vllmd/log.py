@@ -115,8 +115,9 @@ class RequestLog:
         if not self._checked:
             self._sink, self._checked = self._fast_sink(), True
         sink = self._sink
-        bound = self._bound_vars
-        if sink is None or ((bound is None or bound) and structlog.contextvars.get_contextvars()):
+        registry = self._bound_vars
+        maybe_bound = registry is None or bool(registry)
+        if sink is None or (maybe_bound and structlog.contextvars.get_contextvars()):
             self._logger.info(
                 "request",
                 request_id=request_id,

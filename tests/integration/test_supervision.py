@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from functools import partial
 from pathlib import Path
 
@@ -259,6 +261,44 @@ async def test_client_disconnect_cancels_the_upstream_stream(tmp_path: Path) -> 
                 break
         await eventually(lambda: "cancelled gone" in _lines(events))
         await eventually(lambda: run.supervisor.instances["m"].in_flight == 0)
+
+
+async def test_clients_gone_as_their_requests_arrive_are_counted_and_never_wait(
+    tmp_path: Path,
+) -> None:
+    """Regression: the disconnect callback, called at once for a client gone already, used
+    to cancel the request's task where no await of the request took it. Each of these
+    clients sends a whole request and closes: it is never forwarded, or forwarded and
+    cancelled; every one counts as 499 and the daemon serves the next client."""
+    events = tmp_path / "events"
+    env = {"FAKE_EVENTS_FILE": str(events), "FAKE_TOKEN_DELAY": "1"}
+    config = fake_config(tmp_path, {"m": {"env": env}})
+    async with running(config) as run, client(run) as http:
+        assert (await http.post("/v1/completions", json={"model": "m", "prompt": "x"})).is_success
+        host, port = run.gateway_url.removeprefix("http://").rsplit(":", 1)
+        body = json.dumps(chat("m", max_tokens=100)).encode()
+        for i in range(20):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                    b"content-type: application/json\r\nx-request-id: gone%d\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (i, len(body), body)
+                )
+                sock.shutdown(socket.SHUT_WR)
+        labels = {"model": "m", "endpoint": "/v1/chat/completions", "code": "499"}
+        sample = run.metrics.registry.get_sample_value
+        await eventually(lambda: sample("vllmd_requests_total", labels) == 20)
+        await eventually(lambda: run.supervisor.instances["m"].in_flight == 0)
+
+        def cancelled() -> set[str]:
+            return {x.split()[-1] for x in _lines(events) if x.startswith("cancelled")}
+
+        forwarded = {
+            x.split()[-1] for x in _lines(events) if x.startswith("request") and "gone" in x
+        }
+        await eventually(lambda: forwarded <= cancelled())  # the engine saw each client leave
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 200
 
 
 async def test_full_queue_is_503_queue_full(tmp_path: Path) -> None:

@@ -82,3 +82,11 @@ async def test_a_shutdown_cancel_beside_the_leave_is_not_swallowed() -> None:
         await asyncio.sleep(10)
     assert not left.uncancel()  # the other cancellation stands
     assert task.uncancel() == 0  # (taken back here, so the test itself ends normally)
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_a_400_not_a_crash() -> None:
+    """Regression: RecursionError escaped as a 500 with a traceback in the log."""
+    body = b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(HTTPError) as caught:
+        json_object(body)
+    assert caught.value.status == 400

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible gateway: a plain ASGI app served by uvicorn.
+"""The OpenAI-compatible gateway: a plain ASGI app, served by vllmd.http.server.
 
 It only asks and forwards: the model named by the request is resolved, a ready instance is
 leased from the supervisor (which starts it if needed), and `vllmd.http.proxy` moves the
@@ -118,7 +118,9 @@ class Gateway:
                 # vllmd.routes for why a path near one (`..`, `%2F`, `//`) matches nothing.
                 hit = match_route(path, scope.get("raw_path"))
                 if hit is not None:
-                    if self._keys or self._ctx.config is not self._config:
+                    if self._ctx.config is not self._config:
+                        self._settings()  # keys and limits read once per config
+                    if self._keys:
                         self._authorize(scope)
                     await self._proxy(scope, receive, send, hit[0], hit[1])
                     return
@@ -219,7 +221,7 @@ class Gateway:
             # ASGI server a watcher task waits in receive(). An anyio task group per request,
             # then an anyio cancel scope, then an asyncio.timeout each cost more than the
             # rest of the gateway's own work.
-            status = CLIENT_CLOSED
+            status = CLIENT_CLOSED  # counted when the request is cancelled or never sent
             watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
             if watch is None:
                 status, ttfb = await self._forward_watched(
@@ -229,7 +231,7 @@ class Gateway:
                 left = CancelOnLeave()
                 watch(left)  # calls back at once if the client has left already
                 try:
-                    if not left.fired:
+                    if not left.fired:  # (else it left already: nothing is forwarded)
                         left.arm()
                         status, ttfb = await self._forward(
                             scope, send, route, body, instance, request_id
@@ -386,14 +388,14 @@ def json_object(body: bytes) -> dict[str, Any]:
         try:
             text = body.decode()
             value, end = _scan_json(text, 0)
-        except (ValueError, StopIteration):
+        except (ValueError, StopIteration, RecursionError):
             pass
         else:
             if end == len(text):
                 return value  # type: ignore[no-any-return]  # an object: it began with {
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested deeper than the parser goes)
         raise HTTPError(400, "invalid_request", "the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise HTTPError(400, "invalid_request", "the request body must be a JSON object")

@@ -116,18 +116,14 @@ class Connection(asyncio.Protocol):
         if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        if self._waiter is not None:  # (most bodies arrive before anyone waits for them)
-            _wake(self._waiter)
+        _wake(self._waiter)
 
     def on_message_complete(self) -> None:
         if not self.expecting or 100 <= self.status < 200:
             return
         self.expecting = False
         self.complete = True
-        if self._waiter is not None:
-            _wake(self._waiter)
-        else:
-            _wake(self._head)
+        _wake(self._waiter)  # (the head was woken when it was complete)
 
     # --- used by Pool and Response ----------------------------------------------------------
 
