@@ -57,7 +57,7 @@ async def test_a_client_gone_before_the_request_waits_cancels_nothing() -> None:
 
 async def test_a_client_leaving_cancels_the_wait_and_only_that() -> None:
     left = CancelOnLeave()
-    left.arm()
+    left.arm(asyncio.get_running_loop())
     asyncio.get_running_loop().call_soon(left)  # from the loop, as the server calls back
     with pytest.raises(asyncio.CancelledError):
         await asyncio.sleep(10)
@@ -69,7 +69,7 @@ async def test_a_client_leaving_cancels_the_wait_and_only_that() -> None:
 
 async def test_a_shutdown_cancel_beside_the_leave_is_not_swallowed() -> None:
     left = CancelOnLeave()
-    left.arm()
+    left.arm(asyncio.get_running_loop())
     task = asyncio.current_task()
     assert task is not None
 

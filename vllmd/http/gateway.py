@@ -90,9 +90,13 @@ class Gateway:
         self._max_body = 0
         self._settings()
         self.accepting = False  # from open() (the daemon serves) until close() (shutdown)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> None:
         self.accepting = True
+        # The loop, once: asyncio.get_running_loop() (and current_task() without a loop) is
+        # a getpid() system call per call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
 
     def close(self) -> None:
         self.accepting = False
@@ -232,7 +236,7 @@ class Gateway:
                 watch(left)  # calls back at once if the client has left already
                 try:
                     if not left.fired:  # (else it left already: nothing is forwarded)
-                        left.arm()
+                        left.arm(self._loop or asyncio.get_running_loop())
                         status, ttfb = await self._forward(
                             scope, send, route, body, instance, request_id
                         )
@@ -350,8 +354,8 @@ class CancelOnLeave:
         self.fired = False
         self._cancelling = 0
 
-    def arm(self) -> None:
-        self.task = asyncio.current_task()
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.task = asyncio.current_task(loop)
         if self.task is not None:
             self._cancelling = self.task.cancelling()
 

@@ -74,7 +74,7 @@ class Server:
         part takes it along first: one callback per pass for every answer begun in it (a
         plain answer's body follows at once, and its head never waits)."""
         if not self._heads:
-            asyncio.get_running_loop().call_soon(self._flush_heads)
+            exchange.conn.loop.call_soon(self._flush_heads)
         self._heads.append(exchange)
 
     def _flush_heads(self) -> None:

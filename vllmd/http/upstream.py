@@ -193,6 +193,11 @@ class Connection(asyncio.Protocol):
     def mark_idle(self) -> None:
         self.idle_since = self._loop.time()
 
+    def idle_for(self) -> float:
+        # The connection's loop, not asyncio.get_running_loop(): on Python 3.11 that is a
+        # getpid() system call each time.
+        return self._loop.time() - self.idle_since
+
     def raced(self) -> bool:
         """Whether the current request's connection was lost right as it went out."""
         return self._loop.time() - self.sent_at < RETRY_WINDOW
@@ -338,10 +343,9 @@ class Pool:
         if self._closed:
             raise httpx.ConnectError("the engine's connections are closed")
         data = self.encode(route, body, headers)
-        now = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
-            if conn.closed or now - conn.idle_since > KEEP_IDLE:
+            if conn.closed or conn.idle_for() > KEEP_IDLE:
                 conn.abort()  # the engine is about to close it, if it has not
                 continue
             try:
