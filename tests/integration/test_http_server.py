@@ -523,3 +523,23 @@ async def test_a_broken_body_of_the_request_in_hand_is_a_400_and_frees_the_conne
         assert not server.tasks
     assert bad.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert fine.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_a_keep_alive_connection_has_one_worker_that_ends_with_it() -> None:
+    """The app runs for a connection's requests in one task: it serves each request in turn,
+    outlives none of them by more than the connection, and a closed connection leaves no
+    task for shutdown to wait for."""
+    async with serving(App(), graceful=5.0) as (port, server):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            for i in range(5):
+                await stream.send(b"GET /r%d HTTP/1.1\r\nHost: h\r\n\r\n" % i)
+                answer = b""
+                while not answer.endswith(b"GET /r%d  " % i):
+                    answer += await stream.receive()
+                assert len(server.tasks) == 1
+        with anyio.fail_after(2):
+            while server.tasks or server.connections:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        began = time.monotonic()
+    assert time.monotonic() - began < 1.0  # shutdown waited for nothing

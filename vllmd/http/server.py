@@ -61,7 +61,7 @@ class Server:
         self.send_timeout = send_timeout
         self.connections: set[Connection] = set()
         self.served = 0  # connections not refused
-        self.tasks: set[asyncio.Task[None]] = set()  # the apps' tasks, until each ends
+        self.tasks: set[asyncio.Task[None]] = set()  # connections' app workers, until each ends
         self.date = b""  # the `date` header line, renewed every second by the sweeper
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
