@@ -49,7 +49,7 @@ _JSON_CHAIN: tuple[type, ...] = (
 
 
 _LINE = (
-    '{"request_id": %s, "model": %s, "route": "%s", "status": %d, "seconds": %s, '
+    '{"request_id": %s, %s%d, "seconds": %s, '
     '"event": "request", "level": "info", "timestamp": "%s.%06dZ"}'
 )
 
@@ -80,6 +80,7 @@ class RequestLog:
         self._second = -1
         self._stamp = ""
         self._lines: list[str] = []
+        self._middles: dict[tuple[str, str], str] = {}
         self._timer: asyncio.TimerHandle | None = None
         # structlog's registry of the context variables ever bound: while it is empty, no
         # context can be bound, and looking (a walk over every variable of the request's
@@ -133,12 +134,16 @@ class RequestLog:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         # %-formatting: f-strings with format specs and repr(round(x, 4)) were most of it.
+        # Models and routes are a closed set: the text between the id and the status, once.
+        middle = self._middles.get((model, route))
+        if middle is None:
+            middle = f'"model": {encode_basestring_ascii(model)}, "route": "{route}", "status": '
+            self._middles[(model, route)] = middle
         self._lines.append(
             _LINE
             % (
                 encode_basestring_ascii(request_id),
-                encode_basestring_ascii(model),
-                route,
+                middle,
                 status,
                 rounded(seconds),
                 self._stamp,
