@@ -9,7 +9,7 @@ import json
 import pytest
 
 from vllmd.http.asgi import HTTPError
-from vllmd.http.gateway import CancelOnLeave, json_object
+from vllmd.http.intake import CancelOnLeave, RequestIds, json_object
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +90,11 @@ def test_json_nested_deeper_than_the_parser_goes_is_a_400_not_a_crash() -> None:
     with pytest.raises(HTTPError) as caught:
         json_object(body)
     assert caught.value.status == 400
+
+
+def test_request_ids_are_unique_32_hex_digits_across_blocks() -> None:
+    ids = RequestIds()
+    made = [ids.next() for _ in range(1000)]  # several blocks of 256
+    assert len(set(made)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+    assert made[255][:30] != made[256][:30]  # the next block's counter

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
-import secrets
 import time
-from collections.abc import Callable
-from typing import Any
 
 import structlog
 
@@ -35,6 +31,13 @@ from vllmd.http.asgi import (
     send_json,
 )
 from vllmd.http.exchange import NO_EXTENSIONS, ON_DISCONNECT
+from vllmd.http.intake import (
+    CancelOnLeave,
+    RequestIds,
+    body_model,
+    json_object,
+    request_headers,
+)
 from vllmd.http.proxy import Forwarded, Proxy
 from vllmd.http.routes import OTHER
 from vllmd.http.routes import match as match_route
@@ -51,18 +54,6 @@ CLIENT_CLOSED = 499
 
 # `vllmd_requests_rejected_total{reason}` takes only DESIGN's values.
 REJECT_REASONS = frozenset({"queue_full", "queue_timeout", "model_failed", "insufficient_memory"})
-
-
-class RequestIds:
-    """X-Request-Id for requests that bring none: 32 hex digits like a uuid4's, a random
-    prefix per gateway and a counter (os.urandom per request was a syscall each)."""
-
-    def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._count = itertools.count(secrets.randbelow(1 << 32))
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class ClientGone(Exception):
@@ -194,7 +185,7 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, route: str, path_model: str | None
     ) -> None:
         started = time.perf_counter()
-        request_id, length = _request_headers(scope["headers"])
+        request_id, length = request_headers(scope["headers"])
         if request_id is None:
             request_id = self._ids.next()
         model_label = ""
@@ -203,7 +194,7 @@ class Gateway:
         try:
             body = await self._read_body(receive, length)
             payload = json_object(body)
-            name = path_model if path_model is not None else _body_model(payload)
+            name = path_model if path_model is not None else body_model(payload)
             try:
                 instance = self.supervisor.get(name)
             except ModelNotFound as exc:
@@ -338,87 +329,9 @@ class Gateway:
             raise http_error(exc) from None
 
 
-class CancelOnLeave:
-    """ON_DISCONNECT's callback for one request: the client left, so the request's task is
-    cancelled (as asyncio.timeout does, without its timer and bookkeeping).
-
-    Armed only once the request is about to wait: a call before (the client had left when
-    the callback was registered) only marks it, since a cancellation that no await inside
-    the request takes would hit the task later. Once armed, every call comes from the loop
-    while the task waits inside the request, where the cancellation lands."""
-
-    __slots__ = ("_cancelling", "fired", "task")
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[Any] | None = None
-        self.fired = False
-        self._cancelling = 0
-
-    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.task = asyncio.current_task(loop)
-        if self.task is not None:
-            self._cancelling = self.task.cancelling()
-
-    def __call__(self) -> None:
-        if not self.fired:
-            self.fired = True
-            if self.task is not None:
-                self.task.cancel()
-
-    def uncancel(self) -> bool:
-        """After a CancelledError: True when it was this callback's doing alone (the
-        cancellation is then taken back), False when the task was cancelled otherwise."""
-        if not self.fired or self.task is None:
-            return False
-        return self.task.uncancel() <= self._cancelling
-
-
 async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             deadline.reschedule(-1.0)  # in the past: the request is cancelled at once
             return
-
-
-# json's own scanner (C), which json.loads reaches through four Python calls.
-_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
-def json_object(body: bytes) -> dict[str, Any]:
-    if body[:1] == b"{" and body[-1:] == b"}":
-        # What clients send: a UTF-8 object, nothing around it. Scanned whole, it is what
-        # json.loads would return; anything else (a BOM, UTF-16, an error) goes to it.
-        try:
-            text = body.decode()
-            value, end = _scan_json(text, 0)
-        except (ValueError, StopIteration, RecursionError):
-            pass
-        else:
-            if end == len(text):
-                return value  # type: ignore[no-any-return]  # an object: it began with {
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # (nested deeper than the parser goes)
-        raise HTTPError(400, "invalid_request", "the request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
-    return payload
-
-
-def _body_model(payload: dict[str, Any]) -> str:
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise HTTPError(400, "invalid_request", "the request body has no `model`")
-    return model
-
-
-def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bytes | None]:
-    """The client's X-Request-Id and Content-Length, in one pass over its headers."""
-    request_id = length = None
-    for key, value in headers:
-        if key == b"x-request-id" and request_id is None:
-            request_id = value.decode("latin-1")
-        elif key == b"content-length" and length is None:
-            length = value
-    return request_id, length
