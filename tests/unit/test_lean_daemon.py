@@ -73,6 +73,8 @@ anyio.run(main, backend_options={"use_uvloop": True})
 # Each was imported (or, for httpcore, an SSL context built) before READY at ~5-70 ms each.
 NOT_BEFORE_READY = {
     "httpcore": "an httpx client: the alert notifier's is made at its first post",
+    "httpx": "engines' and Alertmanager's client: at the first spawn or alert (the proxy's "
+    "upstream pool has errors of its own)",
     "psutil": "process trees and RSS: only once an engine runs",
     "h11": "the control API's protocol: at its first connection",
     "vllmd.http.unix_conn": "the control API's protocol: at its first connection",

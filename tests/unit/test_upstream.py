@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
-from vllmd.http.upstream import Pool
+from vllmd.http.upstream import ConnectError, Pool, ReadError
 
 pytestmark = pytest.mark.anyio
 
@@ -156,7 +155,7 @@ async def test_an_answer_broken_off_is_a_read_error(tmp_path: Path) -> None:
 
     async with engine(tmp_path, broken) as (_fake, pool):
         response = await pool.post("/v1/completions", b"{}", [])
-        with pytest.raises(httpx.ReadError):
+        with pytest.raises(ReadError):
             await response.aread()
         await response.aclose()
 
@@ -188,14 +187,14 @@ async def test_a_reused_connection_closed_as_the_request_left_is_retried_once(
 
 async def test_no_engine_is_a_connect_error(tmp_path: Path) -> None:
     pool = Pool(uds=tmp_path / "missing.sock", connect_timeout=1.0)
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(ConnectError):
         await pool.post("/v1/completions", b"{}", [])
 
 
 async def test_a_closed_pool_refuses_requests(tmp_path: Path) -> None:
     async with engine(tmp_path, ok) as (_fake, pool):
         pool.close()
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(ConnectError):
             await pool.post("/v1/completions", b"{}", [])
 
 
@@ -218,7 +217,7 @@ async def test_a_request_the_engine_worked_on_before_dropping_it_is_not_sent_twi
         response = await pool.post("/v1/completions", b"{}", [])
         await response.aread()
         await response.aclose()
-        with pytest.raises(httpx.ReadError):
+        with pytest.raises(ReadError):
             await pool.post("/v1/completions", b"{}", [])
     assert len(fake.requests) == 2
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from vllmd.alerts.rules import Alert, AlertState, this_host
 from vllmd.config.schema import Config
+
+if TYPE_CHECKING:
+    import httpx
 
 log = structlog.get_logger("vllmd.alerts")
 
@@ -127,6 +129,8 @@ class Notifier:
         # parsed) and httpcore's import were ~70 ms of the daemon's start-up, and most
         # daemons never send an alert. Sync, so receivers' tasks cannot make two.
         if self._client is None:
+            import httpx
+
             self._client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
         return self._client
 
@@ -251,6 +255,8 @@ class Notifier:
         return failed
 
     async def _send(self, receiver: _Receiver, url: str, body: object) -> bool:
+        import httpx  # at the first alert sent, not at the daemon's start
+
         try:
             response = await self._http().post(url, json=body)
             response.raise_for_status()
@@ -267,6 +273,8 @@ class Notifier:
 
 
 def _why(exc: httpx.HTTPError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code}"
     return type(exc).__name__

@@ -10,8 +10,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from vllmd.config.models import is_gpu_index
 from vllmd.config.reader import Table
 from vllmd.config.schema import AlertRule, AlertsConfig, DeviceConfig, ModelConfig
@@ -115,6 +113,8 @@ def _urls(table: Table, name: str) -> tuple[str, ...]:
 
 def _usable(url: str) -> bool:
     """Whether the HTTP client can send to `url` (a host it can encode, a port in range)."""
+    import httpx  # only for a config that names receivers: not at every start
+
     try:
         parsed = httpx.URL(url)
         return bool(parsed.host) and (parsed.port is None or 0 < parsed.port < 65536)

@@ -2,7 +2,8 @@
 
 One `httpx.AsyncClient` per running engine for vllmd's own calls and one keep-alive pool
 (vllmd.http.upstream) for the gateway's proxying, both made once when the engine is spawned
-(no per-request client or connection set-up).
+(no per-request client or connection set-up). httpx is imported then, not at the daemon's
+start (~20 ms of it, for a daemon that may serve no model for a while).
 """
 
 from __future__ import annotations
@@ -11,13 +12,23 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Protocol
 
 from vllmd.config import EngineConfig
 from vllmd.engine.argv import EngineAddress
-from vllmd.http.upstream import Pool, UpstreamResponse, content_type
+from vllmd.http.upstream import (
+    ConnectError,
+    ConnectTimeout,
+    Pool,
+    ReadError,
+    RemoteProtocolError,
+    UpstreamError,
+    UpstreamResponse,
+    content_type,
+)
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def make_client(
@@ -33,6 +44,8 @@ def make_client(
 
     `transport` replaces both (tests pass an `httpx.MockTransport`): the proxy's path then
     goes through it as well, so a test sees every request vllmd would send the engine."""
+    import httpx
+
     upstream: Upstream
     if transport is None:
         pool = Pool(
@@ -42,7 +55,7 @@ def make_client(
             connect_timeout=connect_timeout,
             auth=f"Bearer {address.api_key}".encode() if address.api_key else b"",
         )
-        transport = _ClosingTransport(
+        transport = _closing_transport(
             httpx.AsyncHTTPTransport(
                 uds=str(address.uds) if address.uds is not None else None,
                 limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=4),
@@ -73,19 +86,32 @@ class Upstream(Protocol):
         ...
 
 
-class _ClosingTransport(httpx.AsyncBaseTransport):
+def _closing_transport(inner: httpx.AsyncBaseTransport, pool: Pool) -> httpx.AsyncBaseTransport:
     """The client's transport, closing the proxy's pool with it (one owner, one close)."""
+    import httpx
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, pool: Pool) -> None:
-        self._inner = inner
-        self._pool = pool
+    class ClosingTransport(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return await inner.handle_async_request(request)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self._inner.handle_async_request(request)
+        async def aclose(self) -> None:
+            pool.close()
+            await inner.aclose()
 
-    async def aclose(self) -> None:
-        self._pool.close()
-        await self._inner.aclose()
+    return ClosingTransport()
+
+
+def upstream_error(exc: httpx.HTTPError) -> UpstreamError:
+    """httpx's error as the upstream pool's (the proxy knows those only)."""
+    import httpx
+
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ConnectTimeout(str(exc))
+    if isinstance(exc, httpx.ConnectError):
+        return ConnectError(str(exc))
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return RemoteProtocolError(str(exc))
+    return ReadError(str(exc))
 
 
 class TransportUpstream:
@@ -106,6 +132,8 @@ class TransportUpstream:
     async def post(
         self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> UpstreamResponse:
+        import httpx
+
         url = self._urls.get(route)
         if url is None:
             url = self._urls[route] = httpx.URL(self._base + route)
@@ -118,7 +146,10 @@ class TransportUpstream:
         request = httpx.Request(
             "POST", url, headers=headers, content=body, extensions={"timeout": self._timeout}
         )
-        return _HttpxResponse(await self._transport.handle_async_request(request))
+        try:
+            return _HttpxResponse(await self._transport.handle_async_request(request))
+        except httpx.HTTPError as exc:
+            raise upstream_error(exc) from exc
 
 
 class _HttpxResponse:
@@ -132,11 +163,22 @@ class _HttpxResponse:
     def content_type(self) -> bytes:
         return content_type(self.headers)
 
-    def aiter_raw(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_raw()
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        import httpx
+
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise upstream_error(exc) from exc
 
     async def aread(self) -> bytes:
-        return await self._response.aread()
+        import httpx
+
+        try:
+            return await self._response.aread()
+        except httpx.HTTPError as exc:
+            raise upstream_error(exc) from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -150,6 +192,8 @@ class EngineAPI:
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """True when GET /health answers 200; refused connections (still starting) are False."""
+        import httpx
+
         try:
             response = await self.client.get("/health", timeout=timeout)
         except httpx.HTTPError:
@@ -164,6 +208,8 @@ class EngineAPI:
             ("/v1/completions", {"model": served_name, "prompt": "hi", "max_tokens": 1}),
             ("/v1/embeddings", {"model": served_name, "input": "hi"}),
         )
+        import httpx
+
         for path, body in attempts:
             try:
                 response = await self.client.post(path, json=body, timeout=timeout)

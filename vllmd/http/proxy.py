@@ -15,11 +15,9 @@ import json
 import time
 from collections.abc import Iterable
 
-import httpx
-
 from vllmd.engine.api import Upstream
 from vllmd.http.asgi import HTTPError, Send
-from vllmd.http.upstream import UpstreamResponse
+from vllmd.http.upstream import UpstreamError, UpstreamResponse
 from vllmd.metrics import Metrics
 
 # Hop-by-hop headers, and those the proxy sets itself: the client's Authorization carries the
@@ -83,7 +81,7 @@ class Proxy:
         sent = time.perf_counter()
         try:
             response = await upstream.post(route, body, headers)
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             raise HTTPError(
                 502,
                 "engine_unavailable",
@@ -106,7 +104,7 @@ class Proxy:
         if not streaming:
             try:
                 data = await response.aread()
-            except httpx.HTTPError as exc:  # nothing sent yet: still a proper error answer
+            except UpstreamError as exc:  # nothing sent yet: still a proper error answer
                 raise HTTPError(
                     502,
                     "engine_unavailable",
@@ -133,7 +131,7 @@ class Proxy:
                     first = False
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 last = chunk
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # Headers are gone already: the error travels as one last SSE event, after the
             # end of any event the engine left half-sent (else the two would merge).
             event = stream_error(last, model, exc)

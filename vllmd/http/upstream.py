@@ -9,8 +9,10 @@ hooks) the proxy does not use; a protocol of ~200 lines sends a request in one w
 hands body chunks over as they arrive. httpx stays vllmd's client for everything else
 (health, warm-up, sleep, metrics) and the tests' seam (`make_client(transport=...)`).
 
-Errors are httpx's own exception types (`ConnectError`, `ConnectTimeout`, `ReadError`,
-`RemoteProtocolError`), so the proxy has one error vocabulary for either client.
+Errors are `UpstreamError`s named as httpx names them (`ConnectError`, `ConnectTimeout`,
+`ReadError`, `RemoteProtocolError`); the tests' httpx path translates its errors into them,
+so the proxy has one error vocabulary for either client, and the daemon does not import
+httpx until it talks to an engine or an Alertmanager (~20 ms of every start).
 
 Idle connections are kept LIFO (the warmest first); one the engine closed is known at once
 (`connection_lost`) and never reused, nor one idle longer than KEEP_IDLE (the engine's uvicorn
@@ -32,7 +34,27 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import httptools
-import httpx
+
+
+class UpstreamError(Exception):
+    """The engine could not be reached, or broke off or garbled its answer."""
+
+
+class ConnectError(UpstreamError):
+    """No connection to the engine."""
+
+
+class ConnectTimeout(ConnectError):
+    """No connection to the engine in time."""
+
+
+class ReadError(UpstreamError):
+    """The connection failed or closed before the answer ended."""
+
+
+class RemoteProtocolError(UpstreamError):
+    """The engine's answer is not HTTP/1.1 as the proxy speaks it."""
+
 
 HIGH_WATER = 256 * 1024
 KEEP_IDLE = 4.0  # seconds a connection may sit idle and still be used (uvicorn's is 5)
@@ -77,16 +99,16 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(httpx.RemoteProtocolError("the engine upgraded the connection"))
+            self._fail(RemoteProtocolError("the engine upgraded the connection"))
         except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"bad answer from the engine: {exc}"))
+            self._fail(RemoteProtocolError(f"bad answer from the engine: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
         if not self.complete:
             what = "closed the connection" if exc is None else f"failed ({exc})"
-            self._fail(httpx.ReadError(f"the engine {what} before the answer ended"))
+            self._fail(ReadError(f"the engine {what} before the answer ended"))
 
     def pause_writing(self) -> None:  # the request is written at once; nothing to pause
         pass
@@ -143,7 +165,7 @@ class Connection(asyncio.Protocol):
         """Send one whole request and wait for the head of its answer."""
         assert self._transport is not None
         if self.closed or self.error is not None:
-            raise self.error or httpx.ReadError("the engine closed the connection")
+            raise self.error or ReadError("the engine closed the connection")
         self.received = self.complete = False
         self.status, self.headers, self._chunks = 0, [], deque()
         self.expecting = True
@@ -323,9 +345,9 @@ class Pool:
                         lambda: Connection(self), self._host, self._port
                     )
         except TimeoutError:
-            raise httpx.ConnectTimeout("no connection to the engine in time") from None
+            raise ConnectTimeout("no connection to the engine in time") from None
         except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
+            raise ConnectError(str(exc) or type(exc).__name__) from None
         return conn
 
     def encode(self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -341,7 +363,7 @@ class Pool:
     async def post(self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
         """Send a POST and return the answer with its body still to be read."""
         if self._closed:
-            raise httpx.ConnectError("the engine's connections are closed")
+            raise ConnectError("the engine's connections are closed")
         data = self.encode(route, body, headers)
         while self._idle:
             conn = self._idle.pop()
@@ -350,7 +372,7 @@ class Pool:
                 continue
             try:
                 await conn.request(data)
-            except httpx.TransportError:
+            except UpstreamError:
                 if conn.received or not conn.raced():
                     raise
                 continue  # closed by the engine as the request went out: try another

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-import httpx
 import structlog
 
 from vllmd.config import EngineConfig
@@ -333,6 +332,8 @@ class Session:
 
     async def sleep(self, level: int) -> str | None:
         """Put the engine to sleep, confirmed by /is_sleeping; the error, if it did not."""
+        import httpx  # (imported with the engine's client: here, a dictionary lookup)
+
         try:
             await self.api.sleep(level)
             if not await self.api.is_sleeping():
@@ -343,6 +344,8 @@ class Session:
 
     async def wake(self, level: int) -> str | None:
         """Wake the engine, confirmed by /is_sleeping; the error, if it did not wake."""
+        import httpx  # (imported with the engine's client: here, a dictionary lookup)
+
         try:
             await self.api.wake_up(level)
             if await self.api.is_sleeping():
