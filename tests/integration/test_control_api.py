@@ -409,29 +409,23 @@ async def test_metrics_on_the_control_socket(tmp_path: Path) -> None:
     assert "vllmd_model_state" in metrics.text
 
 
+def _one_rule(tmp_path: Path, rule: dict[str, Any]) -> Config:
+    """Model `a` and one alert rule (firing with no wait), evaluated every 100 ms."""
+    alerts = {
+        "interval": "100ms",
+        "alertmanager": [],
+        "rules": [{"for": "0s", "severity": "info", **rule}],
+    }
+    return fake_config(tmp_path, {"a": {}}, alerts=alerts)
+
+
 async def test_alerts_lists_the_active_alerts_and_status_counts_the_firing_ones(
     tmp_path: Path,
 ) -> None:
     """A rule that holds at once (queue depth >= 0 of every model, for 0s) fires at the first
     evaluation: `GET /v1/alerts` lists it per model, status counts it, /metrics shows it."""
-    config = fake_config(
-        tmp_path,
-        {"a": {}},
-        alerts={
-            "interval": "100ms",
-            "alertmanager": [],
-            "rules": [
-                {
-                    "name": "Always",
-                    "signal": "model_queue_depth",
-                    "op": ">=",
-                    "threshold": 0,
-                    "for": "0s",
-                    "severity": "info",
-                }
-            ],
-        },
-    )
+    rule = {"name": "Always", "signal": "model_queue_depth", "op": ">=", "threshold": 0}
+    config = _one_rule(tmp_path, rule)
     async with running(config) as run, control(run) as ctl:
         with anyio.fail_after(5):
             while not (await ctl.get("/v1/alerts")).json()["alerts"]:  # noqa: ASYNC110
@@ -448,25 +442,8 @@ async def test_alerts_lists_the_active_alerts_and_status_counts_the_firing_ones(
 async def test_the_gateways_time_to_first_byte_feeds_the_ttfb_alert(tmp_path: Path) -> None:
     """The proxy hands each request's time to first byte to the gateway, which counts it in
     the alerts' window with the request: a TTFB rule over 0 s fires after one request."""
-    config = fake_config(
-        tmp_path,
-        {"a": {}},
-        alerts={
-            "interval": "100ms",
-            "alertmanager": [],
-            "rules": [
-                {
-                    "name": "SlowFirstByte",
-                    "signal": "model_ttfb_p99_seconds",
-                    "op": ">",
-                    "threshold": 0,
-                    "for": "0s",
-                    "window": "1m",
-                    "severity": "info",
-                }
-            ],
-        },
-    )
+    rule = {"name": "SlowFirstByte", "signal": "model_ttfb_p99_seconds", "op": ">"}
+    config = _one_rule(tmp_path, {**rule, "threshold": 0, "window": "1m"})
     async with running(config) as run, control(run) as ctl, client(run) as http:
         await anyio.sleep(0.3)  # evaluations before any request: nothing to fire on
         assert not (await ctl.get("/v1/alerts")).json()["alerts"]
