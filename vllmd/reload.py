@@ -50,8 +50,10 @@ class Reloader:
             try:
                 new = await anyio.to_thread.run_sync(load_config, path)
                 # Here, not at start: most daemons never reload (~1 ms of dataclass set-up).
-                from vllmd.config.diff import plan_reload
-
+                try:
+                    from vllmd.config.diff import plan_reload
+                except ImportError as exc:  # (vllmd upgraded under the running daemon)
+                    raise ConfigError([f"cannot plan a reload: {exc}"]) from exc
                 plan = plan_reload(self._ctx.config, new)
                 if plan.refused:
                     raise ConfigError(list(plan.refused))

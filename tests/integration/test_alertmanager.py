@@ -218,3 +218,53 @@ async def test_a_reload_changes_the_rules_at_the_next_evaluation(tmp_path: Path)
             current[0] = replace(cfg, alerts=replace(cfg.alerts, rules=rules))
             await hook.next_matching("resolved")
             tg.cancel_scope.cancel()
+
+
+async def test_the_host_name_is_looked_up_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the reverse DNS lookup for the `host` label ran on the event loop at the
+    first alert (seconds where DNS is broken, every proxied request stalled meanwhile)."""
+    import socket
+    import time
+
+    from vllmd.alerts.rules import this_host
+
+    def slow_getfqdn(name: str = "") -> str:
+        time.sleep(0.5)  # a resolver that takes its time
+        return "slow.test"
+
+    monkeypatch.setattr(socket, "getfqdn", slow_getfqdn)
+    this_host.cache_clear()
+    cfg = config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    supervisor = FakeSupervisor(cfg)
+    supervisor.depth = 10  # the rule holds: the first evaluation makes an alert
+
+    def current() -> Config:
+        return cfg
+
+    signals = Signals(Observations(), statuses=supervisor.statuses, accounts=list, devices=dict)
+    notifier = Notifier(current, count=lambda r, result: None, backoff=(0.05, 0.2), timeout=1)
+    engine = AlertEngine(current, signals, notifier)
+    gaps: list[float] = []
+
+    async def pace() -> None:  # the loop's own pace while the name is looked up
+        last = time.monotonic()
+        while True:
+            await anyio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pace)
+            await anyio.sleep(0.05)
+            await tg.start(engine.run)
+            await anyio.sleep(1.0)
+            alerts = engine.alerts()
+            tg.cancel_scope.cancel()
+    finally:
+        this_host.cache_clear()
+    assert max(gaps) < 0.2, f"the loop stalled {max(gaps):.2f} s"
+    assert alerts and alerts[0].labels["host"] == "slow.test"

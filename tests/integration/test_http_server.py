@@ -66,6 +66,10 @@ class App:
             out = f"{scope['method']} {path} {scope['query_string'].decode()} ".encode() + body
             await send(_start([(b"content-length", str(len(out)).encode())]))
             await send({"type": "http.response.body", "body": out})
+            if path == "/after":  # work after the answer that ends in a cancelled future
+                future = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().call_later(0.2, future.cancel)
+                await future
         except asyncio.CancelledError:
             self.cancelled.append(path)
             raise
@@ -543,3 +547,21 @@ async def test_a_keep_alive_connection_has_one_worker_that_ends_with_it() -> Non
                 await anyio.sleep(0.01)
         began = time.monotonic()
     assert time.monotonic() - began < 1.0  # shutdown waited for nothing
+
+
+async def test_an_app_cancelled_after_its_answer_leaves_the_next_request_served() -> None:
+    """Regression: an app's own CancelledError after its answer was complete ended the
+    connection's worker with the next request begun and never run (the client hung)."""
+    async with serving(App()) as (port, _):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            await stream.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"GET /after  "):
+                answer += await stream.receive()
+            await stream.send(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")  # while /after runs
+            answer = b""
+            with anyio.fail_after(3):
+                while not answer.endswith(b"GET /next  "):
+                    answer += await stream.receive()
+    assert answer.startswith(b"HTTP/1.1 200")

@@ -48,3 +48,12 @@ def test_cpu_use_of_this_host_is_a_fraction() -> None:
     sum(range(100_000))
     value = use.read()
     assert value is not None and 0.0 <= value <= 1.0
+
+
+def test_host_memory_total_is_meminfos_even_where_it_is_virtualised(tmp_path: Path) -> None:
+    """Regression: sysconf's page count is the whole host's RAM inside a container whose
+    /proc/meminfo (lxcfs) shows the container's; psutil, and the budget, go by the file."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_bytes(b"MemTotal:        8388608 kB\nMemFree:         1024 kB\n")
+    assert host_memory_total(meminfo) == 8 * 2**30
+    assert host_memory_total(tmp_path / "missing") > 0  # sysconf's, when it cannot be read

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from vllmd.alerts.notify import Notifier, rfc3339
-from vllmd.alerts.rules import Alert, AlertState, Evaluator
+from vllmd.alerts.rules import Alert, AlertState, Evaluator, this_host
 from vllmd.alerts.signals import Signals
 from vllmd.config.schema import Config
 from vllmd.events import EventBus, Kind
@@ -53,6 +53,7 @@ class AlertEngine:
         self._clock = clock
         self._sleep = sleep
         self._evaluator = Evaluator(host)
+        self._host = host
         self._alerts: list[Alert] = []
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -60,6 +61,10 @@ class AlertEngine:
         async with anyio.create_task_group() as tg:
             await tg.start(self._notifier.run)
             task_status.started()
+            if self._host is None:
+                # The reverse DNS lookup this_host() caches, in a thread: seconds where DNS is
+                # broken, which must stall neither start-up nor the gateway's loop.
+                await anyio.to_thread.run_sync(this_host)
             while True:
                 try:
                     self.evaluate()

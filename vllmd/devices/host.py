@@ -11,10 +11,20 @@ import os
 from pathlib import Path
 
 _STAT = Path("/proc/stat")
+_MEMINFO = Path("/proc/meminfo")
 
 
-def host_memory_total() -> int:
-    """Bytes of RAM (MemTotal: the kernel's total RAM pages)."""
+def host_memory_total(meminfo: Path = _MEMINFO) -> int:
+    """Bytes of RAM: MemTotal from /proc/meminfo, as psutil reads it (in a container whose
+    /proc/meminfo is virtualised, as lxcfs does, that is the container's RAM, which
+    sysconf's page count is not); sysconf's count where the file cannot be read."""
+    try:
+        with meminfo.open("rb") as f:
+            for line in f:
+                if line.startswith(b"MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

@@ -240,6 +240,8 @@ class Connection(asyncio.Protocol):
                 exchange, self.next_up = self.next_up, None
         finally:
             self.worker = self.idle = None
+            if self.next_up is not None and not self.lost:
+                self.abort()  # (the server's shutdown) a request begun that no app will answer
 
     async def _run(self, exchange: Exchange) -> None:
         try:
@@ -247,7 +249,13 @@ class Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             if not exchange.done:
                 self.abort()
-            raise
+            worker = self.worker
+            if worker is None or worker.cancelling():
+                raise  # the worker itself is cancelled: the server's shutdown
+            # The app's own cancellation (a future it awaited was cancelled): this request
+            # ends with it, as its own task would have; the connection's next ones go on.
+            log.warning("app_cancelled", path=exchange.scope["path"])
+            return
         except Exception:
             log.exception("app_failed", path=exchange.scope["path"])
         if exchange.done:

@@ -191,9 +191,9 @@ class UnixServer:
             return
         # At the first connection, not at start: h11 and the protocol's code were ~10 ms of
         # the daemon's start-up, and the control API is often not called for hours.
-        from vllmd.http.unix_conn import ControlConnection
-
         try:
+            from vllmd.http.unix_conn import ControlConnection  # (its failure: one connection)
+
             async with stream:
                 await ControlConnection(
                     self._handler, self._refuse, self._max_request, self._request_timeout
