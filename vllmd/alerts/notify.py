@@ -98,7 +98,7 @@ class Notifier:
         self._transport = transport
         self._count = count
         self._sleep = sleep
-        self._host = host  # None: this_host(), looked up when an alert is first told
+        self._host = host  # None: this_host() (looked up by the alert engine, in a thread)
         self._timeout = timeout
         self._backoff = backoff
         self._receivers: dict[tuple[str, str], _Receiver] = {}
