@@ -61,7 +61,7 @@ $(VENV)/.dev-done: pyproject.toml
 	touch $@
 
 demo-models: dev
-	$(PY) -m vllmd.demo_models $(DEMO)/models
+	$(PY) -m tools.demo_models $(DEMO)/models
 
 run: dev demo-models
 	$(VENV)/bin/vllmd serve --config etc/demo.toml
@@ -75,8 +75,8 @@ test-fast: dev
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
 
 lint: dev
-	$(VENV)/bin/ruff check vllmd tests bench
-	$(VENV)/bin/ruff format --check vllmd tests bench
+	$(VENV)/bin/ruff check vllmd tests bench tools
+	$(VENV)/bin/ruff format --check vllmd tests bench tools
 	$(VENV)/bin/mypy
 	shellcheck contrib/gpu-smoke.sh contrib/bash-completion/vllmctl
 

@@ -4,7 +4,7 @@ with vllmd's own upstream pool, with none of vllmd's queues, leases, metrics, lo
 disconnect watching.
 
 Run: python bench/minimal_proxy.py PORT UPSTREAM_PORT [uvicorn|vllmd]
-(`vllmd`: the same app on vllmd's own HTTP server, `vllmd.http.server`, instead of uvicorn.)
+(`vllmd`: the same app on vllmd's own HTTP server, `vllmd.httpserver.server`, instead of uvicorn.)
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import uvicorn
 import uvloop
 
-from vllmd.http.server import Server
-from vllmd.http.upstream import Pool
+from vllmd.engine.upstream import Pool
+from vllmd.httpserver.server import Server
 
 DROP = {b"host", b"content-length", b"connection", b"transfer-encoding"}
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping
 
 from vllmd.config import Config
 from vllmd.devices import DeviceProbe
+from vllmd.engine.process import RuntimeOptions, Spawner
 from vllmd.events import EventBus
-from vllmd.instance.session import RuntimeOptions, Spawner
 from vllmd.overrides import Overrides
 
 

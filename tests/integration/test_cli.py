@@ -17,7 +17,7 @@ from tests.integration.harness import FAKE_ENGINE
 from vllmd.engine.process import group_alive
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLMD = [sys.executable, "-m", "vllmd.cli.vllmd"]
+VLLMD = [sys.executable, "-m", "vllmd.cli.entry"]
 
 
 def _write_config(tmp_path: Path, port: int, mode: str = "ok", stop_timeout: str = "3s") -> Path:
@@ -125,7 +125,7 @@ def test_busy_port_is_one_line_naming_the_address_and_exit_1(tmp_path: Path) -> 
 
 
 def test_a_control_socket_another_daemon_answers_on_is_exit_1_naming_it(tmp_path: Path) -> None:
-    """DESIGN: a stale socket file is replaced, a live one (another daemon) is an error."""
+    """docs/design.md: a stale socket file is replaced, a live one (another daemon) is an error."""
     port = _free_port()
     first, _ = _start(_write_config(tmp_path, port), port, tmp_path)
     try:

@@ -1,5 +1,5 @@
 """The control API on its Unix socket, against a running daemon with fake engines: every
-endpoint, the verbs' edge cases of DESIGN "Control API", its error codes, the socket itself
+endpoint, the verbs' edge cases of docs/design.md "Control API", its error codes, the socket itself
 (mode, stale and live files) and its limits."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 
 from tests.integration.harness import client, eventually, fake_config, running
 from vllmd.config import Config
+from vllmd.control.listener import bind_unix
 from vllmd.daemon import Running
 from vllmd.errors import ListenFailed
-from vllmd.http.unix import bind_unix
 from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
@@ -122,10 +122,10 @@ async def test_a_wait_past_its_timeout_is_504_with_the_state_so_far(tmp_path: Pa
 
 
 async def test_verbs_edge_cases(tmp_path: Path) -> None:
-    """DESIGN: sleep of a model that cannot sleep is invalid_state ("use unload"); unload of a
-    pinned model is invalid_state ("unpin first"); unpin of a config pin is invalid_state;
-    pin of a stopped model pins it without loading; wake and restart of a stopped model load
-    it; restart of a running one starts a new engine, counted as a manual restart."""
+    """docs/design.md: sleep of a model that cannot sleep is invalid_state ("use unload"); unload
+    of a pinned model is invalid_state ("unpin first"); unpin of a config pin is invalid_state; pin
+    of a stopped model pins it without loading; wake and restart of a stopped model load it;
+    restart of a running one starts a new engine, counted as a manual restart."""
     async with running(_config(tmp_path)) as run, control(run) as ctl:
         sleep_cpu = await ctl.post("/v1/models/a/sleep")
         unload_pinned = await ctl.post("/v1/models/b/unload")

@@ -1,5 +1,5 @@
 """Why an engine died, as the daemon tells it: `oom` only where the kernel's OOM record names
-one of the engine's processes, else `crash` (DESIGN "Supervision")."""
+one of the engine's processes, else `crash` (docs/design.md "Supervision")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tests.integration.test_cli import _free_port
 from vllmd.engine.process import group_alive
 from vllmd.store import StateStore
 
-VLLMD = [sys.executable, "-m", "vllmd.cli.vllmd"]
+VLLMD = [sys.executable, "-m", "vllmd.cli.entry"]
 VLLMCTL = [sys.executable, "-m", "vllmd.cli.vllmctl"]
 
 

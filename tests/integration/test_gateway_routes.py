@@ -321,7 +321,7 @@ async def test_request_metrics_are_labelled_by_route_template_and_other(tmp_path
 
 
 async def test_model_failed_is_503_with_retry_after_60(tmp_path: Path) -> None:
-    """Regression: `model_failed` carried no Retry-After; DESIGN wants it on every 503."""
+    """Regression: `model_failed` carried no Retry-After; docs/design.md wants it on every 503."""
     env = {"FAKE_MODE": "crash_at_start", "FAKE_STARTUP_DELAY": "0"}
     config = fake_config(tmp_path, {"m": {"env": env, "max_restarts": 1}})
     async with running(config) as run, client(run) as http:

@@ -16,10 +16,10 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from vllmd.http.asgi import Message, Receive, Scope, Send
-from vllmd.http.connection import Connection
-from vllmd.http.exchange import ON_DISCONNECT
-from vllmd.http.server import Server
+from vllmd.httpserver.asgi import Message, Receive, Scope, Send
+from vllmd.httpserver.connection import Connection
+from vllmd.httpserver.exchange import ON_DISCONNECT
+from vllmd.httpserver.server import Server
 
 pytestmark = pytest.mark.anyio
 

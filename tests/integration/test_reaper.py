@@ -1,4 +1,4 @@
-"""The daemon reaps its dead engine processes, and nothing else (DESIGN "Supervision").
+"""The daemon reaps its dead engine processes, and nothing else (docs/design.md "Supervision").
 
 The daemon runs inside the test process here, so the test process is the child subreaper:
 engine orphans re-parent to it, and so would a greedy reaper take the tests' own children.

@@ -16,8 +16,8 @@ import anyio
 import httpx
 import pytest
 
-from vllmd.http.control import refusal
-from vllmd.http.unix import Reply, Request, Streamed, UnixServer, bind_unix
+from vllmd.control.api import refusal
+from vllmd.control.listener import Reply, Request, Streamed, UnixServer, bind_unix
 
 pytestmark = pytest.mark.anyio
 

@@ -1,5 +1,5 @@
 """Reload planned as a pure function: which keys restart an engine, which apply live, which
-are refused, and what is added or removed (DESIGN "Reload")."""
+are refused, and what is added or removed (docs/design.md "Reload")."""
 
 from __future__ import annotations
 

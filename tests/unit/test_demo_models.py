@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from vllmd import demo_models
+from tools import demo_models
 
 TINY_FILES = {
     "config.json",

@@ -13,8 +13,8 @@ from vllmd.engine.argv import (
     build_launch,
     clean_environ,
 )
-from vllmd.engine.weights import weights_bytes
 from vllmd.errors import ConfigError
+from vllmd.weights import weights_bytes
 
 GiB = 2**30
 

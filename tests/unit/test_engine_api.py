@@ -12,6 +12,7 @@ import pytest
 
 from vllmd.engine.api import EngineAPI, make_client
 from vllmd.engine.argv import EngineAddress
+from vllmd.errors import EngineUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -85,10 +86,24 @@ async def test_sleep_posts_the_level_as_a_query(level: int) -> None:
     assert sent(seen) == [("POST", "/sleep", f"level={level}")]
 
 
-async def test_sleep_refused_by_the_engine_raises() -> None:
+async def test_sleep_refused_by_the_engine_raises_engine_unavailable() -> None:
+    """httpx's errors stop here: the instance sees vllmd's own, refused or not."""
     async with engine(answer(500)) as (api, _):
-        with pytest.raises(httpx.HTTPStatusError):
+        with pytest.raises(EngineUnavailable, match="500") as caught:
             await api.sleep(1)
+    assert caught.value.refused is True
+    assert isinstance(caught.value.__cause__, httpx.HTTPStatusError)
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ReadTimeout])
+async def test_an_unreachable_engine_raises_engine_unavailable(
+    error: type[httpx.TransportError],
+) -> None:
+    async with engine(raising(error)) as (api, _):
+        for call in (api.sleep(1), api.is_sleeping(), api.wake_up(1), api.metrics()):
+            with pytest.raises(EngineUnavailable, match="engine unreachable") as caught:
+                await call
+            assert caught.value.refused is False
 
 
 @pytest.mark.parametrize("asleep", [True, False])
@@ -101,7 +116,13 @@ async def test_is_sleeping_reads_the_engine_answer(asleep: bool) -> None:
 @pytest.mark.parametrize("payload", [{"is_sleeping": "yes"}, {}, [True]])
 async def test_is_sleeping_rejects_a_malformed_answer(payload: object) -> None:
     async with engine(answer(200, payload)) as (api, _):
-        with pytest.raises(ValueError, match="is_sleeping"):
+        with pytest.raises(EngineUnavailable, match="is_sleeping"):
+            await api.is_sleeping()
+
+
+async def test_is_sleeping_rejects_an_answer_that_is_not_json() -> None:
+    async with engine(lambda request: httpx.Response(200, text="<html>")) as (api, _):
+        with pytest.raises(EngineUnavailable, match="is_sleeping"):
             await api.is_sleeping()
 
 
@@ -127,7 +148,7 @@ async def test_wake_up_level_2_reloads_weights_before_the_kv_cache() -> None:
 
 async def test_wake_up_stops_at_the_first_refused_step() -> None:
     async with engine(answer(500)) as (api, seen):
-        with pytest.raises(httpx.HTTPStatusError):
+        with pytest.raises(EngineUnavailable):
             await api.wake_up(2)
     assert sent(seen) == [("POST", "/wake_up", "tags=weights")]
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from vllmd.http.asgi import HTTPError
-from vllmd.http.intake import CancelOnLeave, RequestIds, json_object
+from vllmd.gateway.intake import CancelOnLeave, RequestIds, json_object
+from vllmd.httpserver.asgi import HTTPError
 
 pytestmark = pytest.mark.anyio
 

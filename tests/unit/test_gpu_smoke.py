@@ -53,7 +53,7 @@ def test_dry_run_prints_the_plan_and_a_config_that_passes_check_config(tmp_path:
         assert expectation in done.stdout
     path = config_of(done.stdout, tmp_path)
     check = subprocess.run(
-        [sys.executable, "-m", "vllmd.cli.vllmd", "check-config", str(path)],
+        [sys.executable, "-m", "vllmd.cli.entry", "check-config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

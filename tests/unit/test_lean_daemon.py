@@ -13,6 +13,8 @@ from pathlib import Path
 
 PROBE = """
 import sys
+import vllmd.cli.entry
+vllmd.cli.entry.prepare()  # as the console script does, before the daemon's imports
 import vllmd.cli.vllmd
 from vllmd.log import configure
 import structlog
@@ -39,6 +41,32 @@ def test_the_daemon_imports_no_optional_extras_and_no_engine_stack() -> None:
     assert out.strip() == "LOADED"
 
 
+def test_importing_the_daemons_command_line_changes_nothing() -> None:
+    """vllmd.cli.vllmd has no import-time side effects: the collector stays on and the
+    extras importable; only the console script's entry module (vllmd.cli.entry) changes
+    them, before the daemon's modules are imported."""
+    kept_out = "sorted(m for m in ('rich', 'click', 'pygments') if sys.modules.get(m, 1) is None)"
+    plain = f"import gc, sys\nimport vllmd.cli.vllmd\nprint(gc.isenabled(), {kept_out})\n"
+    entry = (
+        "import gc, sys\nimport vllmd.cli.entry\nvllmd.cli.entry.prepare()\n"
+        f"import vllmd.cli.vllmd\nprint(gc.isenabled(), {kept_out})\n"
+    )
+    answers = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.strip()
+        for code in (plain, entry)
+    ]
+    assert answers == ["True []", "False ['click', 'pygments', 'rich']"]
+
+
+def test_the_console_script_is_the_entry_module() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["vllmd"] == "vllmd.cli.entry:vllmd"
+
+
 def test_tracebacks_are_still_logged_without_rich() -> None:
     _, console = _probe("console")
     assert "failed" in console and "ValueError: probe" in console
@@ -50,7 +78,9 @@ def test_tracebacks_are_still_logged_without_rich() -> None:
 
 READY_PROBE = """
 import sys
-import vllmd.cli.vllmd  # the daemon's own module-level set-up
+import vllmd.cli.entry
+vllmd.cli.entry.prepare()  # as the console script does, before the daemon's imports
+import vllmd.cli.vllmd
 import anyio
 from pathlib import Path
 from vllmd.config import load_config
@@ -77,7 +107,7 @@ NOT_BEFORE_READY = {
     "upstream pool has errors of its own)",
     "psutil": "process trees and RSS: only once an engine runs",
     "h11": "the control API's protocol: at its first connection",
-    "vllmd.http.unix_conn": "the control API's protocol: at its first connection",
+    "vllmd.control.connection": "the control API's protocol: at its first connection",
     "vllmd.config.diff": "a reload's plan: at the first reload",
     "difflib": "did-you-mean for an unknown config key",
 }

@@ -16,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.harness import fake_config
 from vllmd.devices import DeviceSnapshot
 from vllmd.events import EventBus, Kind
-from vllmd.http.engines_metrics import merge, relay
 from vllmd.instance.states import InstanceState
 from vllmd.instance.status import ModelStatus
 from vllmd.metrics import Metrics, run_lag_monitor
+from vllmd.metrics.relay import merge, relay
 from vllmd.placement.ledger import DeviceAccount
 
 S = InstanceState

@@ -1,5 +1,5 @@
 """Runtime pins hold while the config's `pinned` key keeps the value they were set over; a
-change ends them for good (DESIGN "State store"), and every change is told to watchers."""
+change ends them for good (docs/design.md "State store"), and every change is told to watchers."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from vllmd.engine.api import make_client
 from vllmd.engine.argv import EngineAddress
-from vllmd.http.asgi import HTTPError, Message
-from vllmd.http.proxy import REQUEST_DROP, RESPONSE_DROP, Proxy
+from vllmd.gateway.proxy import REQUEST_DROP, RESPONSE_DROP, Proxy
+from vllmd.httpserver.asgi import HTTPError, Message
 from vllmd.metrics import Metrics
 
 pytestmark = pytest.mark.anyio

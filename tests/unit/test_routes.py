@@ -8,7 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from vllmd.errors import (
+    DeviceError,
     InsufficientMemory,
+    InvalidState,
     ModelFailed,
     ModelNotFound,
     ModelUnavailable,
@@ -18,9 +20,9 @@ from vllmd.errors import (
     StartFailed,
     VllmdError,
 )
-from vllmd.http.asgi import http_error
-from vllmd.http.proxy import sse_event_end
-from vllmd.http.routes import MODEL_ROUTES, OTHER, match
+from vllmd.gateway.errors import REJECT_REASONS, STATUSES, Code, http_error
+from vllmd.gateway.proxy import sse_event_end
+from vllmd.gateway.routes import MODEL_ROUTES, OTHER, match
 from vllmd.metrics import Metrics
 
 
@@ -142,3 +144,53 @@ def test_request_series_are_bounded_by_their_labels() -> None:
         if s.name == "vllmd_requests_total"
     }
     assert len(series) == 2
+
+
+def test_every_gateway_code_has_one_status() -> None:
+    assert set(STATUSES) == set(Code)
+    assert all(STATUSES[code] == 503 for code in REJECT_REASONS)
+
+
+def test_every_unavailable_error_keeps_its_own_code() -> None:
+    """Each ModelUnavailable of vllmd.errors answers with its own code of the closed set,
+    not the generic one: a new subclass gets a Code or this fails."""
+    import vllmd.errors
+
+    kinds = [
+        cls
+        for cls in vars(vllmd.errors).values()
+        if isinstance(cls, type) and issubclass(cls, ModelUnavailable)
+    ]
+    assert len(kinds) >= 6
+    for cls in kinds:
+        assert Code(cls.code) in STATUSES, cls
+
+
+def test_the_gateway_answers_errors_only_from_its_closed_set() -> None:
+    """No module of the gateway builds an HTTPError itself (a string-literal code): every
+    error goes through gateway_error / http_error, the one mapping to HTTP."""
+    import ast
+    from pathlib import Path
+
+    import vllmd.gateway
+
+    found = []
+    for path in Path(vllmd.gateway.__file__).parent.glob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "HTTPError":
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidState("unloaded while it waited"), Code.INVALID_STATE),
+        (DeviceError("probe"), Code.INTERNAL_ERROR),
+    ],
+)
+def test_other_vllmd_errors_are_500s_of_the_closed_set(error: VllmdError, code: Code) -> None:
+    answer = http_error(error)
+    assert (answer.status, answer.code) == (500, code)

@@ -1,6 +1,6 @@
 """systemd/vllmd.service as systemd itself reads it: `systemd-analyze verify` is silent, every
-setting DESIGN "Files" asks for is there, the hardening that would break CUDA is not, and the
-offline security exposure stays at or below 6.0."""
+setting docs/design.md "Files" asks for is there, the hardening that would break CUDA is
+not, and the offline security exposure stays at or below 6.0."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The gateway's keep-alive client to an engine (vllmd.http.upstream), against a small raw
+"""The gateway's keep-alive client to an engine (vllmd.engine.upstream), against a small raw
 HTTP/1.1 server on a Unix socket whose every answer the test scripts."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vllmd.http.upstream import ConnectError, Pool, ReadError
+from vllmd.engine.upstream import ConnectError, Pool, ReadError
 
 pytestmark = pytest.mark.anyio
 

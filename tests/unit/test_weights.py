@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllmd.engine.weights import cpu_kv_cache_bytes, hf_hub_cache, hf_snapshot, weights_bytes
+from vllmd.weights import cpu_kv_cache_bytes, hf_hub_cache, hf_snapshot, weights_bytes
 
 GiB = 2**30
 

@@ -1,4 +1,4 @@
-"""Threshold alerts (DESIGN "Alerts"): signals -> rules -> notifications."""
+"""Threshold alerts (docs/design.md "Alerts"): signals -> rules -> notifications."""
 
 from vllmd.alerts.engine import AlertEngine, AlertsCollector
 from vllmd.alerts.notify import Notifier

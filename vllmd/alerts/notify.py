@@ -126,8 +126,8 @@ class Notifier:
 
     def _http(self) -> httpx.AsyncClient:
         # Made at the first post, not at start: its SSL context (the CA bundle read and
-        # parsed) and httpcore's import were ~70 ms of the daemon's start-up, and most
-        # daemons never send an alert. Sync, so receivers' tasks cannot make two.
+        # parsed) and httpcore's import are a large share of the daemon's start-up, and
+        # most daemons never send an alert. Sync, so receivers' tasks cannot make two.
         if self._client is None:
             import httpx
 

@@ -113,7 +113,7 @@ def _selected(rule: AlertRule, series: LabelSet) -> bool:
 @functools.cache
 def this_host() -> str:
     """This host's name in alerts (label `host`, generatorURL), cached: a reverse DNS lookup
-    (~1-3 ms here, seconds where DNS is broken), so the alert engine makes it in a thread
+    (seconds where DNS is broken), so the alert engine makes it in a thread
     once the daemon is READY, before its first evaluation."""
     return socket.getfqdn()
 

@@ -1,4 +1,5 @@
-"""The signals alert rules watch (DESIGN "Alerts", a closed list), computed at evaluation time.
+"""The signals alert rules watch (docs/design.md "Alerts", a closed list), computed at
+evaluation time.
 
 Request signals come from the gateway's own observations (`Observations`: per-second ring
 buffers per model, O(1) per request); restarts and evictions from the event bus (a

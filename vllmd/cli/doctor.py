@@ -1,4 +1,4 @@
-"""`vllmctl doctor`: checks of this host's setup, run in the client (DESIGN "Control API").
+"""`vllmctl doctor`: checks of this host's setup, run in the client (docs/design.md "Control API").
 
 Each check is PASS, WARN (works, but look) or FAIL (vllmd will not work so), with a fix for the
 latter two. It runs with the daemon down too: then it reads the config file itself. Writability

@@ -20,8 +20,9 @@ PS_COLUMNS = (
     "LAST-USED",
     "IN-FLIGHT",
 )
-# States with an engine up, for which UPTIME (time in the current state) is shown.
-_RUNNING = frozenset({"ready", "draining", "sleeping", "waking"})
+# The state names (as the control API spells them) whose UPTIME column is shown: an engine
+# is up and serving or resting. The CLI reads JSON, not vllmd's state type, so the set is its.
+UPTIME_SHOWN = frozenset({"ready", "draining", "sleeping", "waking"})
 
 
 def size(n: int | None) -> str:
@@ -77,7 +78,7 @@ def reserved(model: Mapping[str, Any]) -> int:
 def uptime(model: Mapping[str, Any], now: float) -> str:
     # The model view has no `state_since` yet; once it does, the column fills in.
     since = model.get("state_since")
-    if since is None or model.get("state") not in _RUNNING:
+    if since is None or model.get("state") not in UPTIME_SHOWN:
         return NONE
     return span(now - float(since))
 

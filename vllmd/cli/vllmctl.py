@@ -1,6 +1,6 @@
 """`vllmctl`: the operator's command line for a running vllmd, over its control socket.
 
-Exit codes (DESIGN "Commands"): 0 done, 1 refused or failed, 2 usage error (argparse's own),
+Exit codes (docs/design.md "Commands"): 0 done, 1 refused or failed, 2 usage error (argparse's own),
 3 daemon unreachable. Everything below `main` raises `CtlError` (`Unreachable` for exit 3);
 httpx's transport errors are translated into it at one boundary (`Control._errors`), and only
 `main` turns it into a message and an exit code.

@@ -1,4 +1,7 @@
-"""`vllmd`: the daemon's command line. The only place that turns errors into exit codes."""
+"""`vllmd`: the daemon's command line. The only place that turns errors into exit codes.
+
+The console script is vllmd.cli.entry, which keeps optional extras out and the collector off
+before this module's imports run; importing this module itself changes nothing."""
 
 from __future__ import annotations
 
@@ -8,28 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
-# Optional extras the daemon never uses, kept out of its process: structlog imports rich when
-# it is installed (vLLM brings it) for tracebacks the daemon renders itself (format_exc_info,
-# plain text for journald), and httpx its command line (click, pygments, rich). Together ~0.15
-# s of start-up and ~4 MB of RSS; each import fails as if the package were absent, which both
-# handle.
-for _extra in ("rich", "click", "pygments"):
-    sys.modules.setdefault(_extra, None)  # type: ignore[arg-type]  # None: "not installed"
+import anyio
+import structlog
 
-# Importing the daemon makes ~30,000 objects that live as long as it does (modules, classes,
-# functions): the collector's ~80 young passes over them were ~14 ms of every start, to find
-# ~500 objects of garbage (mostly the classes `slots=True` dataclasses replace). Off until
-# `serve` freezes what start-up made (that garbage with it: ~0.1 MB, once).
-gc.disable()
-
-import anyio  # noqa: E402
-import structlog  # noqa: E402
-
-from vllmd import __version__  # noqa: E402
-from vllmd.config import Config, check_config, check_devices, load_config  # noqa: E402
-from vllmd.daemon import serve as serve_daemon  # noqa: E402
-from vllmd.errors import ConfigError, VllmdError  # noqa: E402
-from vllmd.log import configure  # noqa: E402
+from vllmd import __version__
+from vllmd.config import Config, check_config, check_devices, load_config
+from vllmd.daemon import serve as serve_daemon
+from vllmd.errors import ConfigError, VllmdError
+from vllmd.log import configure
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = Path("/etc/vllmd/vllmd.toml")
@@ -87,9 +76,9 @@ def serve(path: Path, log_format: str | None) -> int:
         "json" if log_format == "json" else "console" if log_format else None,
     )
     # The gateway allocates hundreds of short-lived objects per request: with CPython's
-    # default thresholds the collector took ~12% of the daemon's CPU under load and paused it
-    # up to ~90 ms (full passes over every module's objects). What exists now lives as long
-    # as the daemon: frozen out of collections; young collections 10x rarer.
+    # default thresholds the collector takes a large share of the daemon's CPU under load
+    # and pauses it for full passes over every module's objects (docs/performance.md). What
+    # exists now lives as long as the daemon: frozen out of collections; young ones rarer.
     gc.freeze()
     gc.set_threshold(7000, 20, 100)
     gc.enable()

@@ -1,4 +1,4 @@
-"""vllmd's config: the TOML schema of DESIGN.md as frozen dataclasses, validated at load.
+"""vllmd's config: the TOML schema of docs/design.md as frozen dataclasses, validated at load.
 
 load.py      load_config / parse_config / check_config
 hardware.py  checks against this host's devices (NVML), apart from parsing

@@ -15,7 +15,7 @@ from vllmd.config.reader import Table
 from vllmd.config.schema import AlertRule, AlertsConfig, DeviceConfig, ModelConfig
 from vllmd.units import parse_size
 
-# The closed list of DESIGN.md "Alerts"; the prefix says what a rule's alerts are keyed by.
+# The closed list of docs/design.md "Alerts"; the prefix says what a rule's alerts are keyed by.
 SIGNALS = (
     "device_memory_used_ratio",
     "device_utilization_ratio",

@@ -1,4 +1,4 @@
-"""Reload as a pure function: the running config and a new one -> what must happen (DESIGN
+"""Reload as a pure function: the running config and a new one -> what must happen (docs/design.md
 "Reload"). Nothing here touches a process; the supervisor carries the plan out."""
 
 from __future__ import annotations

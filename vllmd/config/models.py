@@ -11,8 +11,8 @@ from typing import Literal, cast
 from vllmd.config.reader import Table
 from vllmd.config.schema import DeviceConfig, EngineConfig, ModelConfig
 from vllmd.config.sections import resolve_path
-from vllmd.engine.weights import CPU_ENGINE_FIXED_COST, cpu_kv_cache_bytes, weights_bytes
 from vllmd.units import format_size
+from vllmd.weights import CPU_ENGINE_FIXED_COST, cpu_kv_cache_bytes, weights_bytes
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # Aliases may be HF ids ("Qwen/Qwen2.5-7B-Instruct"), so they also take "/" and, unlike names,

@@ -172,7 +172,7 @@ class Table:
         for name in self.data:
             if name in self._seen:
                 continue
-            import difflib  # for a config with a mistake only: not in every start (~1 ms)
+            import difflib  # for a config with a mistake only: not in every start
 
             close = difflib.get_close_matches(name, sorted(self._seen), n=1, cutoff=0.6)
             hint = f' (did you mean "{close[0]}"?)' if close else ""

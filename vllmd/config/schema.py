@@ -1,4 +1,4 @@
-"""The validated config: frozen dataclasses, one per TOML table (see DESIGN.md "Config")."""
+"""The validated config: frozen dataclasses, one per TOML table (see docs/design.md "Config")."""
 
 from __future__ import annotations
 

@@ -17,11 +17,11 @@ from vllmd.devices.snapshot import (
     DeviceProbe,
     DeviceSnapshot,
     GpuProcess,
-    NvmlUnavailable,
     budget_total,
     engine_total,
     unmeasured,
 )
+from vllmd.errors import NvmlUnavailable
 
 __all__ = [
     "CompositeProbe",
@@ -133,7 +133,7 @@ class CompositeProbe:
 
 def process_tree_rss(pid: int) -> int:
     """RSS in bytes of a process and all its descendants; 0 when it is gone. Blocking."""
-    import psutil  # on first use: ~10 ms of import that the daemon's start does without
+    import psutil  # on first use: an import the daemon's start does without
 
     try:
         root = psutil.Process(pid)

@@ -1,8 +1,8 @@
 """The host's RAM and CPU use, read from the kernel directly.
 
 What psutil would report (the same sources, the same arithmetic), without importing it: the
-daemon reads these at start, and psutil's import was ~10 ms of a start-up that needs it only
-once an engine runs (process trees, RSS).
+daemon reads these at start, and psutil's import is a share of a start-up that needs it
+only once an engine runs (process trees, RSS).
 """
 
 from __future__ import annotations

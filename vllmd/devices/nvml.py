@@ -20,7 +20,8 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from vllmd.devices.snapshot import DeviceSnapshot, GpuProcess, NvmlUnavailable, unmeasured
+from vllmd.devices.snapshot import DeviceSnapshot, GpuProcess, unmeasured
+from vllmd.errors import NvmlUnavailable
 
 T = TypeVar("T")
 
@@ -183,7 +184,7 @@ class NvmlProbe:
 def _load_library() -> None:
     """Loads the library pynvml would load, or raises NvmlUnavailable as pynvml's nvmlInit
     would. Tried before pynvml is imported: that import alone (a 5,000-line module and
-    ctypes.util) was ~30 ms of every start on hosts without the driver, only to fail here."""
+    ctypes.util) would be paid by every start on hosts without the driver, only to fail."""
     if not sys.platform.startswith("linux"):
         return  # pynvml looks in other places elsewhere: let it
     try:

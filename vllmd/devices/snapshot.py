@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from vllmd.errors import DeviceError
-
 
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
@@ -41,10 +39,6 @@ class DeviceSnapshot:
     up: bool
     error: str | None
     device_total: int | None = None
-
-
-class NvmlUnavailable(DeviceError):
-    """NVML cannot be used on this host: pynvml, libnvidia-ml or the driver is missing."""
 
 
 class DeclaredDevice(Protocol):

@@ -1,9 +1,9 @@
 """The engine's HTTP surface, as vllmd uses it: health, warm-up, sleep/wake, metrics.
 
 One `httpx.AsyncClient` per running engine for vllmd's own calls and one keep-alive pool
-(vllmd.http.upstream) for the gateway's proxying, both made once when the engine is spawned
+(vllmd.engine.upstream) for the gateway's proxying, both made once when the engine is spawned
 (no per-request client or connection set-up). httpx is imported then, not at the daemon's
-start (~20 ms of it, for a daemon that may serve no model for a while).
+start, which may serve no model for a while (docs/performance.md "Start-up").
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vllmd.config import EngineConfig
 from vllmd.engine.argv import EngineAddress
-from vllmd.http.upstream import (
+from vllmd.engine.upstream import (
     ConnectError,
     ConnectTimeout,
     Pool,
@@ -26,6 +26,7 @@ from vllmd.http.upstream import (
     UpstreamResponse,
     content_type,
 )
+from vllmd.errors import EngineUnavailable
 
 if TYPE_CHECKING:
     import httpx
@@ -39,7 +40,7 @@ def make_client(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[httpx.AsyncClient, Upstream]:
     """Two paths to one engine: an httpx client for vllmd's own calls, and an `Upstream` for
-    proxying (vllmd.http.upstream's keep-alive pool; closing the client closes it too). Read
+    proxying (vllmd.engine.upstream's keep-alive pool; closing the client closes it too). Read
     timeouts are left to each call (streams are long).
 
     `transport` replaces both (tests pass an `httpx.MockTransport`): the proxy's path then
@@ -185,10 +186,24 @@ class _HttpxResponse:
 
 
 class EngineAPI:
-    """Calls on one engine's control and probe routes."""
+    """Calls on one engine's control and probe routes. Probes answer a bool; the others
+    raise `EngineUnavailable` (httpx's errors are translated here, and nowhere else)."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
+
+    async def _call(self, method: str, path: str, timeout: float, **kwargs: Any) -> httpx.Response:
+        """One call whose answer must be a success: anything else is `EngineUnavailable`."""
+        import httpx
+
+        try:
+            response = await self.client.request(method, path, timeout=timeout, **kwargs)
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise EngineUnavailable(str(exc), refused=True) from exc
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(str(exc) or type(exc).__name__) from exc
+        return response
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """True when GET /health answers 200; refused connections (still starting) are False."""
@@ -220,15 +235,16 @@ class EngineAPI:
         return False
 
     async def sleep(self, level: int, timeout: float = 120.0) -> None:
-        response = await self.client.post("/sleep", params={"level": level}, timeout=timeout)
-        response.raise_for_status()
+        await self._call("POST", "/sleep", timeout, params={"level": level})
 
     async def is_sleeping(self, timeout: float = 10.0) -> bool:
-        response = await self.client.get("/is_sleeping", timeout=timeout)
-        response.raise_for_status()
-        body = response.json()
+        response = await self._call("GET", "/is_sleeping", timeout)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
         if not isinstance(body, dict) or not isinstance(body.get("is_sleeping"), bool):
-            raise ValueError(f"unexpected /is_sleeping answer: {response.text[:100]!r}")
+            raise EngineUnavailable(f"unexpected /is_sleeping answer: {response.text[:100]!r}")
         return bool(body["is_sleeping"])
 
     async def wake_up(self, level: int, timeout: float = 300.0) -> None:
@@ -244,13 +260,10 @@ class EngineAPI:
         else:
             steps = [("/wake_up", {})]
         for path, kwargs in steps:
-            response = await self.client.post(path, timeout=timeout, **kwargs)  # type: ignore[arg-type]
-            response.raise_for_status()
+            await self._call("POST", path, timeout, **kwargs)
 
     async def metrics(self, timeout: float = 2.0) -> str:
-        response = await self.client.get("/metrics", timeout=timeout)
-        response.raise_for_status()
-        return response.text
+        return (await self._call("GET", "/metrics", timeout)).text
 
 
 def new_address(engine: EngineConfig, runtime_dir: Path, name: str) -> EngineAddress:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from vllmd.config import EngineConfig, ModelConfig
-from vllmd.engine.weights import CPU_ENGINE_FIXED_COST as CPU_ENGINE_FIXED_COST
 from vllmd.errors import ConfigError
+from vllmd.weights import CPU_ENGINE_FIXED_COST as CPU_ENGINE_FIXED_COST
 
 # Variables of the daemon's own supervisor that must never leak into an engine.
 _DAEMON_ONLY_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from vllmd.engine.kernel_log import KernelLog, KernelLogOpener, Kmsg, oom_victims
 from vllmd.engine.reaper import Reaper
 
-if TYPE_CHECKING:  # imported where used (~10 ms): the daemon's start has no engine yet
+if TYPE_CHECKING:  # imported where used: the daemon's start has no engine yet
     import psutil
 
 ENGINE_OOM_SCORE_ADJ = 500
@@ -41,6 +41,15 @@ MARKER_ENV = "VLLMD_INSTANCE"
 # victim before vLLM starts, without preexec_fn (unsafe in a threaded program).
 log = structlog.get_logger("vllmd.process")
 _OOM_PRELUDE = 'echo {adj} > /proc/self/oom_score_adj 2>/dev/null; exec "$@"'
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """What every engine session shares: where engine sockets live and how to reach engines."""
+
+    runtime_dir: Path
+    connect_timeout: float = 5.0
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,3 +298,8 @@ async def spawn(
         reaper=reaper,
         kernel_log=log_reader,
     )
+
+
+# How an engine process is started (argv, environment): `spawn` with the daemon's reaper and
+# kernel log, or a test's fake. Injected through the context.
+Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]

@@ -129,7 +129,7 @@ def _children() -> set[int]:
     it (CONFIG_PROC_CHILDREN), else from a scan of every process."""
     tasks = Path("/proc/self/task")
     if not (tasks / str(os.getpid()) / "children").exists():
-        import psutil  # on first use: ~10 ms of import that the daemon's start does without
+        import psutil  # on first use: an import the daemon's start does without
 
         with contextlib.suppress(psutil.Error):
             return {child.pid for child in psutil.Process().children()}

@@ -13,8 +13,8 @@ from vllmd.config import EngineConfig, ModelConfig
 from vllmd.engine.api import new_address
 from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
 from vllmd.engine.process import MARKER_ENV
-from vllmd.engine.weights import weights_bytes
 from vllmd.instance.session import discard_address
+from vllmd.weights import weights_bytes
 
 
 def engine_environ(

@@ -9,11 +9,10 @@ backoff, restarts) is the instance's (`instance.py`).
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from pathlib import Path
 from typing import Protocol
 
 import anyio
@@ -23,30 +22,21 @@ from vllmd.config import EngineConfig
 from vllmd.engine.api import EngineAPI, make_client
 from vllmd.engine.argv import EngineAddress, Launch
 from vllmd.engine.output import EngineOutput
-from vllmd.engine.process import EngineProcess
+from vllmd.engine.process import EngineProcess, RuntimeOptions, Spawner
+from vllmd.errors import EngineUnavailable
 from vllmd.events import Kind
 from vllmd.instance.states import InstanceState, Want
 
 S = InstanceState
 
-Spawner = Callable[[Sequence[str], Mapping[str, str]], Awaitable[EngineProcess]]
 Until = Callable[[Callable[[], bool]], Awaitable[None]]
-# A lazy start's first request waits on this poll: at 0.1 s it was most of the gateway's own
-# share of a start. A refused connect costs ~1 ms of CPU under uvloop, so /health is asked only
-# once the engine's socket file exists (a stat: microseconds; uds engines), else every 0.1 s.
+# A lazy start's first request waits on this poll, so it is short; a refused connect costs
+# far more CPU than a stat, so /health is asked only once the engine's socket file exists
+# (uds engines), else every READY_POLL_TCP.
 READY_POLL = 0.01
 READY_POLL_TCP = 0.1
 TREE_NOTE = 1.0  # how often a starting engine's process tree is noted
 OUTPUT_GRACE = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeOptions:
-    """What every session shares: where engine sockets live and how to reach engines."""
-
-    runtime_dir: Path
-    connect_timeout: float = 5.0
-    max_connections: int = 1024
 
 
 class Startup(Enum):
@@ -69,6 +59,24 @@ class End(StrEnum):
 
 
 START_FAILURES = frozenset({End.START_FAILED, End.START_TIMEOUT})
+
+
+class Switch(Enum):
+    """How a sleep or a wake ended."""
+
+    DONE = "done"
+    REFUSED = "refused"  # the engine answered an error status
+    UNREACHABLE = "unreachable"  # no answer, or one vLLM never gives
+    UNCONFIRMED = "unconfirmed"  # /is_sleeping disagrees afterwards
+
+
+@dataclass(frozen=True, slots=True)
+class Switched:
+    outcome: Switch
+    error: str = ""  # what went wrong, for the event and the model's error
+
+
+DONE = Switched(Switch.DONE)
 
 
 class Owner(Protocol):
@@ -248,9 +256,9 @@ class Session:
             # drain means.
             owner.tell(Kind.SLEEP_FAILED, error="requests still in flight")
             return False
-        error = await self.sleep(level)
-        if error is not None:
-            owner.tell(Kind.SLEEP_FAILED, error=error, level=level)
+        slept = await self.sleep(level)
+        if slept.outcome is not Switch.DONE:
+            owner.tell(Kind.SLEEP_FAILED, error=slept.error, level=level)
             return False
         self.sleep_level = level
         owner.transition(S.SLEEPING, level=level)  # DRAINING -> SLEEPING
@@ -267,10 +275,10 @@ class Session:
             return True
         owner.transition(S.WAKING)  # SLEEPING -> WAKING
         started = anyio.current_time()
-        error = await self.wake(self.sleep_level)
-        if error is not None:
-            owner.failed(f"wake of {owner.name} failed: {error}")
-            owner.tell(Kind.WAKE_FAILED, error=error)
+        woke = await self.wake(self.sleep_level)
+        if woke.outcome is not Switch.DONE:
+            owner.failed(f"wake of {owner.name} failed: {woke.error}")
+            owner.tell(Kind.WAKE_FAILED, error=woke.error)
             return not self.exited.is_set()
         await self.api.warm_up(served_name)
         self.sleep_level = 0
@@ -330,29 +338,25 @@ class Session:
             if failures >= engine.health_failures:
                 return End.UNHEALTHY
 
-    async def sleep(self, level: int) -> str | None:
-        """Put the engine to sleep, confirmed by /is_sleeping; the error, if it did not."""
-        import httpx  # (imported with the engine's client: here, a dictionary lookup)
-
+    async def sleep(self, level: int) -> Switched:
+        """Put the engine to sleep, confirmed by /is_sleeping."""
         try:
             await self.api.sleep(level)
             if not await self.api.is_sleeping():
-                raise RuntimeError("/is_sleeping is false after /sleep")
-        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
-            return str(exc)
-        return None
+                return Switched(Switch.UNCONFIRMED, "/is_sleeping is false after /sleep")
+        except EngineUnavailable as exc:
+            return Switched(Switch.REFUSED if exc.refused else Switch.UNREACHABLE, str(exc))
+        return DONE
 
-    async def wake(self, level: int) -> str | None:
-        """Wake the engine, confirmed by /is_sleeping; the error, if it did not wake."""
-        import httpx  # (imported with the engine's client: here, a dictionary lookup)
-
+    async def wake(self, level: int) -> Switched:
+        """Wake the engine, confirmed by /is_sleeping."""
         try:
             await self.api.wake_up(level)
             if await self.api.is_sleeping():
-                raise RuntimeError("/is_sleeping is still true after /wake_up")
-        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
-            return str(exc)
-        return None
+                return Switched(Switch.UNCONFIRMED, "/is_sleeping is still true after /wake_up")
+        except EngineUnavailable as exc:
+            return Switched(Switch.REFUSED if exc.refused else Switch.UNREACHABLE, str(exc))
+        return DONE
 
     async def close(self) -> None:
         """Make sure no process of this engine is left; close its client and socket."""

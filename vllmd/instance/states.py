@@ -56,6 +56,10 @@ STARTS = frozenset({S.STARTING, S.WAKING})
 MEASURED = frozenset({S.READY, S.DRAINING})
 # May be chosen as an eviction victim.
 EVICTABLE = frozenset({S.READY, S.SLEEPING, S.BACKOFF})
+# An engine process is up or coming up: a reload that replaces the model starts it again.
+RUNNING = frozenset({S.STARTING, S.READY, S.DRAINING, S.SLEEPING, S.WAKING})
+# The engine answers /metrics (a starting one has no server yet; a stopping one is going).
+SCRAPED = frozenset({S.READY, S.DRAINING, S.SLEEPING, S.WAKING})
 
 
 class IllegalTransition(RuntimeError):

@@ -136,7 +136,7 @@ class Metrics:
         r.register(hot)
         # Label children cached per label set, so the hot path skips prometheus_client's
         # labels() (lock, tuple checks). The caller keeps every label in a closed set (model
-        # names or "", route templates or "other", status codes, DESIGN's reasons), which
+        # names or "", route templates or "other", status codes, docs/design.md's reasons), which
         # bounds these caches and the series alike.
         self._children: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
         self._queue_children: dict[str, HistogramChild] = {}

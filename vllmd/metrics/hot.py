@@ -1,8 +1,8 @@
 """Counters and histograms for the hot path, rendered straight to text.
 
 prometheus_client's own take a lock and walk their buckets in Python on every observation,
-and a scrape builds a Sample per bucket and re-validates every label: ~2 us per observation
-and tens of ms per scrape of a hundred models on a busy host. These keep plain numbers per
+and a scrape builds a Sample per bucket and re-validates every label: too slow for every
+request and every scrape of a hundred models on a busy host. These keep plain numbers per
 label set and each series' text prefix, built once when the label set is first seen, so an
 observation is a bisect and two additions and a scrape is string joins. `collect()` still
 yields ordinary metric families (for `registry.get_sample_value` and any other reader).

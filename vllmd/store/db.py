@@ -1,11 +1,11 @@
 """The state store: vllmd's memory across restarts, `state_dir/vllmd.db` (records.py: schema).
 
-It is a queued subscriber of the event bus (DESIGN "State store"): events reach it through the
-bus's bounded queue and are written in batches from a worker thread, so a slow or stalled disk
+It is a queued subscriber of the event bus (docs/design.md "State store"): events reach it through
+the bus's bounded queue and are written in batches from a worker thread, so a slow or stalled disk
 never slows a request or a transition; what it cannot keep up with overflows the bound and is
-counted in `vllmd_events_dropped_total{subscriber="store"}`. From the events it keeps the
-engine records crash recovery needs (a `spawned` event adds one, a stop removes it), and from
-the `Overrides` the desired state (runtime pins, models loaded on purpose).
+counted in `vllmd_events_dropped_total{subscriber="store"}`. From the events it keeps the engine
+records crash recovery needs (a `spawned` event adds one, a stop removes it), and from the
+`Overrides` the desired state (runtime pins, models loaded on purpose).
 
 It owns event ids (the bus's `next_id`). Each run reserves ids ahead in the file (a floor,
 moved on as ids are used; set to the last id at a clean stop) and the next run starts past the

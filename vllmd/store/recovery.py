@@ -1,5 +1,5 @@
-"""Crash recovery (DESIGN "Supervision"): after the daemon died without stopping its engines,
-their process groups may live on, holding GPU memory no one accounts for. At start, before
+"""Crash recovery (docs/design.md "Supervision"): after the daemon died without stopping its
+engines, their process groups may live on, holding GPU memory no one accounts for. At start, before
 anything is scheduled, every engine the store recorded that still exists on this boot is
 killed with its whole group; then the devices are read again to verify that none of those
 processes still holds memory. Processes on the GPUs that are not such engines are another
@@ -33,7 +33,7 @@ from vllmd.errors import DeviceError
 from vllmd.events import EventBus, Kind
 from vllmd.store.records import EngineRecord
 
-if TYPE_CHECKING:  # imported where used (~10 ms): recovery has work only after a crash
+if TYPE_CHECKING:  # imported where used: recovery has work only after a crash
     import psutil
 
 log = structlog.get_logger("vllmd.recovery")

@@ -1,4 +1,4 @@
-"""One request and its answer on a connection of `vllmd.http.server`: the ASGI `receive` and
+"""One request and its answer on a connection of `vllmd.httpserver.server`: the ASGI `receive` and
 `send` the app is given, the answer's head and body framing, and the server's extension for
 hearing of a client that left (ON_DISCONNECT)."""
 
@@ -9,10 +9,10 @@ import http
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vllmd.http.asgi import Message, Scope
+from vllmd.httpserver.asgi import Message, Scope
 
 if TYPE_CHECKING:
-    from vllmd.http.connection import Connection
+    from vllmd.httpserver.connection import Connection
 
 READ_HIGH = 256 * 1024  # body bytes buffered for the app before reading pauses
 STATUS_LINES = {

@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterable
 
 from vllmd.engine.api import Upstream
-from vllmd.http.asgi import HTTPError, Send
-from vllmd.http.upstream import UpstreamError, UpstreamResponse
+from vllmd.engine.upstream import UpstreamError, UpstreamResponse
+from vllmd.gateway.errors import Code, gateway_error
+from vllmd.httpserver.asgi import Send
 from vllmd.metrics import Metrics
 
 # Hop-by-hop headers, and those the proxy sets itself: the client's Authorization carries the
@@ -82,9 +83,8 @@ class Proxy:
         try:
             response = await upstream.post(route, body, headers)
         except UpstreamError as exc:
-            raise HTTPError(
-                502,
-                "engine_unavailable",
+            raise gateway_error(
+                Code.ENGINE_UNAVAILABLE,
                 f"the engine of model {model} did not answer ({type(exc).__name__})",
             ) from None
         try:
@@ -105,9 +105,8 @@ class Proxy:
             try:
                 data = await response.aread()
             except UpstreamError as exc:  # nothing sent yet: still a proper error answer
-                raise HTTPError(
-                    502,
-                    "engine_unavailable",
+                raise gateway_error(
+                    Code.ENGINE_UNAVAILABLE,
                     f"the engine of model {model} broke off its answer ({type(exc).__name__})",
                 ) from None
             seconds = time.perf_counter() - sent
@@ -148,7 +147,7 @@ def stream_error(last: bytes, model: str, exc: Exception) -> bytes:
         "error": {
             "message": f"the engine of model {model} broke off the stream ({type(exc).__name__})",
             "type": "server_error",
-            "code": "engine_unavailable",
+            "code": Code.ENGINE_UNAVAILABLE.value,
         }
     }
     return sse_event_end(last) + b"data: " + json.dumps(error).encode() + b"\n\n"

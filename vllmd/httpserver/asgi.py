@@ -1,5 +1,5 @@
-"""What vllmd's HTTP surfaces share: sending bodies and OpenAI-shaped errors, and the one
-mapping of vllmd's errors to HTTP statuses."""
+"""What vllmd's HTTP surfaces share: the ASGI types, sending bodies, and errors in OpenAI's
+shape (each surface has its own closed set of codes: vllmd.gateway.errors)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,11 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from vllmd.errors import ModelNotFound, ModelUnavailable, StartFailed, VllmdError
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# A 503 whose cause has no estimate still says when to come back (DESIGN: every 503).
-DEFAULT_RETRY_AFTER = 5.0
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -36,19 +32,6 @@ class HTTPError(Exception):
         self.code = code
         self.message = message
         self.retry_after = retry_after
-
-
-def http_error(exc: VllmdError) -> HTTPError:
-    """The gateway's answer to one of vllmd's errors: the one place this mapping lives."""
-    message = str(exc)
-    if isinstance(exc, ModelNotFound):
-        return HTTPError(404, exc.code, message)
-    if isinstance(exc, ModelUnavailable):
-        retry_after = exc.retry_after if exc.retry_after is not None else DEFAULT_RETRY_AFTER
-        return HTTPError(503, exc.code, message, retry_after)
-    if isinstance(exc, StartFailed):
-        return HTTPError(502, exc.code, message)
-    return HTTPError(500, exc.code, message)
 
 
 async def send_bytes(

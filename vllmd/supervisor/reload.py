@@ -15,7 +15,7 @@ from vllmd.context import Context
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
 from vllmd.metrics import Metrics
-from vllmd.supervisor import Supervisor
+from vllmd.supervisor.commands import Supervisor
 from vllmd.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Reloader:
             self._notifier.reloading()
             try:
                 new = await anyio.to_thread.run_sync(load_config, path)
-                # Here, not at start: most daemons never reload (~1 ms of dataclass set-up).
+                # Here, not at start: most daemons never reload (docs/performance.md).
                 try:
                     from vllmd.config.diff import plan_reload
                 except ImportError as exc:  # (vllmd upgraded under the running daemon)

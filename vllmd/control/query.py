@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from vllmd.http.control_errors import ControlError
+from vllmd.control.errors import ControlError
 
 
 def allow(method: str, allowed: str) -> None:

@@ -1,7 +1,7 @@
-"""The OpenAI-compatible gateway: a plain ASGI app, served by vllmd.http.server.
+"""The OpenAI-compatible gateway: a plain ASGI app, served by vllmd.httpserver.server.
 
 It only asks and forwards: the model named by the request is resolved, a ready instance is
-leased from the supervisor (which starts it if needed), and `vllmd.http.proxy` moves the
+leased from the supervisor (which starts it if needed), and `vllmd.gateway.proxy` moves the
 bytes to and from the engine over its pooled transport. While a request is queued or
 streaming, the client's disconnect is watched: it cancels the wait or the upstream request.
 """
@@ -19,41 +19,40 @@ from vllmd.alerts.signals import Observations
 from vllmd.config import Config
 from vllmd.context import Context
 from vllmd.errors import ModelNotFound, ShuttingDown, VllmdError
-from vllmd.http import engines_metrics
-from vllmd.http.asgi import (
-    HTTPError,
-    Receive,
-    Scope,
-    Send,
-    http_error,
-    send_bytes,
-    send_error,
-    send_json,
-)
-from vllmd.http.exchange import NO_EXTENSIONS, ON_DISCONNECT
-from vllmd.http.intake import (
+from vllmd.gateway.errors import REJECT_REASONS, Code, gateway_error, http_error
+from vllmd.gateway.intake import (
     CancelOnLeave,
     RequestIds,
     body_model,
     json_object,
     request_headers,
 )
-from vllmd.http.proxy import Forwarded, Proxy
-from vllmd.http.routes import OTHER
-from vllmd.http.routes import match as match_route
-from vllmd.http.views import model_view
+from vllmd.gateway.proxy import Forwarded, Proxy
+from vllmd.gateway.routes import OTHER
+from vllmd.gateway.routes import match as match_route
+from vllmd.httpserver.asgi import (
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    send_bytes,
+    send_error,
+    send_json,
+)
+from vllmd.httpserver.exchange import NO_EXTENSIONS, ON_DISCONNECT
 from vllmd.instance.instance import Instance
 from vllmd.log import RequestLog
 from vllmd.metrics import Metrics
-from vllmd.supervisor import Supervisor
+from vllmd.metrics import relay as engines_metrics
+from vllmd.supervisor.commands import Supervisor
+from vllmd.supervisor.views import model_view
 
 log = structlog.get_logger("vllmd.gateway")
 
 # Recorded (never sent) when the client left first, as nginx does.
 CLIENT_CLOSED = 499
-
-# `vllmd_requests_rejected_total{reason}` takes only DESIGN's values.
-REJECT_REASONS = frozenset({"queue_full", "queue_timeout", "model_failed", "insufficient_memory"})
+GONE: Forwarded = (CLIENT_CLOSED, None)
+FAILED: Forwarded = (500, None)  # an exception that is no answer: the server's own 500
 
 
 class ClientGone(Exception):
@@ -110,7 +109,7 @@ class Gateway:
         try:
             if method == "POST":
                 # Only the model routes are forwarded, and only under their template: see
-                # vllmd.routes for why a path near one (`..`, `%2F`, `//`) matches nothing.
+                # vllmd.gateway.routes for why a path near one (`..`, `%2F`, `//`) matches nothing.
                 hit = match_route(path, scope.get("raw_path"))
                 if hit is not None:
                     if self._ctx.config is not self._config:
@@ -128,7 +127,7 @@ class Gateway:
     async def _no_route(self, send: Send, method: str, path: str) -> None:
         started = time.perf_counter()
         shown = path if len(path) <= 100 else path[:100] + "..."
-        await send_error(send, HTTPError(404, "not_found", f"no route {method} {shown}"))
+        await send_error(send, gateway_error(Code.NOT_FOUND, f"no route {method} {shown}"))
         # One series for every path that matches nothing, however many a scanner tries.
         self.metrics.request("", OTHER, 404, time.perf_counter() - started)
 
@@ -177,7 +176,7 @@ class Gateway:
                 if any(hmac.compare_digest(token, k) for k in self._keys):
                     return
         self.metrics.rejected("", "unauthorized")
-        raise HTTPError(401, "invalid_api_key", "Incorrect or missing API key.")
+        raise gateway_error(Code.INVALID_API_KEY, "Incorrect or missing API key.")
 
     # --- proxying ---------------------------------------------------------------------------
 
@@ -189,8 +188,7 @@ class Gateway:
         if request_id is None:
             request_id = self._ids.next()
         model_label = ""
-        status = 500
-        ttfb: float | None = None
+        outcome = FAILED  # until the request is answered, refused or left
         try:
             body = await self._read_body(receive, length)
             payload = json_object(body)
@@ -210,50 +208,60 @@ class Gateway:
                 body = json.dumps(payload).encode()
             if not self.accepting:
                 raise http_error(ShuttingDown())
-            # From here the client may leave: its disconnect cancels the queue wait or the
-            # upstream request (which makes vLLM abort the generation). vllmd's server calls
-            # back when the client leaves, and the callback cancels this task; under another
-            # ASGI server a watcher task waits in receive(). An anyio task group per request,
-            # then an anyio cancel scope, then an asyncio.timeout each cost more than the
-            # rest of the gateway's own work.
-            status = CLIENT_CLOSED  # counted when the request is cancelled or never sent
-            watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
-            if watch is None:
-                status, ttfb = await self._forward_watched(
-                    scope, receive, send, route, body, instance, request_id
-                )
-            else:
-                left = CancelOnLeave()
-                watch(left)  # calls back at once if the client has left already
-                try:
-                    if not left.fired:  # (else it left already: nothing is forwarded)
-                        left.arm(self._loop or asyncio.get_running_loop())
-                        status, ttfb = await self._forward(
-                            scope, send, route, body, instance, request_id
-                        )
-                except asyncio.CancelledError:
-                    if not left.uncancel():
-                        raise  # (also) cancelled by someone else: the server's shutdown
-                    status = CLIENT_CLOSED
-                finally:
-                    watch(None)
+            outcome = GONE  # from here, a request cancelled or never sent: the client left
+            outcome = await self._forward_unless_gone(
+                scope, send, route, body, instance, request_id
+            )
         except ClientGone:
-            status = CLIENT_CLOSED
+            outcome = GONE
         except HTTPError as exc:
-            status = exc.status
+            outcome = (exc.status, None)
             exc_headers = [(b"x-request-id", request_id.encode())]
             await send_error(send, exc, exc_headers)
         finally:
+            status, ttfb = outcome
             seconds = time.perf_counter() - started
             self.metrics.request(model_label, route, status, seconds)
             if model_label and self._observations is not None:
                 self._observations.request(model_label, status, ttfb, self._ctx.clock())
             self._log.request(request_id, model_label, route, status, seconds)
 
+    async def _forward_unless_gone(
+        self,
+        scope: Scope,
+        send: Send,
+        route: str,
+        body: bytes,
+        instance: Instance,
+        request_id: str,
+    ) -> Forwarded:
+        """`_forward`, cancelled when the client leaves: its disconnect cancels the queue
+        wait or the upstream request (which makes vLLM abort the generation). vllmd's server
+        calls back when the client leaves (ON_DISCONNECT) and the callback cancels this task:
+        a task group, a cancel scope or an asyncio.timeout per request each cost more than the
+        rest of the gateway's own work. Under a server without that extension the request is
+        forwarded unwatched."""
+        watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
+        if watch is None:
+            return await self._forward(scope, send, route, body, instance, request_id)
+        left = CancelOnLeave()
+        watch(left)  # calls back at once if the client has left already
+        try:
+            if left.fired:
+                return GONE  # it left already: nothing is forwarded
+            left.arm(self._loop or asyncio.get_running_loop())
+            return await self._forward(scope, send, route, body, instance, request_id)
+        except asyncio.CancelledError:
+            if not left.uncancel():
+                raise  # (also) cancelled by someone else: the server's shutdown
+            return GONE
+        finally:
+            watch(None)
+
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None and length.isdigit() and int(length) > self._max_body:
-            self.metrics.rejected("", "body_too_large")
-            raise HTTPError(413, "body_too_large", f"request body over {self._max_body} bytes")
+            self.metrics.rejected("", Code.BODY_TOO_LARGE)
+            raise gateway_error(Code.BODY_TOO_LARGE, f"request body over {self._max_body} bytes")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -263,38 +271,13 @@ class Gateway:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
-                self.metrics.rejected("", "body_too_large")
-                raise HTTPError(413, "body_too_large", f"request body over {self._max_body} bytes")
+                self.metrics.rejected("", Code.BODY_TOO_LARGE)
+                raise gateway_error(
+                    Code.BODY_TOO_LARGE, f"request body over {self._max_body} bytes"
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _forward_watched(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        route: str,
-        body: bytes,
-        instance: Instance,
-        request_id: str,
-    ) -> Forwarded:
-        """`_forward` under an ASGI server without ON_DISCONNECT: a watcher task owned by
-        this request (cancelled whatever happens) waits in receive() for the disconnect."""
-        gone = asyncio.timeout(None)
-        try:
-            async with gone:
-                watcher = asyncio.get_running_loop().create_task(
-                    _cancel_on_disconnect(receive, gone)
-                )
-                try:
-                    return await self._forward(scope, send, route, body, instance, request_id)
-                finally:
-                    watcher.cancel()
-        except TimeoutError:
-            if not gone.expired():
-                raise
-            return CLIENT_CLOSED, None  # the watcher's deadline: the client left
 
     async def _forward(
         self,
@@ -327,11 +310,3 @@ class Gateway:
             if exc.code in REJECT_REASONS:
                 self.metrics.rejected(instance.name, exc.code)
             raise http_error(exc) from None
-
-
-async def _cancel_on_disconnect(receive: Receive, deadline: asyncio.Timeout) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            deadline.reschedule(-1.0)  # in the past: the request is cancelled at once
-            return

@@ -16,25 +16,24 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from vllmd.admission import Admission
 from vllmd.config import Config, ModelConfig
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot
 from vllmd.errors import InvalidState, ModelNotFound, StartFailed, VllmdError
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
-from vllmd.instance.states import InstanceState
+from vllmd.instance.states import RUNNING, InstanceState
 from vllmd.instance.status import ModelStatus
 from vllmd.overrides import Overrides
 from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
+from vllmd.supervisor.admission import Admission
 
-if TYPE_CHECKING:  # the reload's module is loaded by the first reload (see vllmd.reload)
+if TYPE_CHECKING:  # the reload's module is loaded by the first reload (see vllmd.supervisor.reload)
     from vllmd.config.diff import ReloadPlan
 
 S = InstanceState
 log = structlog.get_logger("vllmd.supervisor")
-_RUNNING = frozenset({S.STARTING, S.READY, S.DRAINING, S.SLEEPING, S.WAKING})
 
 
 class Supervisor:
@@ -116,8 +115,8 @@ class Supervisor:
 
     def _start_actor(self, instance: Instance) -> None:
         # start_soon, not start: an actor has nothing to wait for (what is asked of it is kept
-        # on the instance until its loop looks), and waiting for each one's first step cost
-        # ~0.07 ms per model before READY (70 ms with 1,000 models).
+        # on the instance until its loop looks), and waiting for each one's first step would
+        # delay READY by a step per model (docs/performance.md "Start-up").
         assert self._tg is not None, "the supervisor is not running"
         scope = anyio.CancelScope()
         self._actors[instance.name] = scope
@@ -152,7 +151,7 @@ class Supervisor:
         """Carry out a reload's plan (`config.diff.plan_reload`): removed models stop and go,
         engine-changing ones are replaced (and started again if they were running), the
         rest take their new settings in place, new ones appear (loaded if `preload`)."""
-        running = {n for n, i in self._instances.items() if i.state in _RUNNING}
+        running = {n for n, i in self._instances.items() if i.state in RUNNING}
         self._ctx.use_config(config)
         self._ctx.overrides.reconcile(config.models)
         for name in plan.removed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
-# DESIGN "Gateway": the routes that carry a model and go to its engine.
+# docs/design.md "Gateway": the routes that carry a model and go to its engine.
 MODEL_ROUTES: Final = (
     "/v1/chat/completions",
     "/v1/completions",

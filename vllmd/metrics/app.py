@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from vllmd.http import engines_metrics
-from vllmd.http.asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
+from vllmd.httpserver.asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 from vllmd.metrics import Metrics
+from vllmd.metrics import relay as engines_metrics
 
 
 class MetricsApp:

@@ -29,9 +29,9 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from vllmd.http.asgi import Receive, Scope, Send
-from vllmd.http.connection import Connection
-from vllmd.http.exchange import Exchange
+from vllmd.httpserver.asgi import Receive, Scope, Send
+from vllmd.httpserver.connection import Connection
+from vllmd.httpserver.exchange import Exchange
 
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 

@@ -189,10 +189,10 @@ class UnixServer:
             client.close()
             self._connections -= 1
             return
-        # At the first connection, not at start: h11 and the protocol's code were ~10 ms of
+        # At the first connection, not at start: h11 and the protocol's code are a share of
         # the daemon's start-up, and the control API is often not called for hours.
         try:
-            from vllmd.http.unix_conn import ControlConnection  # (its failure: one connection)
+            from vllmd.control.connection import ControlConnection  # (its failure: one connection)
 
             async with stream:
                 await ControlConnection(

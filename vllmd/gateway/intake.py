@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from vllmd.http.asgi import HTTPError
+from vllmd.gateway.errors import Code, gateway_error
 
 # The last two hex digits of an id, for a block of 256 ids made at once.
 _LAST_TWO = tuple(f"{i:02x}" for i in reversed(range(256)))
@@ -89,16 +89,16 @@ def json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):  # (nested deeper than the parser goes)
-        raise HTTPError(400, "invalid_request", "the request body is not valid JSON") from None
+        raise gateway_error(Code.INVALID_REQUEST, "the request body is not valid JSON") from None
     if not isinstance(payload, dict):
-        raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
+        raise gateway_error(Code.INVALID_REQUEST, "the request body must be a JSON object")
     return payload
 
 
 def body_model(payload: dict[str, Any]) -> str:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        raise HTTPError(400, "invalid_request", "the request body has no `model`")
+        raise gateway_error(Code.INVALID_REQUEST, "the request body has no `model`")
     return model
 
 

@@ -1,4 +1,5 @@
-"""The control API (DESIGN "Control API"): HTTP/1.1 + JSON on the control socket, prefix /v1.
+"""The control API (docs/design.md "Control API"): HTTP/1.1 + JSON on the control socket,
+prefix /v1.
 
 It only asks: every state change goes through the supervisor, the same paths the gateway's
 requests take. Each connection's peer (SO_PEERCRED) is known; mutating calls are allowed to
@@ -21,6 +22,17 @@ from anyio.abc import TaskGroup, TaskStatus
 from vllmd import __version__
 from vllmd.alerts import AlertEngine
 from vllmd.context import Context
+from vllmd.control.errors import STATUSES, ControlError
+from vllmd.control.listener import Peer, Reply, Request, Streamed
+from vllmd.control.query import (
+    Since,
+    allow,
+    bool_param,
+    flag,
+    float_param,
+    int_param,
+    parse_since,
+)
 from vllmd.errors import (
     ConfigError,
     InsufficientMemory,
@@ -31,23 +43,12 @@ from vllmd.errors import (
     VllmdError,
 )
 from vllmd.events import EventBus, Kind
-from vllmd.http.control_errors import STATUSES, ControlError
-from vllmd.http.query import (
-    Since,
-    allow,
-    bool_param,
-    flag,
-    float_param,
-    int_param,
-    parse_since,
-)
-from vllmd.http.unix import Peer, Reply, Request, Streamed
-from vllmd.http.views import model_view
 from vllmd.instance.instance import Instance
 from vllmd.metrics import Metrics
-from vllmd.reload import Reloader
 from vllmd.store import StateStore
-from vllmd.supervisor import Supervisor
+from vllmd.supervisor.commands import Supervisor
+from vllmd.supervisor.reload import Reloader
+from vllmd.supervisor.views import model_view
 
 log = structlog.get_logger("vllmd.control")
 VERBS = frozenset({"load", "unload", "sleep", "wake", "restart", "pin", "unpin"})

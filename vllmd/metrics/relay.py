@@ -16,16 +16,12 @@ from typing import Protocol
 import anyio
 import structlog
 
-from vllmd.instance.states import InstanceState
+from vllmd.instance.states import SCRAPED, InstanceState
 
 log = structlog.get_logger("vllmd.engines_metrics")
 
-S = InstanceState
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_TIMEOUT = 2.0
-# An engine answers /metrics in these states (a starting one has no server yet; a stopping
-# one is going away).
-SCRAPED = frozenset({S.READY, S.DRAINING, S.SLEEPING, S.WAKING})
 # Sample names of a family named `name`: `name` itself or one of these suffixes.
 _SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created", "_info", "_gsum", "_gcount")
 

@@ -1,6 +1,6 @@
 """Generate the demo models that vllmd's tests, examples and benchmarks serve.
 
-    python -m vllmd.demo_models OUTDIR [--force]
+    python -m tools.demo_models OUTDIR [--force]
 
 creates, under OUTDIR:
 
@@ -207,8 +207,8 @@ def generate(outdir: Path, *, force: bool = False) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m vllmd.demo_models OUTDIR [--force]``."""
-    parser = argparse.ArgumentParser(prog="python -m vllmd.demo_models", description=__doc__)
+    """Command line: ``python -m tools.demo_models OUTDIR [--force]``."""
+    parser = argparse.ArgumentParser(prog="python -m tools.demo_models", description=__doc__)
     parser.add_argument("outdir", type=Path, help="directory to create the models under")
     parser.add_argument("--force", action="store_true", help="regenerate complete models too")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ hands body chunks over as they arrive. httpx stays vllmd's client for everything
 Errors are `UpstreamError`s named as httpx names them (`ConnectError`, `ConnectTimeout`,
 `ReadError`, `RemoteProtocolError`); the tests' httpx path translates its errors into them,
 so the proxy has one error vocabulary for either client, and the daemon does not import
-httpx until it talks to an engine or an Alertmanager (~20 ms of every start).
+httpx until it talks to an engine or an Alertmanager (docs/performance.md "Start-up").
 
 Idle connections are kept LIFO (the warmest first); one the engine closed is known at once
 (`connection_lost`) and never reused, nor one idle longer than KEEP_IDLE (the engine's uvicorn

@@ -1,4 +1,4 @@
-"""One client connection of `vllmd.http.server`: its bytes parsed by httptools, its requests
+"""One client connection of `vllmd.httpserver.server`: its bytes parsed by httptools, its requests
 answered in order (each an `Exchange`), its flow control both ways, and the server's own plain
 answers (400, 431, 500, 503)."""
 
@@ -14,10 +14,10 @@ from urllib.parse import unquote
 import httptools
 import structlog
 
-from vllmd.http.exchange import ON_DISCONNECT, READ_HIGH, STATUS_LINES, Exchange
+from vllmd.httpserver.exchange import ON_DISCONNECT, READ_HIGH, STATUS_LINES, Exchange
 
 if TYPE_CHECKING:
-    from vllmd.http.server import Server
+    from vllmd.httpserver.server import Server
 
 log = structlog.get_logger("vllmd.http")
 
@@ -225,10 +225,10 @@ class Connection(asyncio.Protocol):
 
     async def _work(self, exchange: Exchange) -> None:
         """Runs the app for each request of this connection in turn: one task for the
-        connection, not one per request (a task's creation, registration and end cost ~1.8
-        us of every request). An app's context variables are the connection's, then; the
-        daemon's apps set none. A request begun while the app still runs for the one before
-        (pipelined, its answer complete) waits for that app to return."""
+        connection, not one per request (a task's creation, registration and end are a
+        large share of a request: docs/performance.md). An app's context variables are the
+        connection's, then; the daemon's apps set none. A request begun while the app still
+        runs for the one before (pipelined, its answer complete) waits for that app."""
         try:
             while True:
                 await self._run(exchange)

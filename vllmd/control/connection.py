@@ -15,7 +15,7 @@ import h11
 import structlog
 from anyio.abc import SocketStream
 
-from vllmd.http.unix import Handler, Peer, Refusal, Reply, Request, Streamed
+from vllmd.control.listener import Handler, Peer, Refusal, Reply, Request, Streamed
 
 log = structlog.get_logger("vllmd.control")
 
