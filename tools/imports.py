@@ -1,9 +1,10 @@
 """vllmd's import graph between its top-level units, with the upward imports and the loops.
 
 A unit is a subpackage of vllmd/ or a top-level module. An edge A -> B is any `import` of B
-inside A (at module level or inside a function; imports under `if TYPE_CHECKING:` aside, as
-they never run). The layers below are the architecture's order, lowest first
-(docs/architecture.md); an edge from a lower unit to a higher one runs back up.
+inside A, or `importlib.import_module` of a constant name (at module level or inside a
+function; imports under `if TYPE_CHECKING:` aside, as they never run). The layers below are
+the architecture's order, lowest first (docs/architecture.md); an edge from a lower unit to
+a higher one runs back up.
 
     python tools/imports.py            # the edges by layer, upward ones and the loops
     python tools/imports.py --dot      # the graph for graphviz
@@ -45,11 +46,12 @@ LAYERS: list[tuple[str, ...]] = [
 
 
 def units() -> list[str]:
+    """Every subpackage of vllmd/ (with or without an __init__.py) and top-level module."""
     found = []
     for path in sorted(PACKAGE.iterdir()):
-        if path.name.startswith(("_", ".")):
+        if path.name in ("__init__.py", "__main__.py") or path.name.startswith("."):
             continue
-        if path.is_dir() and (path / "__init__.py").exists():
+        if path.is_dir() and any(path.rglob("*.py")):
             found.append(path.name)
         elif path.suffix == ".py":
             found.append(path.stem)
@@ -80,6 +82,16 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[str
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, node.lineno
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+            == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield node.args[0].value, node.lineno  # importlib.import_module("vllmd.x")
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".")

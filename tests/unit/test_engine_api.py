@@ -122,7 +122,7 @@ async def test_is_sleeping_rejects_a_malformed_answer(payload: object) -> None:
 
 async def test_is_sleeping_rejects_an_answer_that_is_not_json() -> None:
     async with engine(lambda request: httpx.Response(200, text="<html>")) as (api, _):
-        with pytest.raises(EngineUnavailable, match="is_sleeping"):
+        with pytest.raises(EngineUnavailable, match="Expecting value"):
             await api.is_sleeping()
 
 
@@ -223,3 +223,12 @@ async def test_the_upstream_goes_through_the_same_transport() -> None:
         response = await upstream.post("/v1/completions", b"{}", [])
         assert await response.aread() == b"{}"
     assert [r.url.path for r in seen] == ["/health", "/v1/completions"]
+
+
+async def test_is_sleeping_rejects_an_answer_nested_too_deep_to_parse() -> None:
+    """Regression: a RecursionError from the JSON parser is no ValueError; it must still be
+    the engine's failure (a sleep_failed event), not an exception through the daemon."""
+    deep = "[" * 100_000 + "]" * 100_000
+    async with engine(lambda request: httpx.Response(200, text=deep)) as (api, _):
+        with pytest.raises(EngineUnavailable):
+            await api.is_sleeping()

@@ -114,6 +114,13 @@ def test_the_graph_skips_type_checking_imports_and_reads_lazy_ones() -> None:
         "if TYPE_CHECKING:\n    from vllmd.gateway import app\n"
         "def f():\n    from vllmd.engine.api import EngineAPI\n"
         "from . import sibling\n"
+        "import importlib\nimportlib.import_module('vllmd.control.api')\n"
     )
     found = sorted(m for m, _ in imports._imports(ast.parse(source), "vllmd.store.db", False))
-    assert found == ["typing.TYPE_CHECKING", "vllmd.engine.api", "vllmd.store.sibling"]
+    assert found == [
+        "importlib",
+        "typing.TYPE_CHECKING",
+        "vllmd.control.api",
+        "vllmd.engine.api",
+        "vllmd.store.sibling",
+    ]

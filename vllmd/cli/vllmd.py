@@ -123,4 +123,5 @@ async def _run(config: Config) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script, this module's imports would come before the entry module's steps.
+    sys.exit("run `vllmd`, or `python -m vllmd.cli.entry`: vllmd.cli.vllmd is not a script")

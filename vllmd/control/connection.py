@@ -1,4 +1,4 @@
-"""One connection of the control listener (`unix.py`): HTTP/1.1 through h11, requests read
+"""One connection of the control listener (`listener.py`): HTTP/1.1 through h11, requests read
 within the listener's limits, replies whole or streamed.
 
 Imported at the first connection, not with the listener: h11 is needed only once a client

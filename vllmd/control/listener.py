@@ -2,7 +2,7 @@
 
 uvicorn's ASGI scope does not carry the connection's socket, and SO_PEERCRED needs it, so the
 control API has its own small server: anyio's listener, h11 for the protocol (the parser httpx
-already brings; `unix_conn.py`, loaded at the first connection). It binds the socket itself
+already brings; `connection.py`, loaded at the first connection). It binds the socket itself
 (mode and group set before anyone can connect; a stale file removed, a live one refused), takes
 over no signals, and cuts off what a local client must not do to the daemon: a request over
 `max_request` bytes, one whose head and body take longer than `request_timeout`, connections

@@ -193,7 +193,8 @@ class EngineAPI:
         self.client = client
 
     async def _call(self, method: str, path: str, timeout: float, **kwargs: Any) -> httpx.Response:
-        """One call whose answer must be a success: anything else is `EngineUnavailable`."""
+        """One call whose answer must be a success: anything else is `EngineUnavailable`
+        (httpx's RuntimeErrors too: a stream consumed twice, a client closed under it)."""
         import httpx
 
         try:
@@ -201,8 +202,8 @@ class EngineAPI:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
             raise EngineUnavailable(str(exc), refused=True) from exc
-        except httpx.HTTPError as exc:
-            raise EngineUnavailable(str(exc) or type(exc).__name__) from exc
+        except (httpx.HTTPError, RuntimeError) as exc:
+            raise EngineUnavailable(str(exc)) from exc
         return response
 
     async def healthy(self, timeout: float = 2.0) -> bool:
@@ -241,8 +242,8 @@ class EngineAPI:
         response = await self._call("GET", "/is_sleeping", timeout)
         try:
             body = response.json()
-        except ValueError:
-            body = None
+        except (ValueError, RecursionError) as exc:  # (nested deeper than the parser goes)
+            raise EngineUnavailable(str(exc)) from exc
         if not isinstance(body, dict) or not isinstance(body.get("is_sleeping"), bool):
             raise EngineUnavailable(f"unexpected /is_sleeping answer: {response.text[:100]!r}")
         return bool(body["is_sleeping"])
