@@ -208,10 +208,30 @@ class Gateway:
                 body = json.dumps(payload).encode()
             if not self.accepting:
                 raise http_error(ShuttingDown())
-            outcome = GONE  # from here, a request cancelled or never sent: the client left
-            outcome = await self._forward_unless_gone(
-                scope, send, route, body, instance, request_id
-            )
+            # From here the client may leave: its disconnect cancels the queue wait or the
+            # upstream request (which makes vLLM abort the generation). vllmd's server calls
+            # back when the client leaves (ON_DISCONNECT) and the callback cancels this task:
+            # a task group, a cancel scope or an asyncio.timeout per request would each cost
+            # more than the rest of the gateway's own work (docs/performance.md). Under a
+            # server without that extension the request is forwarded unwatched.
+            outcome = GONE  # a request cancelled or never sent: the client left
+            watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
+            if watch is None:
+                outcome = await self._forward(scope, send, route, body, instance, request_id)
+            else:
+                left = CancelOnLeave()
+                watch(left)  # calls back at once if the client has left already
+                try:
+                    if not left.fired:  # (else it left already: nothing is forwarded)
+                        left.arm(self._loop or asyncio.get_running_loop())
+                        outcome = await self._forward(
+                            scope, send, route, body, instance, request_id
+                        )
+                except asyncio.CancelledError:
+                    if not left.uncancel():
+                        raise  # (also) cancelled by someone else: the server's shutdown
+                finally:
+                    watch(None)
         except ClientGone:
             outcome = GONE
         except HTTPError as exc:
@@ -225,38 +245,6 @@ class Gateway:
             if model_label and self._observations is not None:
                 self._observations.request(model_label, status, ttfb, self._ctx.clock())
             self._log.request(request_id, model_label, route, status, seconds)
-
-    async def _forward_unless_gone(
-        self,
-        scope: Scope,
-        send: Send,
-        route: str,
-        body: bytes,
-        instance: Instance,
-        request_id: str,
-    ) -> Forwarded:
-        """`_forward`, cancelled when the client leaves: its disconnect cancels the queue
-        wait or the upstream request (which makes vLLM abort the generation). vllmd's server
-        calls back when the client leaves (ON_DISCONNECT) and the callback cancels this task:
-        a task group, a cancel scope or an asyncio.timeout per request each cost more than the
-        rest of the gateway's own work. Under a server without that extension the request is
-        forwarded unwatched."""
-        watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
-        if watch is None:
-            return await self._forward(scope, send, route, body, instance, request_id)
-        left = CancelOnLeave()
-        watch(left)  # calls back at once if the client has left already
-        try:
-            if left.fired:
-                return GONE  # it left already: nothing is forwarded
-            left.arm(self._loop or asyncio.get_running_loop())
-            return await self._forward(scope, send, route, body, instance, request_id)
-        except asyncio.CancelledError:
-            if not left.uncancel():
-                raise  # (also) cancelled by someone else: the server's shutdown
-            return GONE
-        finally:
-            watch(None)
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None and length.isdigit() and int(length) > self._max_body:
