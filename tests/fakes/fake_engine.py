@@ -39,6 +39,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -537,6 +538,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def bind_early(path: str | None) -> socket.socket | None:
+    if path is None:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)  # bound, not listening: a connect is refused
+    return sock
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mode, _, mode_arg = os.environ.get("FAKE_MODE", "ok").partition(":")
@@ -554,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("FAKE_SPAWN_CHILDREN") == "1":
         spawn_children()
     fake = FakeEngine(args, mode, mode_arg)
+    # vLLM binds its Unix socket before it loads the model and listens only once it serves
+    # (vllm/entrypoints/openai/api_server.py binds in `run_server`, `serve_http` listens):
+    # the file exists and every connect is refused for the whole load.
+    early = bind_early(args.uds)
     log("vLLM API server version 0.0.0+fake")
     log(f"non-default args: {{'model': {fake.root!r}, 'served_model_name': {fake.names!r}}}")
     if os.environ.get("FAKE_NOISY_OUTPUT") == "1":
@@ -571,8 +584,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(3)
     while mode == "hang":
         time.sleep(3600)
+    if early is not None:
+        early.close()
+        os.unlink(args.uds)
     where = f"unix:{args.uds}" if args.uds else f"http://{args.host}:{args.port}"
-    log(f"Starting vLLM API server 0 on {where}")
+    log(f"Starting vLLM server on {where}")  # vllm/entrypoints/launchers/api_server/entry.py
     listen: dict[str, Any] = (
         {"uds": args.uds} if args.uds else {"host": args.host, "port": args.port}
     )

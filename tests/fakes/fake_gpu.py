@@ -7,13 +7,21 @@ The fake driver is a directory (`FAKE_GPU_DIR`) shared by the test and the fake 
 - `proc-<pid>.json`: one process holding memory on one device, `{"pid", "created", "device",
   "bytes", "model", "engine", "foreign", "dead_at"}`.
 
+Each device has a part the driver and firmware reserve (NVML v2's `reserved`, outside CUDA's
+total: `total - reserved` is what CUDA and vLLM see; an H100 80GB reads 81559 MiB in v1 with
+~600 MiB reserved).
+
 Engine side (`WorkerMemory`, used by tests/fakes/fake_engine.py when FAKE_GPU_DIR is set): like
 vLLM, the memory is held by a Worker process, a child of the API server in its process group
-(one per GPU in CUDA_VISIBLE_DEVICES), not by the API server itself. At startup the engine
-refuses to run when a device's free memory is below `--gpu-memory-utilization` x total, with
-vLLM's message; the worker takes its share after FAKE_GPU_ALLOC_DELAY seconds (vLLM allocates
-after loading and profiling, while /health still refuses connections); /sleep leaves a residue
-on the GPU, /wake_up takes the full share again.
+(one per GPU in CUDA_VISIBLE_DEVICES), not by the API server itself. As in vLLM's
+`Worker.init_device` (vllm/v1/worker/gpu_worker.py), the worker first creates its CUDA context
+(and NCCL's buffers): that memory is held before anything is measured. Then
+`request_memory` (vllm/v1/worker/utils.py) asks for ceil(F x CUDA's total), F being
+`--gpu-memory-utilization`, and refuses to start when CUDA's free memory (after the context)
+is below it, with vLLM's message. So the engine's footprint is context + F x total: the
+context lies outside the fraction. The worker takes its share after FAKE_GPU_ALLOC_DELAY
+seconds (vLLM allocates after loading and profiling, while /health still refuses
+connections); /sleep leaves a residue on the GPU, /wake_up takes the full share again.
 
 Test side (`FakeGpu`, a vllmd `DeviceProbe`): reads the directory at each snapshot. Memory of
 a process that has exited is released the way a driver does it: its pid stays in the
@@ -24,7 +32,8 @@ Foreign processes (not vllmd's) are added with `add_foreign`.
 Environment of a fake engine:
   FAKE_GPU_DIR          the driver directory (FakeGpu.env() gives it).
   FAKE_GPU_ALLOC_DELAY  seconds from start until the worker holds its memory (default 0.1).
-  FAKE_GPU_BYTES        bytes the worker holds per device (default: utilization x total).
+  FAKE_GPU_BYTES        bytes the worker holds per device once allocated, context included
+                        (default: context + ceil(utilization x CUDA's total)).
   FAKE_GPU_RESIDUE_L1   bytes left on the GPU by a level-1 sleep (default 1 GiB), and
   FAKE_GPU_RESIDUE_L2   by a level-2 sleep (default 1 GiB).
   FAKE_GPU_CHECK_FREE   0: skip vLLM's free-memory check at startup (default 1).
@@ -53,6 +62,7 @@ import psutil
 from vllmd.devices import DeviceSnapshot, GpuProcess
 
 GiB = 2**30
+MiB = 2**20
 DEFAULT_RESIDUE = GiB  # a real sleeper keeps its CUDA context and graph pools: 1-7 GB
 DRIVER_FILE = "gpu.json"
 # Above Linux's largest possible pid (PID_MAX_LIMIT = 2**22): never a real process.
@@ -64,7 +74,13 @@ WORKER = "import time; time.sleep(3600)"
 class Device:
     name: str
     uuid: str
-    total: int
+    total: int  # the whole device, as NVML's v1 total
+    reserved: int = 0  # the driver's: NVML v2's `reserved`, never offered to CUDA
+
+    @property
+    def cuda_total(self) -> int:
+        """What CUDA (torch.cuda.mem_get_info) and so vLLM see as the device's total."""
+        return self.total - self.reserved
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +90,7 @@ class Driver:
     devices: tuple[Device, ...]
     release_lag: float = 0.0
     free_lag: float = 0.0
+    context: int = 0  # what each engine's worker holds from its CUDA context on, per GPU
 
     def find(self, visible: str) -> Device | None:
         """A device by uuid, name or index, as CUDA_VISIBLE_DEVICES may name it."""
@@ -84,17 +101,25 @@ class Driver:
 
     def dump(self) -> dict[str, Any]:
         return {
-            "devices": [{"name": d.name, "uuid": d.uuid, "total": d.total} for d in self.devices],
+            "devices": [
+                {"name": d.name, "uuid": d.uuid, "total": d.total, "reserved": d.reserved}
+                for d in self.devices
+            ],
             "release_lag": self.release_lag,
             "free_lag": self.free_lag,
+            "context": self.context,
         }
 
     @staticmethod
     def load(data: Mapping[str, Any]) -> Driver:
         return Driver(
-            devices=tuple(Device(d["name"], d["uuid"], int(d["total"])) for d in data["devices"]),
+            devices=tuple(
+                Device(d["name"], d["uuid"], int(d["total"]), int(d.get("reserved", 0)))
+                for d in data["devices"]
+            ),
             release_lag=float(data["release_lag"]),
             free_lag=float(data["free_lag"]),
+            context=int(data.get("context", 0)),
         )
 
 
@@ -183,7 +208,9 @@ class Sighting:
 
 
 class FakeGpu:
-    """`count` GPUs named "0", "1", ... of `total` bytes each, backed by `directory`.
+    """`count` GPUs named "0", "1", ... of `total` bytes each (`reserved` of them the driver's),
+    backed by `directory`; each engine's worker holds `context` bytes per GPU from its start.
+    The defaults follow a real GPU: ~0.75% reserved, a 512 MiB context.
 
     Give the fake engines `env()`; read what vllmd saw in `readings` and `sightings`, or wait
     for a snapshot with `wait_for`."""
@@ -194,16 +221,21 @@ class FakeGpu:
         *,
         count: int = 1,
         total: int = 20 * GiB,
+        reserved: int | None = None,
+        context: int = 512 * MiB,
         release_lag: float = 0.0,
         free_lag: float = 0.0,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4()
+        if reserved is None:
+            reserved = round(total * 0.0074 / MiB) * MiB  # an H100's 600 of 81559 MiB
         self._driver = Driver(
-            devices=tuple(Device(str(i), f"GPU-{tag}-{i}", total) for i in range(count)),
+            devices=tuple(Device(str(i), f"GPU-{tag}-{i}", total, reserved) for i in range(count)),
             release_lag=release_lag,
             free_lag=free_lag,
+            context=context,
         )
         _write_json(directory / DRIVER_FILE, self._driver.dump())
         self._down: dict[str, str] = {}  # device -> error
@@ -227,8 +259,13 @@ class FakeGpu:
 
     def set_release(self, release_lag: float, free_lag: float = 0.0) -> None:
         """Change how long the driver keeps an exited process's memory."""
-        self._driver = Driver(self._driver.devices, release_lag, free_lag)
+        self._driver = Driver(self._driver.devices, release_lag, free_lag, self._driver.context)
         _write_json(self.directory / DRIVER_FILE, self._driver.dump())
+
+    def cuda_total(self, device: str = "0") -> int:
+        found = self._driver.find(device)
+        assert found is not None
+        return found.cuda_total
 
     def add_foreign(self, nbytes: int, device: str = "0") -> int:
         """A process that is not vllmd's takes `nbytes` on `device`; returns its (fake) pid."""
@@ -305,16 +342,18 @@ class FakeGpu:
                 error=self._down[device.name],
             )
         mine = [h for h in held if h.device == device.name]
-        used = min(device.total, used_on(mine, device.name))
+        total = device.cuda_total  # what NvmlProbe reads from NVML's v2 memory info
+        used = min(total, used_on(mine, device.name))
         return DeviceSnapshot(
             name=device.name,
             kind="gpu",
             uuid=device.uuid,
             index=index,
-            total=device.total,
-            device_total=device.total,
+            total=total,
+            device_total=total,
+            reserved=device.reserved,
             used=used,
-            free=device.total - used,
+            free=total - used,
             utilization=0.0,
             temperature=40.0,
             power=100.0,
@@ -342,10 +381,14 @@ class WorkerMemory:
         utilization: float | None,
         model: str,
         environ: Mapping[str, str],
+        context: int = 0,
     ) -> None:
         self._directory = directory
         self._devices = devices
-        self._full = {d.name: full if full is not None else _share(d, utilization) for d in devices}
+        self._context = context
+        self._full = {
+            d.name: full if full is not None else context + _share(d, utilization) for d in devices
+        }
         self._residue = {
             level: int(environ.get(f"FAKE_GPU_RESIDUE_L{level}", DEFAULT_RESIDUE))
             for level in (1, 2)
@@ -361,8 +404,9 @@ class WorkerMemory:
     def start(
         cls, utilization: float | None, model: str, environ: Mapping[str, str]
     ) -> WorkerMemory:
-        """Check free memory like vLLM (raises StartupRefused), spawn the workers and have
-        them take their memory after FAKE_GPU_ALLOC_DELAY seconds."""
+        """Spawn the workers, each holding its CUDA context at once; check free memory like
+        vLLM's `request_memory` (raises StartupRefused, the workers gone); have them take
+        their share after FAKE_GPU_ALLOC_DELAY seconds."""
         directory = Path(environ["FAKE_GPU_DIR"])
         driver, held = read_driver(directory)
         devices = []
@@ -374,27 +418,38 @@ class WorkerMemory:
         if not devices:
             raise StartupRefused("RuntimeError: No CUDA GPUs are available")
         full = int(environ["FAKE_GPU_BYTES"]) if environ.get("FAKE_GPU_BYTES") else None
-        memory = cls(directory, devices, full, utilization, model, environ)
-        if environ.get("FAKE_GPU_CHECK_FREE", "1") != "0":
-            for device in devices:
-                free = device.total - used_on(held, device.name)
-                wanted = _share(device, utilization) if utilization else memory._full[device.name]
-                if free < wanted:
-                    raise StartupRefused(
-                        f"ValueError: Free memory on device ({free / GiB:.2f}/"
-                        f"{device.total / GiB:.2f} GiB) on startup is less than desired GPU "
-                        f"memory utilization ({utilization}, {wanted / GiB:.2f} GiB). Decrease "
-                        "GPU memory utilization or reduce GPU memory used by other processes."
-                    )
+        memory = cls(directory, devices, full, utilization, model, environ, driver.context)
         for device in devices:
             # In the engine's process group, like vLLM's workers (not setsid).
             worker = subprocess.Popen([sys.executable, "-c", WORKER, "VLLM::Worker"])
             memory.workers[device.name] = worker
             memory._created[device.name] = psutil.Process(worker.pid).create_time()
+        memory._write()  # the CUDA context (and NCCL's buffers), before anything is measured
+        if environ.get("FAKE_GPU_CHECK_FREE", "1") != "0":
+            _, held = read_driver(directory)
+            for i, device in enumerate(devices):
+                # torch.cuda.mem_get_info: CUDA's free and total, this context already in use.
+                free = device.cuda_total - used_on(held, device.name)
+                wanted = _share(device, utilization)
+                if free < wanted:
+                    memory.stop()
+                    raise StartupRefused(
+                        f"ValueError: Free memory on device cuda:{i} ({_gib(free)}/"
+                        f"{_gib(device.cuda_total)} GiB) on startup is less than desired GPU "
+                        f"memory utilization ({utilization or 0.9}, {_gib(wanted)} GiB). "
+                        "Decrease GPU memory utilization or reduce GPU memory used by other "
+                        "processes."
+                    )
         timer = threading.Timer(float(environ.get("FAKE_GPU_ALLOC_DELAY", "0.1")), memory.allocate)
         timer.daemon = True
         timer.start()
         return memory
+
+    def stop(self) -> None:
+        """The workers exit (a refused start): their memory is the driver's business now."""
+        for worker in self.workers.values():
+            worker.kill()
+            worker.wait()
 
     def allocate(self) -> None:
         with self._lock:
@@ -412,13 +467,13 @@ class WorkerMemory:
             self._write()
 
     def _write(self) -> None:
-        if not self._allocated:
-            return
         for device in self._devices:
             worker = self.workers[device.name]
             if worker.poll() is not None:
                 continue  # a dead worker's memory is the driver's business now
-            nbytes = self._full[device.name]
+            nbytes = self._full[device.name] if self._allocated else self._context
+            if not nbytes:
+                continue
             if self._asleep_level:
                 nbytes = min(nbytes, self._residue[self._asleep_level])
             record = {
@@ -433,7 +488,12 @@ class WorkerMemory:
 
 
 def _share(device: Device, utilization: float | None) -> int:
-    """vLLM's budget on a device: the fraction of its TOTAL memory (FACTS.md)."""
+    """vLLM's `request_memory`: ceil(F x CUDA's total memory), F = --gpu-memory-utilization."""
     if utilization is None:
         utilization = 0.9  # vLLM's default
-    return math.floor(utilization * device.total)
+    return math.ceil(utilization * device.cuda_total)
+
+
+def _gib(nbytes: int) -> str:
+    """vLLM's format_gib: GiB rounded to two places."""
+    return f"{round(nbytes / GiB, 2)}"

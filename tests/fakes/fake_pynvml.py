@@ -2,6 +2,16 @@
 
 Injected with `NvmlProbe(nvml=FakeNvml(...))`. Errors are modelled on nvidia-ml-py 13: an
 NVMLError with `.value` (the NVML return code) and one subclass per code.
+
+Memory info follows NVML's two structures (nvml.h, `nvmlMemory_t` and `nvmlMemory_v2_t`;
+pynvml's `nvmlDeviceGetMemoryInfo(handle, version=None)`):
+- v1 (`version=None`): `total` is the whole device and `used` includes the memory the driver
+  and firmware reserve ("Sum of Reserved and Allocated device memory"), which CUDA never
+  offers (an idle A100 reads ~900 MB used in v1, ~8 MB in v2);
+- v2 (`version=nvmlMemory_v2`, the `nvmlDeviceGetMemoryInfo_v2` entry point): `total`,
+  `reserved`, `free`, `used` apart, `used` being allocated memory only. A driver without
+  that entry point answers NVML_ERROR_FUNCTION_NOT_FOUND (pynvml's
+  `_nvmlGetFunctionPointer`), as `memory_v2=False` does here.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_TEMPERATURE_GPU = 0
 NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE_ulonglong
+nvmlMemory_v2 = 0x02000028  # pynvml's constant: sizeof(nvmlMemory_v2_t) | 2 << 24
 
 
 class NVMLError(Exception):
@@ -60,7 +71,8 @@ class FakeGpu:
 
     uuid: str
     total: int = 80 * 2**30
-    used: int = 2**30
+    used: int = 2**30  # allocated (v2's `used`); v1 adds `reserved` to it
+    reserved: int = 0  # the driver's and firmware's: outside CUDA's total
     utilization_percent: int = 0
     temperature: int = 40
     power_milliwatts: int = 100_000
@@ -97,6 +109,7 @@ class FakeNvml(ModuleType):
         *,
         init_error: type[Exception] | None = None,
         driver: Literal["v3", "v2", "plain"] = "v3",
+        memory_v2: bool = True,
     ) -> None:
         super().__init__("fake_pynvml")
         self.gpus = list(gpus)
@@ -104,6 +117,8 @@ class FakeNvml(ModuleType):
         self.count_hang: threading.Event | None = None  # blocks discovery until set
         self.init_threads: list[int] = []
         self.shutdowns = 0
+        self.memory_v2 = memory_v2
+        self.nvmlMemory_v2 = nvmlMemory_v2
         # Set per instance so that "plain" can leave the _v3/_v2 attributes out altogether.
         if driver in ("v3", "v2"):
             v3: ProcessCall = self._processes if driver == "v3" else self._function_not_found
@@ -133,12 +148,20 @@ class FakeNvml(ModuleType):
     def nvmlDeviceGetUUID(self, gpu: FakeGpu) -> str:
         return gpu.uuid
 
-    def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> SimpleNamespace:
         gpu.memory_calls += 1
         if gpu.hang is not None:
             gpu.hang.wait(timeout=30)  # bounded, so a failed test cannot hang the run
         self._check(gpu, "memory")
-        return SimpleNamespace(total=gpu.total, used=gpu.used, free=gpu.total - gpu.used)
+        free = gpu.total - gpu.reserved - gpu.used
+        if not version:
+            return SimpleNamespace(total=gpu.total, used=gpu.used + gpu.reserved, free=free)
+        if not self.memory_v2:
+            raise NVMLError_FunctionNotFound()
+        assert version == nvmlMemory_v2, version
+        return SimpleNamespace(
+            version=version, total=gpu.total, reserved=gpu.reserved, free=free, used=gpu.used
+        )
 
     def nvmlDeviceGetUtilizationRates(self, gpu: FakeGpu) -> SimpleNamespace:
         self._check(gpu, "utilization")

@@ -483,3 +483,70 @@ async def test_models_wait_while_their_gpu_is_down_and_load_when_it_is_back(
     assert unready.status_code == 503
     assert [r.status_code for r in answers] == [200]
     assert ready.status_code == 200
+
+
+# --- the arithmetic of vLLM and NVML: an H100 80GB ----------------------------------------------
+
+MiB = 2**20
+H100 = {"total": 81559 * MiB, "reserved": 600 * MiB, "context": 512 * MiB}
+
+
+def _h100_config(tmp_path: Path, count: int = 3) -> Config:
+    models = {name: {"memory": "38GiB"} for name in "abc"[:count]}
+    return _config(tmp_path, models, scheduler={"evict_to": "sleep"})
+
+
+async def test_two_38_gib_models_share_an_h100_each_within_its_memory(tmp_path: Path) -> None:
+    """Defect: vLLM's fraction was memory / NVML's v1 total, and its CUDA context lies outside
+    the fraction: every engine took its reservation plus its context (and the driver's
+    reserved part was budgeted as if CUDA could use it). Now `memory` is the whole footprint:
+    F = (memory - overhead) / CUDA's total, so both fit beside the headroom, each measured
+    within its memory + 64 MiB, and the third evicts the least recently used and starts at
+    its first try."""
+    gpu = FakeGpu(tmp_path / "gpu", **H100)
+    async with running(_h100_config(tmp_path), gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b")
+        both = {n: i.state for n, i in run.supervisor.instances.items() if n in "ab"}
+        await _post_all(http, "c")
+        history = list(run.events.history)
+        states = {n: i.state for n, i in run.supervisor.instances.items()}
+    assert both == {"a": S.READY, "b": S.READY}
+    measured = {e.model: e.fields for e in _events(history, "measured")}
+    for name in "abc":
+        assert measured[name]["used_bytes"] <= 38 * GiB + 64 * MiB, (name, measured[name])
+        assert measured[name]["over_reservation_bytes"] == 0
+        # What vLLM allocated before it measured: its context, learned for the next start.
+        assert measured[name]["overhead_bytes"] == H100["context"]
+    assert [(e.model, e.fields["for_model"]) for e in _events(history, "evicted")] == [("a", "c")]
+    assert len(_events(history, "spawned", "c")) == 1 and not _events(history, "start_failed")
+    assert states == {"a": S.SLEEPING, "b": S.READY, "c": S.READY}
+
+
+async def test_the_learned_overhead_sizes_the_next_start(tmp_path: Path) -> None:
+    """The first start uses engine.gpu_overhead (1 GiB); it measures 512 MiB of context, so
+    the next start's fraction leaves 512 MiB out, and its footprint is its memory."""
+    gpu = FakeGpu(tmp_path / "gpu", **H100)
+    config = _h100_config(tmp_path, count=1)
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+        await run.supervisor.unload(run.supervisor.instances["a"])
+        await _post_all(http, "a")
+        history = list(run.events.history)
+    first, second = (e.fields for e in _events(history, "measured", "a"))
+    assert first["used_bytes"] == pytest.approx(37 * GiB + H100["context"], abs=8 * MiB)
+    assert second["used_bytes"] == pytest.approx(38 * GiB, abs=8 * MiB)
+    assert second["used_bytes"] <= 38 * GiB + 64 * MiB
+
+
+async def test_learned_overheads_outlive_the_daemon(tmp_path: Path) -> None:
+    """Kept in the state store (the `measured` events): a restarted daemon's first start of
+    the model already leaves the measured overhead, not the default, outside the fraction."""
+    gpu = FakeGpu(tmp_path / "gpu", **H100)
+    config = _h100_config(tmp_path, count=1)
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+        history = list(run.events.history)
+    (measured,) = _events(history, "measured", "a")
+    assert measured.fields["used_bytes"] == pytest.approx(38 * GiB, abs=8 * MiB)

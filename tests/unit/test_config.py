@@ -102,6 +102,14 @@ def test_empty_config_takes_the_documented_defaults(tmp_path: Path) -> None:
     assert [r.name for r in config.alerts.rules] == [r.name for r in DEFAULT_RULES]
 
 
+def test_a_model_across_several_gpus_does_not_sleep_by_default(tmp_path: Path) -> None:
+    """Sleep mode and tensor parallel wedge or leak in vLLM (custom all-reduce on its cumem
+    allocator): sleep_level defaults to 0 with several devices, and may still be set."""
+    two = QWEN + 'devices = ["0", "1"]\n'
+    assert load(tmp_path, two).models["qwen"].sleep_level == 0
+    assert load(tmp_path, two + "sleep_level = 1\n").models["qwen"].sleep_level == 1
+
+
 def test_model_defaults(tmp_path: Path) -> None:
     model = load(tmp_path, QWEN).models["qwen"]
     assert model.devices == ("0",)

@@ -79,6 +79,51 @@ async def test_snapshot_maps_memory_utilization_temperature_and_power() -> None:
     assert snapshot["1"].uuid == UUID1
 
 
+MiB = 2**20
+H100_V1_TOTAL = 81559 * MiB  # an H100 80GB as NVML's v1 reports it
+H100_RESERVED = 600 * MiB
+
+
+async def test_memory_is_cudas_view_from_nvml_v2() -> None:
+    """NVML v2 gives the driver's reserved part apart: CUDA's total (what vLLM's fraction is
+    of) is total - reserved; v2's used is allocated memory only."""
+    gpu = FakeGpu(UUID0, total=H100_V1_TOTAL, reserved=H100_RESERVED, used=3 * GiB)
+    reading = (await NvmlProbe(FakeNvml([gpu])).snapshot())["0"]
+    cuda_total = H100_V1_TOTAL - H100_RESERVED
+    assert (reading.total, reading.device_total, reading.reserved) == (
+        cuda_total,
+        cuda_total,
+        H100_RESERVED,
+    )
+    assert (reading.used, reading.free) == (3 * GiB, cuda_total - 3 * GiB)
+
+
+async def test_a_v1_driver_derives_the_reserved_part_from_an_idle_reading_and_says_so() -> None:
+    """Without nvmlDeviceGetMemoryInfo_v2, v1's used includes the reserved part: an idle
+    reading (no process) shows it whole; later readings keep it out of used and total."""
+    gpu = FakeGpu(UUID0, total=H100_V1_TOTAL, reserved=H100_RESERVED, used=0)
+    probe = NvmlProbe(FakeNvml([gpu], memory_v2=False))
+    with capture_logs() as logs:
+        idle = (await probe.snapshot())["0"]
+    assert idle.reserved == H100_RESERVED and idle.total == H100_V1_TOTAL - H100_RESERVED
+    assert idle.used == 0
+    assert [e["event"] for e in logs] == ["nvml_memory_v1"]
+    gpu.used, gpu.processes = 10 * GiB, ((4242, 10 * GiB),)
+    with capture_logs() as logs:
+        busy = (await probe.snapshot())["0"]
+    assert (busy.total, busy.used, busy.reserved) == (idle.total, 10 * GiB, H100_RESERVED)
+    assert logs == []  # said once
+
+
+async def test_a_v1_reading_with_unknown_process_memory_keeps_the_lowest_estimate() -> None:
+    gpu = FakeGpu(UUID0, total=H100_V1_TOTAL, reserved=H100_RESERVED, used=0)
+    probe = NvmlProbe(FakeNvml([gpu], memory_v2=False))
+    await probe.snapshot()
+    gpu.used, gpu.processes = 5 * GiB, ((4242, None),)  # WDDM-like: no per-process figure
+    reading = (await probe.snapshot())["0"]
+    assert reading.reserved == H100_RESERVED and reading.used == 5 * GiB
+
+
 @pytest.mark.parametrize("driver", ["v3", "v2", "plain"])
 async def test_compute_processes_fall_back_to_older_nvml_calls(driver: str) -> None:
     """_v3 is missing on old drivers (FunctionNotFound) and on old pynvml (no attribute)."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ from vllmd.engine.argv import (
     PlacedDevice,
     build_launch,
     clean_environ,
+    gpu_request,
 )
 from vllmd.errors import ConfigError
 from vllmd.weights import weights_bytes
 
 GiB = 2**30
+MiB = 2**20
 
 
 def _config(tmp_path: Path, model: dict[str, Any] | None = None, **engine: Any) -> Config:
@@ -75,6 +78,28 @@ def test_gpu_reservation_becomes_a_rounded_down_utilization_fraction(tmp_path: P
         cfg.models["m"], cfg.engine, UDS, (PlacedDevice("0", "gpu", 3 * 20 * GiB + 1),), {}
     ).argv
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.3333"
+
+
+def test_the_fraction_leaves_the_engines_overhead_outside_it(tmp_path: Path) -> None:
+    """vLLM creates its CUDA context before it takes F x CUDA's total: `memory` is the whole
+    footprint, so F = (memory - overhead) / total (vllm/v1/worker/utils.py request_memory)."""
+    cfg = _config(tmp_path, {"memory": "38GiB"})
+    cuda_total = (81559 - 600) * MiB  # an H100 80GB: NVML v2 total less the driver's part
+    placed = (PlacedDevice("0", "gpu", cuda_total, "GPU-a", overhead=GiB),)
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, placed, {}).argv
+    fraction = float(argv[argv.index("--gpu-memory-utilization") + 1])
+    assert fraction == math.floor(37 * GiB / cuda_total * 10_000) / 10_000
+    requested = gpu_request(cfg.models["m"], placed)
+    assert requested == math.ceil(fraction * cuda_total)
+    assert requested is not None and 37 * GiB - 10 * MiB < requested <= 37 * GiB
+    assert gpu_request(cfg.models["m"], CPU) is None
+
+
+def test_a_reservation_the_overhead_eats_whole_is_a_config_error(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"memory": "1GiB"})
+    placed = (PlacedDevice("0", "gpu", 80 * GiB, "GPU-a", overhead=GiB),)
+    with pytest.raises(ConfigError, match=r"models\.m\.memory: .*overhead"):
+        build_launch(cfg.models["m"], cfg.engine, UDS, placed, {})
 
 
 def test_tensor_parallel_and_uuid_addressing_on_two_gpus(tmp_path: Path) -> None:

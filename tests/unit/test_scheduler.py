@@ -600,3 +600,15 @@ def test_next_change_is_when_the_model_is_past_both_min_residency_and_recent_use
     # NOW+50; planning again at NOW+25 finds it still too young.
     s = snap(mod("v", 60, S.READY, active_since=NOW - 10, last_used=NOW - 5), min_residency=60.0)
     assert next_change(s) == NOW + 50
+
+
+def test_over_reservation_has_a_tolerance_of_64_mib() -> None:
+    """What NVML reports moves by a few MiB with the allocator: within 64 MiB over its
+    reservation an engine is not over it."""
+    from vllmd.placement.scheduler import OVER_RESERVATION_TOLERANCE, over_reservation
+
+    mib = 2**20
+    assert 64 * mib == OVER_RESERVATION_TOLERANCE
+    assert over_reservation(1000 * mib + 64 * mib, 1000 * mib) == 0
+    assert over_reservation(1000 * mib + 65 * mib, 1000 * mib) == 65 * mib
+    assert over_reservation(900 * mib, 1000 * mib) == 0

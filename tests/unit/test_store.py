@@ -4,6 +4,7 @@ restarts, engine records and desired state kept, retention, and each way a datab
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -384,3 +385,22 @@ async def test_a_database_this_run_could_not_open_keeps_its_desired_state(
         tg.cancel_scope.cancel()
     with sqlite3.connect(tmp_path / "vllmd.db") as conn:
         assert [m for (m,) in conn.execute("SELECT model FROM loaded_on_purpose")] == ["a"]
+
+
+def test_each_models_last_learned_gpu_overhead_is_read_back(tmp_path: Path) -> None:
+    """The overhead a start measured (event `measured`) outlives the daemon: the newest one
+    per model is read at open; measurements without it (cpu engines) are not overheads."""
+    conn, _ = state_db.connect(tmp_path / state_db.FILENAME)
+    rows = [
+        (1, "measured", "a", {"used_bytes": 10, "overhead_bytes": 700}),
+        (2, "measured", "b", {"used_bytes": 10}),
+        (3, "state", "a", {"new": "ready"}),
+        (4, "measured", "a", {"used_bytes": 10, "overhead_bytes": 512}),
+    ]
+    with conn:
+        conn.executemany(
+            "INSERT INTO events (id, time, kind, model, fields) VALUES (?, 0, ?, ?, ?)",
+            [(i, kind, model, json.dumps(fields)) for i, kind, model, fields in rows],
+        )
+    assert state_db.overheads(conn) == {"a": 512}
+    conn.close()

@@ -62,6 +62,8 @@ def test_the_unit_has_every_setting_design_lists() -> None:
         "OOMPolicy": "continue",
         "OOMScoreAdjust": "-500",
         "ExecReload": "/usr/bin/vllmctl reload",
+        # /dev/nvidia-uvm made with full privileges, before the hardened daemon starts.
+        "ExecStartPre": "-+/usr/bin/nvidia-modprobe -u -c=0",
         "User": "vllmd",
         "Group": "vllmd",
         "RuntimeDirectory": "vllmd",

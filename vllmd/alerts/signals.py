@@ -26,6 +26,7 @@ from vllmd.events import Event, EventBus, Kind
 from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.instance.status import ModelStatus
 from vllmd.placement.ledger import DeviceAccount
+from vllmd.placement.scheduler import over_reservation
 
 HORIZON = 3600  # seconds of request history kept; longer windows are cut to it
 # Time-to-first-byte buckets: upper bounds from 1 ms to ~10 min, a factor 2^(1/16) (4.4 %)
@@ -257,7 +258,7 @@ class Signals:
             # Only while an engine runs: a stopped model's last measurement is history.
             if st.state not in MEASURED or not st.measured_bytes:
                 return None
-            return float(max(0, st.measured_bytes - st.model.memory))
+            return float(over_reservation(st.measured_bytes, st.model.memory))
         return None  # model_kv_cache_usage_ratio: not read from the engines yet
 
 

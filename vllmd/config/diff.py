@@ -11,8 +11,8 @@ from vllmd.config.schema import Config, EngineConfig, ModelConfig
 RESTART_MODEL_KEYS = frozenset(
     {"model", "devices", "memory", "max_model_len", "dtype", "args", "env", "sleep_level"}
 )
-# A change to these restarts every engine.
-RESTART_ENGINE_KEYS = frozenset({"command", "model_flag", "transport", "env"})
+# A change to these restarts every engine (gpu_overhead sizes every GPU engine's fraction).
+RESTART_ENGINE_KEYS = frozenset({"command", "model_flag", "transport", "env", "gpu_overhead"})
 # These need the daemon restarted: a reload that changes one changes nothing.
 REFUSED = (
     ("gateway", "listen"),

@@ -125,7 +125,10 @@ def _parse_model(
         table.integer("max_model_len", 0, minimum=1) if table.has("max_model_len") else None
     )
     idle_ttl = table.duration("idle_ttl", 0.0) if table.has("idle_ttl") else None
-    sleep_level = table.integer("sleep_level", 1)
+    # Across several GPUs (tensor parallel) sleep mode forces vLLM's cumem allocator, on which
+    # custom all-reduce's IPC handles fail: the engine can wedge capturing CUDA graphs while
+    # /health answers 200 (vllm PR #45611), and memory leaks across sleep/wake (vllm#21336).
+    sleep_level = table.integer("sleep_level", 0 if len(devices) > 1 else 1)
     if sleep_level not in (0, 1, 2):
         table.problem("sleep_level", f"must be 0, 1 or 2, got {sleep_level}")
     return ModelConfig(

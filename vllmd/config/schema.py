@@ -77,6 +77,9 @@ class EngineConfig:
     health_interval: float = 5.0
     health_failures: int = 3
     max_concurrent_starts: int = 1
+    # What vLLM allocates per GPU before it measures (CUDA context, NCCL, workspace): outside
+    # --gpu-memory-utilization. The first start's estimate; later starts use the measured one.
+    gpu_overhead: int = 1024**3
     env: Mapping[str, str] = field(default_factory=_no_entries, repr=False)
 
 

@@ -175,6 +175,7 @@ def parse_engine(table: Table, base_dir: Path) -> EngineConfig:
         max_concurrent_starts=table.integer(
             "max_concurrent_starts", d.max_concurrent_starts, minimum=1
         ),
+        gpu_overhead=table.size("gpu_overhead", d.gpu_overhead),
         env=table.mapping("env", secret=True),
     )
 

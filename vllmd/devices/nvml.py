@@ -3,12 +3,20 @@
 Every NVML call runs in a worker thread under a deadline: a wedged GPU or driver can block a
 call for minutes, and the event loop (and with it systemd's watchdog) must keep running, so a
 device that does not answer is reported down.
+
+Memory is CUDA's view of it, the one vLLM sizes itself against: NVML's v2 memory info
+(`nvmlDeviceGetMemoryInfo_v2`) gives the memory the driver and firmware reserve apart, and
+CUDA's total is `total - reserved` (v1's total and used include that part; CUDA never offers
+it). A driver without the v2 entry point gets v1, with the reserved part derived from the
+lowest `used - every process's memory` seen on that GPU (an idle reading is exact), said once
+in the log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import sys
 import threading
@@ -70,6 +78,8 @@ class NvmlProbe:
         self._known: dict[int, DeviceSnapshot] = {}  # last good reading per index
         self._down: set[str] = set()  # to log a device going down or up once, not every time
         self._discovery_failing = False
+        # v1 drivers: the reserved part per index, the lowest unattributed use seen.
+        self._v1_reserved: dict[int, int] = {}
 
     async def snapshot(self) -> dict[str, DeviceSnapshot]:
         """Reads every GPU; takes at most `timeout` seconds (plus the wait for a concurrent
@@ -127,7 +137,35 @@ class NvmlProbe:
             uuid = known.uuid if known is not None else None
             readings[index] = unmeasured(str(index), "gpu", error=str(exc), uuid=uuid, index=index)
         else:
+            if reading.reserved is None:
+                reading = self._from_v1(reading, index)
             self._known[index] = readings[index] = reading
+
+    def _from_v1(self, reading: DeviceSnapshot, index: int) -> DeviceSnapshot:
+        """A v1 reading in CUDA's terms: the reserved part taken out of total and used."""
+        assert reading.used is not None
+        known = [p.used_bytes for p in reading.processes]
+        first = index not in self._v1_reserved
+        if all(b is not None for b in known):
+            unattributed = max(0, reading.used - sum(b for b in known if b is not None))
+            self._v1_reserved[index] = min(self._v1_reserved.get(index, unattributed), unattributed)
+        reserved = self._v1_reserved.get(index, 0)
+        if first:
+            self._log.warning(
+                "nvml_memory_v1",
+                device=reading.name,
+                reserved_bytes=reserved,
+                reason="the driver has no v2 memory info: the memory it reserves is derived from "
+                "used minus every process's memory (exact when the GPU is idle)",
+            )
+        total = reading.total - reserved
+        return dataclasses.replace(
+            reading,
+            total=total,
+            device_total=total,
+            used=max(0, reading.used - reserved),
+            reserved=reserved,
+        )
 
     async def _in_thread(self, key: str, deadline: float, call: Callable[[], T]) -> T:
         """Runs a blocking NVML call in a worker thread; failures become _Failed."""
@@ -206,7 +244,7 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
 
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     uuid = nvml.nvmlDeviceGetUUID(handle)
-    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    total, used, free, reserved = _memory_info(nvml, handle)
     utilization = optional(
         "utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
     )
@@ -223,10 +261,11 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
         kind="gpu",
         uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
         index=index,
-        total=int(memory.total),
-        device_total=int(memory.total),
-        used=int(memory.used),
-        free=int(memory.free),
+        total=total,
+        device_total=total,
+        used=used,
+        free=free,
+        reserved=reserved,
         utilization=utilization,
         temperature=temperature,
         power=power,
@@ -234,6 +273,25 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
         up=True,
         error=f"unsupported: {', '.join(unsupported)}" if unsupported else None,
     )
+
+
+def _memory_info(nvml: Any, handle: object) -> tuple[int, int, int, int | None]:
+    """CUDA's total, used and free memory, and the driver's reserved part (v2). Without the
+    v2 entry point: v1's figures as they are and None, for the probe to derive the rest."""
+    missing = (
+        AttributeError,  # a pynvml without nvmlMemory_v2
+        TypeError,  # a pynvml whose nvmlDeviceGetMemoryInfo takes no version
+        nvml.NVMLError_FunctionNotFound,
+        nvml.NVMLError_NotSupported,
+        getattr(nvml, "NVMLLibraryMismatchError", AttributeError),
+    )
+    try:
+        v2 = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+    except missing:
+        v1 = nvml.nvmlDeviceGetMemoryInfo(handle)
+        return int(v1.total), int(v1.used), int(v1.free), None
+    reserved = int(v2.reserved)
+    return int(v2.total) - reserved, int(v2.used), int(v2.free), reserved
 
 
 def _compute_processes(nvml: Any, handle: object) -> tuple[GpuProcess, ...] | None:

@@ -21,8 +21,9 @@ class DeviceSnapshot:
     """One device at one moment. Measured fields are None when unknown; sizes in bytes.
 
     `total` is what vllmd may use (a declared `memory` caps it); `device_total` is the GPU's
-    own size as NVML reports it, the base of vLLM's `--gpu-memory-utilization` fraction (None
-    for a cpu or an unread GPU).
+    own size as CUDA sees it (NVML's total less the part the driver reserves), the base of
+    vLLM's `--gpu-memory-utilization` fraction (None for a cpu or an unread GPU); `reserved`
+    is that driver part (None only in a v1 reading not yet put in CUDA's terms).
     """
 
     name: str
@@ -39,6 +40,7 @@ class DeviceSnapshot:
     up: bool
     error: str | None
     device_total: int | None = None
+    reserved: int | None = 0
 
 
 class DeclaredDevice(Protocol):

@@ -27,8 +27,11 @@ class PlacedDevice:
 
     name: str
     kind: Literal["cpu", "gpu"]
-    total: int
+    total: int  # GPU: CUDA's total (NVML's less the driver's reserved part), F's base
     uuid: str | None = None
+    # GPU: what the engine allocates before vLLM measures (context, NCCL, workspace), which
+    # lies outside its fraction: engine.gpu_overhead until a start of the model measured it.
+    overhead: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +85,26 @@ def memory_flags(
 ) -> list[str]:
     """The flags that keep the engine inside its reservation.
 
-    GPU: vLLM takes `--gpu-memory-utilization` x the device's TOTAL memory, so the fraction is
-    the reservation over the smallest device, rounded down so the engine never exceeds it.
+    GPU: `memory` is the engine's whole footprint per device, as NVML shows it. vLLM creates
+    its CUDA context (and NCCL's buffers) first, then takes `--gpu-memory-utilization` x CUDA's
+    total (vllm/v1/worker/utils.py `request_memory`), so the fraction is the reservation less
+    that overhead, over the smallest device, rounded down so the engine never exceeds it.
     CPU: `--kv-cache-memory-bytes` fixes the KV cache; the rest of the reservation is the
     engine's fixed cost and the weights.
     """
     if placement and all(d.kind == "gpu" for d in placement):
         smallest = min(d.total for d in placement)
-        fraction = math.floor(model.memory / smallest * 10_000) / 10_000
+        overhead = max(d.overhead for d in placement)
+        budget = model.memory - overhead
+        if budget <= 0:
+            raise ConfigError(
+                [
+                    f"models.{model.name}.memory: {model.memory} bytes leave nothing for vLLM "
+                    f"after its {overhead} bytes of overhead per GPU (engine.gpu_overhead, or "
+                    "what the last start measured)"
+                ]
+            )
+        fraction = math.floor(budget / smallest * 10_000) / 10_000
         return ["--gpu-memory-utilization", f"{fraction:.4f}"]
     kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - weights
     if kv_bytes <= 0:
@@ -100,6 +115,15 @@ def memory_flags(
             ]
         )
     return ["--kv-cache-memory-bytes", str(kv_bytes)]
+
+
+def gpu_request(model: ModelConfig, placement: tuple[PlacedDevice, ...]) -> int | None:
+    """What vLLM's fraction asks for on the smallest of the GPUs (ceil(F x CUDA's total), as
+    `request_memory` computes it); None for a placement that is not all GPUs."""
+    flags = memory_flags(model, placement, 0) if placement else []
+    if flags[:1] != ["--gpu-memory-utilization"]:
+        return None
+    return math.ceil(float(flags[1]) * min(d.total for d in placement))
 
 
 def build_launch(

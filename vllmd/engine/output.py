@@ -4,7 +4,7 @@ an engine exited), each line also sent to the structured log with the model boun
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import structlog
@@ -14,9 +14,15 @@ from vllmd.engine.process import EngineProcess
 OUTPUT_LINES = 2000
 
 
+# What vLLM's API server logs just before it serves (vllm/entrypoints/launchers/api_server/
+# entry.py, `build_async_engine_client`... `serve_http`): until then /health cannot answer.
+SERVING = "Starting vLLM server on"
+
+
 class EngineOutput:
     def __init__(self, log: structlog.typing.FilteringBoundLogger, lines: int = OUTPUT_LINES):
         self.lines: deque[str] = deque(maxlen=lines)
+        self.serving = False  # the current engine said it is about to serve
         self._log = log
         self._seen = 0  # lines ever read
         self._start = 0  # _seen when the current engine was spawned
@@ -25,19 +31,28 @@ class EngineOutput:
     def mark_start(self) -> None:
         """A new engine process: `since_start` covers only its lines from now on."""
         self._start = self._seen
+        self.serving = False
 
     def since_start(self, last: int = 50) -> list[str]:
         """Up to `last` of the current engine's most recent lines."""
         count = min(self._seen - self._start, len(self.lines), last)
         return list(self.lines)[len(self.lines) - count :] if count else []
 
-    async def pump(self, proc: EngineProcess, done: anyio.Event) -> None:
-        """Read the engine's merged stdout/stderr until it closes."""
+    async def pump(
+        self, proc: EngineProcess, done: anyio.Event, serving: Callable[[], None] | None = None
+    ) -> None:
+        """Read the engine's merged stdout/stderr until it closes; `serving` is called once
+        the engine says it is about to serve."""
         async for line in proc.lines():
+            was = self.serving
             self.append(line)
+            if serving is not None and self.serving and not was:
+                serving()
         done.set()
 
     def append(self, line: str) -> None:
+        if not self.serving and SERVING in line:
+            self.serving = True
         self.lines.append(line)
         self._seen += 1
         self._log.info("engine_output", line=line)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from functools import partial
 from typing import Protocol
 
 import anyio
@@ -30,11 +31,11 @@ from vllmd.instance.states import InstanceState, Want
 S = InstanceState
 
 Until = Callable[[Callable[[], bool]], Awaitable[None]]
-# A lazy start's first request waits on this poll, so it is short; a refused connect costs
-# far more CPU than a stat, so /health is asked only once the engine's socket file exists
-# (uds engines), else every READY_POLL_TCP.
+# A lazy start's first request waits on this poll, so it is short once the engine said it is
+# about to serve (EngineOutput.serving); before that (the whole load: a refused connect costs
+# CPU, and vLLM binds its Unix socket long before it listens) /health is asked less often.
 READY_POLL = 0.01
-READY_POLL_TCP = 0.1
+READY_POLL_LOADING = 0.1
 TREE_NOTE = 1.0  # how often a starting engine's process tree is noted
 OUTPUT_GRACE = 1.0
 
@@ -126,6 +127,7 @@ class Session:
         self.sleep_mode = launch.sleep_mode  # started with vLLM's sleep mode
         self.sleep_level = 0  # while asleep: the level it sleeps at
         self.exited = anyio.Event()
+        self._output: EngineOutput | None = None  # set while supervised
         self.client, self.upstream = make_client(
             address,
             connect_timeout=options.connect_timeout,
@@ -170,7 +172,8 @@ class Session:
         try:
             async with anyio.create_task_group() as tg:
                 output_done = anyio.Event()
-                tg.start_soon(output.pump, self.process, output_done)
+                self._output = output
+                tg.start_soon(output.pump, self.process, output_done, changed)
                 tg.start_soon(self._watch_exit, changed)
                 yield
                 with anyio.move_on_after(OUTPUT_GRACE):
@@ -296,17 +299,23 @@ class Session:
                     return Startup.EXITED
                 if not wanted():
                     return Startup.UNWANTED
-                uds = self.address.uds
-                if (uds is None or uds.exists()) and await self.api.healthy(timeout=1.0):
+                serving = self._output is not None and self._output.serving
+                if await self.api.healthy(timeout=1.0):
                     return Startup.READY
                 if anyio.current_time() - noted >= TREE_NOTE:
                     # Workers appear while the engine loads: know them (and their groups)
                     # early, so an OOM kill or an orphan of a start is attributed.
                     noted = anyio.current_time()
                     await proc.remember_descendants()
-                with anyio.move_on_after(READY_POLL if uds is not None else READY_POLL_TCP):
-                    await until(lambda: self.exited.is_set() or not wanted())
+                with anyio.move_on_after(READY_POLL if serving else READY_POLL_LOADING):
+                    await until(partial(self._changed, serving, wanted))
         return Startup.TIMEOUT
+
+    def _changed(self, serving: bool, wanted: Callable[[], bool]) -> bool:
+        """What ends a wait between readiness polls: exit, unwanted, or the engine saying it
+        is about to serve (polled faster from then on)."""
+        now = self._output is not None and self._output.serving
+        return self.exited.is_set() or not wanted() or now != serving
 
     async def serve(
         self,

@@ -87,6 +87,8 @@ class Evictor:
         if not pids or not self._meter.gpus(victim.model.devices):
             return
         used = await self._meter.gpu_usage(pids, self._meter.gpus(victim.model.devices))
+        if used is None:
+            return  # NVML cannot tell: the assumed residue (sleep_residue) stays the figure
         assumed = self._ledger.record_residue(victim.name, used)
         if used > max(assumed, victim.model.memory // 2):
             self._events.emit(

@@ -13,15 +13,25 @@ import structlog
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot, budget_total, engine_total
 from vllmd.devices.host import host_memory_total
-from vllmd.engine.argv import PlacedDevice, sleep_mode_enabled
+from vllmd.engine.argv import PlacedDevice, gpu_request, sleep_mode_enabled
+from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
-from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot, held_bytes
+from vllmd.placement.scheduler import (
+    DeviceView,
+    ModelView,
+    Snapshot,
+    held_bytes,
+    over_reservation,
+)
 
 S = InstanceState
 log = structlog.get_logger("vllmd.ledger")
+# NCCL's buffers and custom all-reduce's IPC handles, per GPU, when an engine spans several
+# (tensor parallel): added to engine.gpu_overhead until a start measured the model's own.
+TP_OVERHEAD = 512 * 1024**2
 
 
 def _pgid(pid: int) -> int | None:
@@ -58,6 +68,8 @@ class Ledger:
         self._clock = ctx.clock
         self._residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
         self._measured: dict[str, int] = {}  # footprint after the last start, per model
+        # What a model's engine allocated per GPU beyond its fraction at its last start.
+        self._overhead: dict[str, int] = {}
         # Weights held in host RAM by a level-1 sleeper, per model: sized once by
         # `measure_weights` (a directory walk, in a thread); until then, and where the size is
         # unknown, the model's reservation is the bound.
@@ -89,13 +101,50 @@ class Ledger:
         self._measured[name] = used
 
     async def measure(self, inst: Instance) -> int | None:
-        """Measure and record the running engine's footprint per device (None: no engine)."""
+        """Measure and record the running engine's footprint per device (None: no engine, or
+        NVML cannot tell: the reservation stays the figure), learn its GPU overhead (the
+        footprint less what vLLM's fraction asked for) for the next start, and tell both
+        (event `measured`)."""
         pgid = inst.pgid()
         if pgid is None:
             return None
+        placement = self.place(inst)  # as it was started: the overhead is not learned yet
         used = await self._meter.footprint(pgid, inst.pids(), inst.model.devices)
+        if used is None:
+            return None
         self.record_measured(inst.name, used)
+        learned: dict[str, int] = {}
+        requested = gpu_request(inst.model, placement)
+        if requested is not None:
+            learned["overhead_bytes"] = self._overhead[inst.name] = max(0, used - requested)
+        self._ctx.events.emit(
+            Kind.MEASURED,
+            inst.name,
+            used_bytes=used,
+            over_reservation_bytes=over_reservation(used, inst.model.memory),
+            **learned,
+        )
         return used
+
+    def overhead(self, inst: Instance) -> int:
+        """What the model's engine is expected to allocate per GPU beyond its fraction: what
+        its last start measured, else engine.gpu_overhead (more across several GPUs)."""
+        learned = self._overhead.get(inst.name)
+        if learned is not None:
+            return learned
+        default = inst.engine.gpu_overhead
+        gpus = [d for d in inst.model.devices if self._kind(d) == "gpu"]
+        return default + TP_OVERHEAD if len(gpus) > 1 else default
+
+    def learn_overheads(self, learned: Mapping[str, int]) -> None:
+        """Overheads measured by an earlier run (the state store's `measured` events)."""
+        for name, nbytes in learned.items():
+            self._overhead.setdefault(name, nbytes)
+
+    def _kind(self, name: str) -> str:
+        snap = self._meter.devices.get(name)
+        declared = self._ctx.config.devices.get(name)
+        return snap.kind if snap is not None else declared.kind if declared else "gpu"
 
     def devices(self) -> Mapping[str, DeviceSnapshot]:
         """The latest device snapshots."""
@@ -123,13 +172,15 @@ class Ledger:
 
     def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
         placed = []
+        overhead = self.overhead(instance)
         for name in instance.model.devices:
             snap = self._meter.devices.get(name)
             declared = self._ctx.config.devices.get(name)
             kind = snap.kind if snap is not None else declared.kind if declared else "gpu"
             uuid = snap.uuid if snap is not None else declared.uuid if declared else None
             total = engine_total(snap, declared, instance.model.memory)
-            placed.append(PlacedDevice(name, kind, total, uuid))
+            extra = overhead if kind == "gpu" else 0
+            placed.append(PlacedDevice(name, kind, total, uuid, extra))
         return tuple(placed)
 
     def snapshot(self, *, holding_only: bool = False) -> Snapshot:

@@ -30,21 +30,28 @@ class Meter:
     def gpus(self, names: Collection[str]) -> list[str]:
         return [n for n in names if (d := self.devices.get(n)) is not None and d.kind == "gpu"]
 
-    async def gpu_usage(self, pids: Collection[int], devices: Collection[str]) -> int:
-        """The most `pids` use together on any one of `devices` (GPUs), freshly measured."""
+    async def gpu_usage(self, pids: Collection[int], devices: Collection[str]) -> int | None:
+        """The most `pids` use together on any one of `devices` (GPUs), freshly measured.
+        None when NVML cannot tell: a process of theirs without a figure (WDDM, no
+        permission), or none of them listed at all (NVML in another pid namespace lists pids
+        this host's namespace does not know). Unknown is never 0."""
         await self.refresh()
-        return max(
-            (
-                sum(p.used_bytes or 0 for p in self.devices[d].processes if p.pid in pids)
-                for d in devices
-                if d in self.devices
-            ),
-            default=0,
-        )
+        most: int | None = None
+        for d in devices:
+            snap = self.devices.get(d)
+            if snap is None:
+                continue
+            mine = [p.used_bytes for p in snap.processes if p.pid in pids]
+            if not mine or any(b is None for b in mine):
+                return None
+            most = max(most or 0, sum(b for b in mine if b is not None))
+        return most
 
-    async def footprint(self, leader: int, pids: Collection[int], devices: Collection[str]) -> int:
-        """An engine's real use per device: on GPUs what NVML says its processes use, on a
-        cpu device the RSS of its process tree."""
+    async def footprint(
+        self, leader: int, pids: Collection[int], devices: Collection[str]
+    ) -> int | None:
+        """An engine's real use per device: on GPUs what NVML says its processes use (None:
+        NVML cannot tell), on a cpu device the RSS of its process tree."""
         gpus = self.gpus(devices)
         if gpus:
             return await self.gpu_usage(pids, gpus)

@@ -328,12 +328,7 @@ class Placer:
 
     async def _measure(self, inst: Instance) -> None:
         """Record the engine's real footprint; the larger of it and the reservation is held."""
-        used = await self.ledger.measure(inst)
-        if used is not None:
-            over = max(0, used - inst.model.memory)
-            self._events.emit(
-                Kind.MEASURED, inst.name, used_bytes=used, over_reservation_bytes=over
-            )
+        await self.ledger.measure(inst)
 
     def _finish(self, ticket: Ticket, error: VllmdError | None = None) -> None:
         if ticket in self._queue:

@@ -62,6 +62,17 @@ class ModelView:
         return held_bytes(self.state, self.memory, self.measured, self.residue)
 
 
+# A footprint this much over its reservation is still within it: what NVML reports moves by
+# a few MiB with the allocator's state. More than this is over-reservation.
+OVER_RESERVATION_TOLERANCE = 64 * 1024**2
+
+
+def over_reservation(measured: int, memory: int) -> int:
+    """How far a measured footprint is over its reservation: 0 within the tolerance."""
+    over = measured - memory
+    return over if over > OVER_RESERVATION_TOLERANCE else 0
+
+
 def held_bytes(state: InstanceState, memory: int, measured: int, residue: int) -> int:
     """What a model in `state` holds on each of its devices: the one rule, for a view and for
     a caller that needs only this (status readers: building a whole view per model was most

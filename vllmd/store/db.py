@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from vllmd.events import Event, EventBus, Kind
+from vllmd.events import Event, EventBus
 from vllmd.overrides import Overrides
 from vllmd.store import records
 from vllmd.store.records import Desired, EngineRecord, Row
@@ -54,7 +54,6 @@ DEGRADED_HOLD = 300.0  # seconds a problem keeps the store reported degraded
 STALLED = 5.0  # a write running longer than this is a stalled disk
 PRUNE_EVERY = 3600.0
 _BACKOFF = (0.5, 10.0)  # first and longest wait between retries of a failing write
-_NO_ENGINE = frozenset({"stopped", "backoff", "failed"})  # states with no engine process
 
 Writer = Callable[..., None]  # records.write's signature: tests stall or fail it
 
@@ -84,6 +83,7 @@ class StateStore:
         self._issued = 0  # the last id handed out
         self.engines: list[EngineRecord] = []  # as recorded by the previous run
         self.desired = Desired({}, frozenset())  # likewise
+        self.overheads: dict[str, int] = {}  # GPU overheads learned per model, likewise
         self.read_ok = False  # whether the previous run's records could be read at all
         self._live: dict[str, EngineRecord] = {}  # this run's engines, as written
         self._rewrite = False  # a new file replaced a corrupt one: write everything again
@@ -129,6 +129,7 @@ class StateStore:
         self._ids = itertools.count(first).__next__
         self.engines = records.engines(self._writer)
         self.desired = records.desired(self._writer)
+        self.overheads = records.overheads(self._writer)
         self.read_ok = True
         with contextlib.suppress(sqlite3.Error):  # tried again within the hour
             self._prune()
@@ -138,6 +139,7 @@ class StateStore:
         try:
             self.engines = records.engines(conn)
             self.desired = records.desired(conn)
+            self.overheads = records.overheads(conn)
             self.read_ok = True
         finally:
             conn.close()
@@ -240,7 +242,7 @@ class StateStore:
             self._reader_stale = True
             self._rewrite |= fresh
         rows = [Row(e.id, e.time, str(e.kind), e.model, e.fields) for e in batch]
-        engines = _engines(batch)
+        engines = records.engine_changes(batch)
         if self._rewrite:
             engines = {**self._live, **engines}
         top = rows[-1].id if rows else 0
@@ -376,25 +378,3 @@ class StateStore:
 def _clock_id() -> int:
     """Where ids go on when the stored ones are lost: unix milliseconds (above any stored)."""
     return int(time.time() * 1000)
-
-
-def _engines(batch: Sequence[Event]) -> dict[str, EngineRecord | None]:
-    """Each model's engine after the batch: the one it spawned, or None once it is gone."""
-    out: dict[str, EngineRecord | None] = {}
-    for e in batch:
-        if e.model is None:
-            continue
-        f = e.fields
-        if e.kind is Kind.SPAWNED:
-            out[e.model] = EngineRecord(
-                e.model,
-                int(f["pid"]),
-                int(f["pgid"]),
-                float(f["start_time"]),
-                str(f.get("boot_id", "")),
-                str(f.get("address", "")),
-                str(f.get("marker", "")),
-            )
-        elif (e.kind is Kind.STATE and f.get("new") in _NO_ENGINE) or e.kind is Kind.MODEL_REMOVED:
-            out[e.model] = None
-    return out

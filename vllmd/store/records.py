@@ -20,6 +20,8 @@ from typing import Any
 
 import structlog
 
+from vllmd.events import Event, Kind
+
 log = structlog.get_logger("vllmd.store")
 
 FILENAME = "vllmd.db"
@@ -53,6 +55,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+_NO_ENGINE = frozenset({"stopped", "backoff", "failed"})  # states with no engine process
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +293,20 @@ def desired(conn: sqlite3.Connection) -> Desired:
     return Desired(pins, loaded)
 
 
+def overheads(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each model's GPU overhead as its last measured start learned it (event `measured`)."""
+    rows = conn.execute(
+        "SELECT model, fields FROM events WHERE id IN "
+        "(SELECT MAX(id) FROM events WHERE kind = 'measured' GROUP BY model)"
+    )
+    found = {}
+    for model, fields in rows:
+        nbytes = json.loads(fields).get("overhead_bytes")
+        if isinstance(nbytes, int) and nbytes >= 0:
+            found[model] = nbytes
+    return found
+
+
 def events(
     conn: sqlite3.Connection,
     *,
@@ -313,3 +330,25 @@ def events(
     ).fetchall()
     found = [Row(i, t, k, m, json.loads(f)) for i, t, k, m, f in rows]
     return found[::-1] if newest else found
+
+
+def engine_changes(batch: Sequence[Event]) -> dict[str, EngineRecord | None]:
+    """Each model's engine after the batch: the one it spawned, or None once it is gone."""
+    out: dict[str, EngineRecord | None] = {}
+    for e in batch:
+        if e.model is None:
+            continue
+        f = e.fields
+        if e.kind is Kind.SPAWNED:
+            out[e.model] = EngineRecord(
+                e.model,
+                int(f["pid"]),
+                int(f["pgid"]),
+                float(f["start_time"]),
+                str(f.get("boot_id", "")),
+                str(f.get("address", "")),
+                str(f.get("marker", "")),
+            )
+        elif (e.kind is Kind.STATE and f.get("new") in _NO_ENGINE) or e.kind is Kind.MODEL_REMOVED:
+            out[e.model] = None
+    return out
