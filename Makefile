@@ -8,7 +8,8 @@ ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vll
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: dev demo-models run test test-fast lint clean system-tools install bench bench-tools
+.PHONY: dev demo-models run test test-fast lint clean system-tools install bench bench-tools \
+	gpu-swaps
 
 dev: $(VENV)/.dev-done system-tools
 
@@ -73,6 +74,12 @@ test: dev demo-models
 
 test-fast: dev
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+# 100 random model swaps on two fake H100s (the suite runs 20): no start refused by the engine,
+# no failed wake, no footprint over its memory. ~1-2 minutes.
+gpu-swaps: dev
+	VLLMD_GPU_SWAPS=100 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/integration/test_gpu_memory.py -k random_swaps $(PYTEST_ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check vllmd tests bench tools

@@ -27,7 +27,10 @@ Test side (`FakeGpu`, a vllmd `DeviceProbe`): reads the directory at each snapsh
 a process that has exited is released the way a driver does it: its pid stays in the
 compute-process list, with its memory, for `release_lag` seconds after it was first seen dead,
 then the memory stays used (unattributed) for `free_lag` more seconds, then it is free.
-Foreign processes (not vllmd's) are added with `add_foreign`.
+Foreign processes (not vllmd's) are added with `add_foreign`. Two of NVML's ways of not
+attributing memory: `pids="namespace"` lists every process under another pid (NVML answers in
+the host's pid namespace, which a container's vllmd cannot see: NVIDIA/nvidia-docker#1483),
+`pids="wddm"` lists them without figures (`usedGpuMemory` not available, as under WDDM/WSL).
 
 Environment of a fake engine:
   FAKE_GPU_DIR          the driver directory (FakeGpu.env() gives it).
@@ -53,7 +56,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -67,6 +70,7 @@ DEFAULT_RESIDUE = GiB  # a real sleeper keeps its CUDA context and graph pools: 
 DRIVER_FILE = "gpu.json"
 # Above Linux's largest possible pid (PID_MAX_LIMIT = 2**22): never a real process.
 FOREIGN_PID_BASE = 5_000_000
+HOST_PID_OFFSET = 10_000_000  # pids as the host's namespace would number them (fake)
 WORKER = "import time; time.sleep(3600)"
 
 
@@ -225,8 +229,10 @@ class FakeGpu:
         context: int = 512 * MiB,
         release_lag: float = 0.0,
         free_lag: float = 0.0,
+        pids: Literal["visible", "namespace", "wddm"] = "visible",
     ) -> None:
         self.directory = directory
+        self._pids = pids
         directory.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4()
         if reserved is None:
@@ -357,10 +363,15 @@ class FakeGpu:
             utilization=0.0,
             temperature=40.0,
             power=100.0,
-            processes=tuple(GpuProcess(h.pid, h.bytes) for h in mine if h.listed),
+            processes=tuple(self._listed_as(h) for h in mine if h.listed),
             up=True,
             error=None,
         )
+
+    def _listed_as(self, held: Held) -> GpuProcess:
+        if self._pids == "namespace":  # the host's pid, which this namespace does not know
+            return GpuProcess(held.pid + HOST_PID_OFFSET, held.bytes)
+        return GpuProcess(held.pid, None if self._pids == "wddm" else held.bytes)
 
 
 # --- the engine's side ---------------------------------------------------------------------------

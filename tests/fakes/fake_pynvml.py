@@ -31,6 +31,8 @@ NVML_ERROR_GPU_IS_LOST = 15
 NVML_TEMPERATURE_GPU = 0
 NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE_ulonglong
 nvmlMemory_v2 = 0x02000028  # pynvml's constant: sizeof(nvmlMemory_v2_t) | 2 << 24
+NVML_DEVICE_MIG_DISABLE = 0
+NVML_DEVICE_MIG_ENABLE = 1
 
 
 class NVMLError(Exception):
@@ -73,6 +75,8 @@ class FakeGpu:
     total: int = 80 * 2**30
     used: int = 2**30  # allocated (v2's `used`); v1 adds `reserved` to it
     reserved: int = 0  # the driver's and firmware's: outside CUDA's total
+    mig: bool = False  # MIG mode on (nvmlDeviceGetMigMode's current mode); "mig" in
+    # `unsupported`: a GPU without MIG (NVML_ERROR_NOT_SUPPORTED, as pre-Ampere GPUs answer)
     utilization_percent: int = 0
     temperature: int = 40
     power_milliwatts: int = 100_000
@@ -102,6 +106,7 @@ class FakeNvml(ModuleType):
     NVML_ERROR_LIBRARY_NOT_FOUND = NVML_ERROR_LIBRARY_NOT_FOUND
     NVML_ERROR_FUNCTION_NOT_FOUND = NVML_ERROR_FUNCTION_NOT_FOUND
     NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
+    NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE
 
     def __init__(
         self,
@@ -162,6 +167,12 @@ class FakeNvml(ModuleType):
         return SimpleNamespace(
             version=version, total=gpu.total, reserved=gpu.reserved, free=free, used=gpu.used
         )
+
+    def nvmlDeviceGetMigMode(self, gpu: FakeGpu) -> list[int]:
+        """[current, pending], as pynvml returns them."""
+        self._check(gpu, "mig")
+        mode = NVML_DEVICE_MIG_ENABLE if gpu.mig else NVML_DEVICE_MIG_DISABLE
+        return [mode, mode]
 
     def nvmlDeviceGetUtilizationRates(self, gpu: FakeGpu) -> SimpleNamespace:
         self._check(gpu, "utilization")

@@ -430,3 +430,17 @@ async def test_real_pynvml_without_a_driver_never_raises() -> None:
 def test_fake_errors_carry_nvml_codes() -> None:
     assert FakeNvml.NVMLError_NotSupported().value == FakeNvml.NVML_ERROR_NOT_SUPPORTED
     assert issubclass(FakeNvml.NVMLError_LibraryNotFound, NVMLError)
+
+
+async def test_a_mig_gpu_is_reported_down_with_the_reason_and_never_measured() -> None:
+    """MIG GPUs' queries on the parent handle are aggregates and vLLM fails on MIG UUIDs: the
+    GPU is down (no model is placed there) with a named reason; a GPU without MIG support
+    (NVML_ERROR_NOT_SUPPORTED) is an ordinary GPU."""
+    mig = FakeGpu(UUID0, mig=True)
+    old = FakeGpu(UUID1, unsupported=frozenset({"mig"}))
+    with capture_logs() as logs:
+        snapshot = await NvmlProbe(FakeNvml([mig, old])).snapshot()
+    assert snapshot["0"].up is False and "MIG mode is enabled" in (snapshot["0"].error or "")
+    assert snapshot["0"].uuid == UUID0 and mig.memory_calls == 0
+    assert snapshot["1"].up is True
+    assert [e["device"] for e in logs if e["event"] == "gpu down"] == ["0"]

@@ -49,7 +49,13 @@ def test_dry_run_prints_the_plan_and_a_config_that_passes_check_config(tmp_path:
 
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    for expectation in ("R + 5 %", "<= 25 % of R", "<= 15 % of R", "<= 1/3 of", "within 1024 MiB"):
+    for expectation in (
+        "R + 64 MiB",
+        "<= 25 % of R",
+        "learned overhead",
+        "<= 1/3 of",
+        "within 1024 MiB",
+    ):
         assert expectation in done.stdout
     path = config_of(done.stdout, tmp_path)
     check = subprocess.run(

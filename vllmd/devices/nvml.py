@@ -45,6 +45,14 @@ _PROCESS_CALLS = (
 )
 
 
+# A MIG GPU's memory and process queries on its parent handle are aggregates or need
+# privileges, and vLLM fails on MIG UUIDs (vllm#41848): such a GPU is reported, never used.
+MIG_REASON = (
+    "MIG mode is enabled: vllmd does not place models on MIG GPUs (`nvidia-smi -i N -mig 0` "
+    "turns it off)"
+)
+
+
 class _Failed(Exception):
     """A device read failed or timed out; the message says why."""
 
@@ -244,6 +252,14 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
 
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     uuid = nvml.nvmlDeviceGetUUID(handle)
+    if _mig_enabled(nvml, handle):
+        return unmeasured(
+            str(index),
+            "gpu",
+            error=MIG_REASON,
+            uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+            index=index,
+        )
     total, used, free, reserved = _memory_info(nvml, handle)
     utilization = optional(
         "utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
@@ -273,6 +289,16 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
         up=True,
         error=f"unsupported: {', '.join(unsupported)}" if unsupported else None,
     )
+
+
+def _mig_enabled(nvml: Any, handle: object) -> bool:
+    """Whether the GPU is in MIG mode (False where MIG does not exist: pre-Ampere GPUs, old
+    drivers or pynvml)."""
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except (AttributeError, nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):
+        return False
+    return bool(current == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1))
 
 
 def _memory_info(nvml: Any, handle: object) -> tuple[int, int, int, int | None]:

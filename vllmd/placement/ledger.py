@@ -70,6 +70,9 @@ class Ledger:
         self._measured: dict[str, int] = {}  # footprint after the last start, per model
         # What a model's engine allocated per GPU beyond its fraction at its last start.
         self._overhead: dict[str, int] = {}
+        # GPUs on which NVML cannot attribute memory to our engines' pids: budgeted by
+        # reservation, their foreign memory what is used beyond what our models hold.
+        self._unattributed: set[str] = set()
         # Weights held in host RAM by a level-1 sleeper, per model: sized once by
         # `measure_weights` (a directory walk, in a thread); until then, and where the size is
         # unknown, the model's reservation is the bound.
@@ -111,6 +114,7 @@ class Ledger:
         placement = self.place(inst)  # as it was started: the overhead is not learned yet
         used = await self._meter.footprint(pgid, inst.pids(), inst.model.devices)
         if used is None:
+            self._pids_unseen(inst)
             return None
         self.record_measured(inst.name, used)
         learned: dict[str, int] = {}
@@ -125,6 +129,25 @@ class Ledger:
             **learned,
         )
         return used
+
+    def _pids_unseen(self, inst: Instance) -> None:
+        """NVML had no figure for the running engine: say why, once per GPU."""
+        for name in self._meter.gpus(inst.model.devices):
+            if name in self._unattributed:
+                continue
+            self._unattributed.add(name)
+            listed = self._meter.devices[name].processes
+            pids = inst.pids()
+            if listed and not any(p.pid in pids for p in listed):
+                cause = "NVML lists none of the engine's pids: vllmd runs in another pid namespace"
+                fix = "run vllmd in the host's pid namespace (docker/podman --pid=host)"
+            else:
+                cause = "NVML gives no per-process memory (WDDM, or no permission)"
+                fix = "run on a Linux driver that reports per-process memory"
+            log.warning("gpu_pids_unseen", device=name, model=inst.name, cause=cause, fix=fix)
+            self._ctx.events.emit(
+                Kind.GPU_PIDS_UNSEEN, inst.name, device=name, cause=cause, fix=fix
+            )
 
     def overhead(self, inst: Instance) -> int:
         """What the model's engine is expected to allocate per GPU beyond its fraction: what
@@ -267,6 +290,13 @@ class Ledger:
         them as foreign would count the same bytes twice)."""
         if snap.kind != "gpu" or not snap.processes:
             return 0
+        if snap.name in self._unattributed:
+            # Our engines' memory is there under pids we cannot see: what is used beyond what
+            # our models hold is foreign (never our own engines counted twice).
+            ours_held = sum(
+                self.held(i) for i in self._instances.values() if snap.name in i.model.devices
+            )
+            return max(0, (snap.used or 0) - ours_held)
         ours: set[int] = set()
         groups: set[int] = set()
         for inst in self._instances.values():
