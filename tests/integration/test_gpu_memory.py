@@ -640,3 +640,21 @@ async def test_foreign_memory_is_still_seen_when_pids_are_not(tmp_path: Path) ->
         await gpu.wait_for(lambda s: len(s["0"].processes) == 2)
         account = next(a for a in run.supervisor.accounts() if a.name == "0")
     assert account.foreign == pytest.approx(3 * GiB, abs=1 * GiB)
+
+
+async def test_a_wake_teaches_no_overhead(tmp_path: Path) -> None:
+    """Regression: a woken engine was measured against the fraction a cold start would get
+    now (after its overhead was learned), so its overhead read ~0, and the next cold start
+    went over its memory by its whole context."""
+    gpu = _h100(tmp_path)
+    async with running(_h100_config(tmp_path), gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")  # a sleeps for c
+        await _post_all(http, "a")  # a wakes (b sleeps)
+        await run.supervisor.unload(run.supervisor.instances["a"])
+        await _post_all(http, "a")  # a cold start with what it learned
+        history = list(run.events.history)
+    measured = [e.fields for e in _events(history, "measured", "a")]
+    assert len(measured) == 3
+    assert [("overhead_bytes" in m) for m in measured] == [True, False, True]
+    assert measured[2]["over_reservation_bytes"] == 0
+    assert measured[2]["used_bytes"] <= 38 * GiB + 64 * MiB

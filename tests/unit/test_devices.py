@@ -444,3 +444,21 @@ async def test_a_mig_gpu_is_reported_down_with_the_reason_and_never_measured() -
     assert snapshot["0"].uuid == UUID0 and mig.memory_calls == 0
     assert snapshot["1"].up is True
     assert [e["device"] for e in logs if e["event"] == "gpu down"] == ["0"]
+
+
+async def test_a_v1_driver_without_a_process_list_derives_no_reserved_part() -> None:
+    """Regression: without compute processes (NotSupported) every byte in use looked
+    unattributed, and all of it became the "reserved" part (CUDA's total halved)."""
+    gpu = FakeGpu(
+        UUID0,
+        total=H100_V1_TOTAL,
+        reserved=H100_RESERVED,
+        used=40 * GiB,
+        unsupported=frozenset({"processes"}),
+    )
+    probe = NvmlProbe(FakeNvml([gpu], memory_v2=False))
+    with capture_logs() as logs:
+        for _ in range(3):
+            reading = (await probe.snapshot())["0"]
+    assert reading.reserved == 0 and reading.total == H100_V1_TOTAL
+    assert [e["event"] for e in logs].count("nvml_memory_v1") == 1  # said once, not per reading

@@ -388,19 +388,21 @@ async def test_a_database_this_run_could_not_open_keeps_its_desired_state(
 
 
 def test_each_models_last_learned_gpu_overhead_is_read_back(tmp_path: Path) -> None:
-    """The overhead a start measured (event `measured`) outlives the daemon: the newest one
-    per model is read at open; measurements without it (cpu engines) are not overheads."""
+    """The overhead a cold start measured (event `measured`) outlives the daemon: the newest
+    one per model is read at open, with its GPU count; measurements without it (cpu engines,
+    wakes) are not overheads."""
     conn, _ = state_db.connect(tmp_path / state_db.FILENAME)
     rows = [
-        (1, "measured", "a", {"used_bytes": 10, "overhead_bytes": 700}),
+        (1, "measured", "a", {"used_bytes": 10, "overhead_bytes": 700, "gpus": 1}),
         (2, "measured", "b", {"used_bytes": 10}),
         (3, "state", "a", {"new": "ready"}),
-        (4, "measured", "a", {"used_bytes": 10, "overhead_bytes": 512}),
+        (4, "measured", "a", {"used_bytes": 10, "overhead_bytes": 512, "gpus": 2}),
+        (5, "measured", "a", {"used_bytes": 10}),  # a wake's: no overhead learned
     ]
     with conn:
         conn.executemany(
             "INSERT INTO events (id, time, kind, model, fields) VALUES (?, 0, ?, ?, ?)",
             [(i, kind, model, json.dumps(fields)) for i, kind, model, fields in rows],
         )
-    assert state_db.overheads(conn) == {"a": 512}
+    assert state_db.overheads(conn) == {"a": (512, 2)}
     conn.close()

@@ -88,6 +88,7 @@ class NvmlProbe:
         self._discovery_failing = False
         # v1 drivers: the reserved part per index, the lowest unattributed use seen.
         self._v1_reserved: dict[int, int] = {}
+        self._v1_said: set[int] = set()
 
     async def snapshot(self) -> dict[str, DeviceSnapshot]:
         """Reads every GPU; takes at most `timeout` seconds (plus the wait for a concurrent
@@ -153,12 +154,14 @@ class NvmlProbe:
         """A v1 reading in CUDA's terms: the reserved part taken out of total and used."""
         assert reading.used is not None
         known = [p.used_bytes for p in reading.processes]
-        first = index not in self._v1_reserved
-        if all(b is not None for b in known):
+        # Only a complete process list says what is unattributed (not one NVML cannot give).
+        listed = "processes" not in (reading.error or "")
+        if listed and all(b is not None for b in known):
             unattributed = max(0, reading.used - sum(b for b in known if b is not None))
             self._v1_reserved[index] = min(self._v1_reserved.get(index, unattributed), unattributed)
         reserved = self._v1_reserved.get(index, 0)
-        if first:
+        if index not in self._v1_said:
+            self._v1_said.add(index)
             self._log.warning(
                 "nvml_memory_v1",
                 device=reading.name,

@@ -120,7 +120,9 @@ def memory_flags(
 def gpu_request(model: ModelConfig, placement: tuple[PlacedDevice, ...]) -> int | None:
     """What vLLM's fraction asks for on the smallest of the GPUs (ceil(F x CUDA's total), as
     `request_memory` computes it); None for a placement that is not all GPUs."""
-    flags = memory_flags(model, placement, 0) if placement else []
+    if not placement or min(d.total for d in placement) <= 0:
+        return None  # (a GPU down when last read: nothing to size against)
+    flags = memory_flags(model, placement, 0)
     if flags[:1] != ["--gpu-memory-utilization"]:
         return None
     return math.ceil(float(flags[1]) * min(d.total for d in placement))

@@ -15,8 +15,9 @@ OUTPUT_LINES = 2000
 
 
 # What vLLM's API server logs just before it serves (vllm/entrypoints/launchers/api_server/
-# entry.py, `build_async_engine_client`... `serve_http`): until then /health cannot answer.
-SERVING = "Starting vLLM server on"
+# entry.py, before `serve_http`; "Starting vLLM API server N on ..." in older releases):
+# until then /health cannot answer.
+SERVING = ("Starting vLLM server on", "Starting vLLM API server")
 
 
 class EngineOutput:
@@ -51,7 +52,7 @@ class EngineOutput:
         done.set()
 
     def append(self, line: str) -> None:
-        if not self.serving and SERVING in line:
+        if not self.serving and "Starting vLLM" in line and any(s in line for s in SERVING):
             self.serving = True
         self.lines.append(line)
         self._seen += 1

@@ -68,8 +68,12 @@ class Ledger:
         self._clock = ctx.clock
         self._residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
         self._measured: dict[str, int] = {}  # footprint after the last start, per model
-        # What a model's engine allocated per GPU beyond its fraction at its last start.
-        self._overhead: dict[str, int] = {}
+        # What a model's engine allocated per GPU beyond its fraction at its last cold start,
+        # with the GPU count it was learned on (a value for one GPU says nothing of TP).
+        self._overhead: dict[str, tuple[int, int]] = {}
+        # What vLLM's fraction asks for on a GPU, per model being started cold (not a wake):
+        # the base its footprint is learned against.
+        self._requested: dict[str, int] = {}
         # GPUs on which NVML cannot attribute memory to our engines' pids: budgeted by
         # reservation, their foreign memory what is used beyond what our models hold.
         self._unattributed: set[str] = set()
@@ -103,24 +107,36 @@ class Ledger:
         reservation is held)."""
         self._measured[name] = used
 
+    def launch(self, inst: Instance) -> tuple[PlacedDevice, ...]:
+        """Where `inst` starts or wakes now; a cold start's fraction is remembered, for its
+        footprint to teach the model's overhead (a wake's engine kept its old fraction)."""
+        placement = self.place(inst)
+        self._requested.pop(inst.name, None)
+        if inst.state is not S.SLEEPING and (asked := gpu_request(inst.model, placement)):
+            self._requested[inst.name] = asked
+        return placement
+
     async def measure(self, inst: Instance) -> int | None:
         """Measure and record the running engine's footprint per device (None: no engine, or
-        NVML cannot tell: the reservation stays the figure), learn its GPU overhead (the
-        footprint less what vLLM's fraction asked for) for the next start, and tell both
-        (event `measured`)."""
+        NVML cannot tell: the reservation stays the figure), learn its GPU overhead after a
+        cold start (the footprint less what vLLM's fraction asked for) for the next start,
+        and tell both (event `measured`)."""
         pgid = inst.pgid()
+        requested = self._requested.pop(inst.name, None)
         if pgid is None:
             return None
-        placement = self.place(inst)  # as it was started: the overhead is not learned yet
         used = await self._meter.footprint(pgid, inst.pids(), inst.model.devices)
         if used is None:
+            self._measured.pop(inst.name, None)  # not this engine's: the reservation holds
             self._pids_unseen(inst)
             return None
         self.record_measured(inst.name, used)
         learned: dict[str, int] = {}
-        requested = gpu_request(inst.model, placement)
-        if requested is not None:
-            learned["overhead_bytes"] = self._overhead[inst.name] = max(0, used - requested)
+        gpus = len(self._meter.gpus(inst.model.devices))
+        # Bounded: a reading that makes no sense (half the reservation or more) teaches nothing.
+        if requested is not None and 0 <= used - requested < inst.model.memory // 2:
+            self._overhead[inst.name] = (used - requested, gpus)
+            learned = {"overhead_bytes": used - requested, "gpus": gpus}
         self._ctx.events.emit(
             Kind.MEASURED,
             inst.name,
@@ -131,19 +147,23 @@ class Ledger:
         return used
 
     def _pids_unseen(self, inst: Instance) -> None:
-        """NVML had no figure for the running engine: say why, once per GPU."""
+        """NVML had no figure for the running engine: say why, once per GPU, where it is
+        lasting (a GPU down or not read is not: the next reading may well have it)."""
+        pids = inst.pids()
         for name in self._meter.gpus(inst.model.devices):
-            if name in self._unattributed:
+            snap = self._meter.devices[name]
+            if name in self._unattributed or not snap.up:
                 continue
-            self._unattributed.add(name)
-            listed = self._meter.devices[name].processes
-            pids = inst.pids()
-            if listed and not any(p.pid in pids for p in listed):
+            mine = [p for p in snap.processes if p.pid in pids]
+            if mine and any(p.used_bytes is None for p in mine):
+                cause = "NVML gives no per-process memory (WDDM, or no permission)"
+                fix = "run on a Linux driver that reports per-process memory"
+            elif not mine:
                 cause = "NVML lists none of the engine's pids: vllmd runs in another pid namespace"
                 fix = "run vllmd in the host's pid namespace (docker/podman --pid=host)"
             else:
-                cause = "NVML gives no per-process memory (WDDM, or no permission)"
-                fix = "run on a Linux driver that reports per-process memory"
+                continue
+            self._unattributed.add(name)
             log.warning("gpu_pids_unseen", device=name, model=inst.name, cause=cause, fix=fix)
             self._ctx.events.emit(
                 Kind.GPU_PIDS_UNSEEN, inst.name, device=name, cause=cause, fix=fix
@@ -152,17 +172,18 @@ class Ledger:
     def overhead(self, inst: Instance) -> int:
         """What the model's engine is expected to allocate per GPU beyond its fraction: what
         its last start measured, else engine.gpu_overhead (more across several GPUs)."""
+        gpus = sum(1 for d in inst.model.devices if self._kind(d) == "gpu")
         learned = self._overhead.get(inst.name)
-        if learned is not None:
-            return learned
+        if learned is not None and learned[1] == gpus:
+            return learned[0]
         default = inst.engine.gpu_overhead
-        gpus = [d for d in inst.model.devices if self._kind(d) == "gpu"]
-        return default + TP_OVERHEAD if len(gpus) > 1 else default
+        return default + TP_OVERHEAD if gpus > 1 else default
 
-    def learn_overheads(self, learned: Mapping[str, int]) -> None:
-        """Overheads measured by an earlier run (the state store's `measured` events)."""
-        for name, nbytes in learned.items():
-            self._overhead.setdefault(name, nbytes)
+    def learn_overheads(self, learned: Mapping[str, tuple[int, int]]) -> None:
+        """Overheads (and the GPU counts they were learned on) measured by an earlier run
+        (the state store's `measured` events)."""
+        for name, value in learned.items():
+            self._overhead.setdefault(name, value)
 
     def _kind(self, name: str) -> str:
         snap = self._meter.devices.get(name)
@@ -193,9 +214,11 @@ class Ledger:
         self._residue[name] = used
         return assumed
 
-    def place(self, instance: Instance) -> tuple[PlacedDevice, ...]:
+    def place(self, instance: Instance, *, sized: bool = True) -> tuple[PlacedDevice, ...]:
+        """Where the instance runs, device by device; `sized=False` leaves the overhead out
+        (a reader that needs the devices' kinds only: every snapshot's views)."""
         placed = []
-        overhead = self.overhead(instance)
+        overhead = self.overhead(instance) if sized else 0
         for name in instance.model.devices:
             snap = self._meter.devices.get(name)
             declared = self._ctx.config.devices.get(name)
@@ -288,7 +311,7 @@ class Ledger:
         An engine's workers are ours from the moment they exist: while it starts they are not
         yet among its remembered descendants, but they are in its process group (counting
         them as foreign would count the same bytes twice)."""
-        if snap.kind != "gpu" or not snap.processes:
+        if snap.kind != "gpu":
             return 0
         if snap.name in self._unattributed:
             # Our engines' memory is there under pids we cannot see: what is used beyond what
@@ -297,6 +320,8 @@ class Ledger:
                 self.held(i) for i in self._instances.values() if snap.name in i.model.devices
             )
             return max(0, (snap.used or 0) - ours_held)
+        if not snap.processes:
+            return 0
         ours: set[int] = set()
         groups: set[int] = set()
         for inst in self._instances.values():
@@ -316,7 +341,7 @@ class Ledger:
 
     def view(self, inst: Instance) -> ModelView:
         model = inst.model
-        can_sleep = sleep_mode_enabled(model, inst.engine, self.place(inst))
+        can_sleep = sleep_mode_enabled(model, inst.engine, self.place(inst, sized=False))
         return ModelView(
             name=inst.name,
             devices=model.devices,

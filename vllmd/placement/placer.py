@@ -298,7 +298,7 @@ class Placer:
             if ticket.done.is_set() or self._instances.get(inst.name) is not inst:
                 return  # cancelled meanwhile (an unload) or replaced (its config changed)
             before = inst.transitions
-            inst.want_up(self.ledger.place(inst))
+            inst.want_up(self.ledger.launch(inst))
             # Settled: ready, or over (a failed wake restarting via STOPPED is still this one).
             await inst.until(
                 lambda: (

@@ -53,6 +53,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE loaded_on_purpose (model TEXT PRIMARY KEY);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # The newest `measured` event per model is read at every start (learned GPU overheads).
+    """
+    CREATE INDEX events_kind_model ON events (kind, model, id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _NO_ENGINE = frozenset({"stopped", "backoff", "failed"})  # states with no engine process
@@ -293,17 +297,19 @@ def desired(conn: sqlite3.Connection) -> Desired:
     return Desired(pins, loaded)
 
 
-def overheads(conn: sqlite3.Connection) -> dict[str, int]:
-    """Each model's GPU overhead as its last measured start learned it (event `measured`)."""
+def overheads(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """Each model's GPU overhead and the GPU count it was learned on, as its last cold start
+    measured them (event `measured` with `overhead_bytes`)."""
     rows = conn.execute(
-        "SELECT model, fields FROM events WHERE id IN "
-        "(SELECT MAX(id) FROM events WHERE kind = 'measured' GROUP BY model)"
+        "SELECT model, fields FROM events WHERE id IN (SELECT MAX(id) FROM events "
+        "WHERE kind = 'measured' AND fields LIKE '%overhead_bytes%' GROUP BY model)"
     )
     found = {}
     for model, fields in rows:
-        nbytes = json.loads(fields).get("overhead_bytes")
-        if isinstance(nbytes, int) and nbytes >= 0:
-            found[model] = nbytes
+        data = json.loads(fields)
+        nbytes, gpus = data.get("overhead_bytes"), data.get("gpus", 1)
+        if isinstance(nbytes, int) and nbytes >= 0 and isinstance(gpus, int):
+            found[model] = (nbytes, gpus)
     return found
 
 

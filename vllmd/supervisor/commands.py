@@ -50,7 +50,7 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self._actors: dict[str, anyio.CancelScope] = {}
 
-    def learned_overheads(self, overheads: Mapping[str, int]) -> None:
+    def learned_overheads(self, overheads: Mapping[str, tuple[int, int]]) -> None:
         """GPU overheads an earlier run measured, per model: the next starts use them."""
         self._ledger.learn_overheads(overheads)
 
