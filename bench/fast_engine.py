@@ -3,7 +3,7 @@
 Raw ASGI on uvicorn (httptools, uvloop), so the upstream itself costs as little as a Python
 server can. Takes vLLM's flags (`--uds`, `--host`, `--port`, `--model`, others ignored), so
 vllmd can start it as an engine. Environment:
-  FAST_STARTUP_DELAY  seconds before it listens (default 0)
+  FAST_STARTUP_DELAY  seconds from its bind to its listen (default 0), as vLLM's load
   FAST_CHUNKS         SSE chunks of a streamed answer (default 16)
   FAST_CHUNK_DELAY    seconds between two chunks (default 0)
   FAST_STAMP          1: every chunk carries `"t": <time.time() when sent>`
@@ -81,7 +81,8 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     args, _ = p.parse_known_args()
-    time.sleep(float(os.environ.get("FAST_STARTUP_DELAY", "0")))
+    # As vLLM: the socket is bound at once and listens only once the engine serves, and
+    # "Starting vLLM server on ..." is logged just before (vllmd polls faster from then on).
     if args.uds:
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(args.uds)
@@ -89,6 +90,9 @@ def main() -> None:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+    time.sleep(float(os.environ.get("FAST_STARTUP_DELAY", "0")))
+    where = f"unix:{args.uds}" if args.uds else f"http://{args.host}:{args.port}"
+    print(f"INFO [entry.py:140] Starting vLLM server on {where}", flush=True)
     sock.listen(1024)
     env = os.environ.get
     app = App(
