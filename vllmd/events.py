@@ -41,6 +41,7 @@ class Kind(StrEnum):
     CRASHED = "crashed"  # reason (crash|oom), status
     START_FAILED = "start_failed"  # error, result (failed|timeout)
     START_PROFILING_RETRY = "start_profiling_retry"  # retries
+    START_REFUSED = "start_refused"  # error: vLLM found too little free memory (re-planned)
     MODEL_FAILED = "model_failed"  # restarts
     SLEEP_FAILED = "sleep_failed"  # error (+ level)
     WAKE_FAILED = "wake_failed"  # error

@@ -393,11 +393,13 @@ def _alive(pid: int) -> bool:
 
 
 async def test_start_that_lost_a_memory_race_is_retried_not_counted(tmp_path: Path) -> None:
-    """vLLM refuses to start when free memory changed while it profiled: that is a neighbour's
-    doing, not a crash of this model, so it must not push the model to `failed`."""
+    """vLLM's profiling asserts when memory changed while it profiled ("Error in memory
+    profiling", vllm/v1/worker/gpu_worker.py): a neighbour's doing, not a crash of this
+    model, so it is retried uncounted and never pushes the model to `failed`."""
     message = (
-        "ValueError: Free memory on device (10.1/79.2 GiB) on startup is less than desired "
-        "GPU memory utilization (0.5, 39.6 GiB)"
+        "AssertionError: Error in memory profiling. Initial free memory 40.1 GiB, current "
+        "free memory 41.2 GiB. This happens when other processes sharing the same container "
+        "release GPU memory while vLLM is profiling during initialization."
     )
     env = {"FAKE_MODE": "crash_at_start", "FAKE_STARTUP_DELAY": "0", "FAKE_CRASH_MESSAGE": message}
     config = fake_config(tmp_path, {"m": {"env": env, "max_restarts": 1}})
@@ -408,3 +410,33 @@ async def test_start_that_lost_a_memory_race_is_retried_not_counted(tmp_path: Pa
         assert instance.state is not InstanceState.FAILED
         assert len(instance.restarts) == 0
     assert r.status_code == 502
+
+
+async def test_a_start_vllm_refuses_for_memory_is_planned_again_then_answered_503(
+    tmp_path: Path,
+) -> None:
+    """vLLM refuses to start when free memory is below its fraction (request_memory): a
+    lasting shortage, not a failure of the model. The placer plans once more with fresh
+    readings; refused again, the waiting request gets 503 insufficient_memory with
+    Retry-After, and the model is stopped, never failed, its restarts uncounted."""
+    message = (
+        "ValueError: Free memory on device cuda:0 (10.1/79.2 GiB) on startup is less than "
+        "desired GPU memory utilization (0.5, 39.6 GiB). Decrease GPU memory utilization or "
+        "reduce GPU memory used by other processes."
+    )
+    env = {"FAKE_MODE": "crash_at_start", "FAKE_STARTUP_DELAY": "0", "FAKE_CRASH_MESSAGE": message}
+    config = fake_config(tmp_path, {"m": {"env": env, "max_restarts": 0}})
+    async with running(config) as run, client(run) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        instance = run.supervisor.instances["m"]
+        state, restarts = instance.state, len(instance.restarts)
+        history = list(run.events.history)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "insufficient_memory"
+    assert int(r.headers["retry-after"]) >= 1
+    assert "on startup is less than desired" in r.json()["error"]["message"]
+    assert state is InstanceState.STOPPED and restarts == 0
+    kinds = [str(e.kind) for e in history if e.model == "m"]
+    assert kinds.count("start_refused") == 2 and kinds.count("spawned") == 2
+    assert kinds.count("rejected") == 1
+    assert "start_failed" not in kinds and "model_failed" not in kinds

@@ -37,7 +37,7 @@ def test_failed_only_past_max_restarts_within_the_window() -> None:
 
 def test_profiling_races_are_not_counted_but_are_bounded() -> None:
     policy = RestartPolicy(max_restarts=1, window=600, clock=Clock())
-    race = ["ValueError: Free memory on device (1/80 GiB) on startup is less than desired GPU"]
+    race = ["AssertionError: Error in memory profiling. Initial free memory 40.1 GiB, ..."]
     for _ in range(PROFILING_RETRIES):
         assert policy.is_profiling_race(race)
         policy.record(profiling_race=True)
@@ -46,3 +46,8 @@ def test_profiling_races_are_not_counted_but_are_bounded() -> None:
     policy.started()
     assert policy.is_profiling_race(race)
     assert not policy.is_profiling_race(["ERROR something else"])
+    refusal = [
+        "ValueError: Free memory on device cuda:0 (1/80 GiB) on startup is less than desired"
+    ]
+    assert not policy.is_profiling_race(refusal) and policy.is_memory_refusal(refusal)
+    assert not policy.is_memory_refusal(race)

@@ -25,13 +25,8 @@ from vllmd.engine.output import EngineOutput
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
 from vllmd.instance.launch import model_weights, prepare
-from vllmd.instance.restarts import RestartPolicy
-from vllmd.instance.session import (
-    START_FAILURES,
-    End,
-    Session,
-    discard_address,
-)
+from vllmd.instance.restarts import MEMORY_REFUSAL, RestartPolicy
+from vllmd.instance.session import START_FAILURES, End, Session, discard_address
 from vllmd.instance.states import InstanceState, Want, check_transition
 from vllmd.instance.status import ModelStatus
 
@@ -59,7 +54,6 @@ class Instance:
         self._placement: tuple[PlacedDevice, ...] = ()
         self.last_pids: frozenset[int] = frozenset()  # the previous engine's processes
         self.engine_names: frozenset[str] = frozenset()  # the running engine's served names
-
         self.in_flight = 0
         self.last_used = 0.0  # clock time; 0 = never
         self._last_used_wall: float | None = None
@@ -70,12 +64,12 @@ class Instance:
         self.restart_policy = RestartPolicy(model.max_restarts, model.restart_window, self.clock)
         self.start_failures = 0  # waiters compare it before and after to see a start fail
         self.starts = 0
-
         self._listeners: list[Callable[[], None]] = []
         self._start_gate: Callable[[], Awaitable[bool]] | None = None
         self._want: Want = "down"
         self._sleep_to = 1
         self._profiling_race = False
+        self.memory_refused = False  # the last start was refused by vLLM for free memory
         # Set when the engine's exit is seen (BACKOFF entered at once); the restart's reason.
         self._restart_reason: str | None = None
         self._fail_when_released = False  # the crash used up max_restarts
@@ -90,6 +84,7 @@ class Instance:
         Clears `failed`: a deliberate ask, which starts a fresh restart window."""
         if placement is not None:
             self._placement = placement
+        self.memory_refused = False
         if self.state is S.FAILED:
             self.restart_policy.reset()
         if self._want != "up":
@@ -317,15 +312,28 @@ class Instance:
             self.last_pids = session.pids_at_end
             self._session = None
             self.ready_since = self.active_since = None
-        self._profiling_race = end in START_FAILURES and self.restart_policy.is_profiling_race(
-            self.output.since_start()
-        )
+        failed = end in START_FAILURES
+        output = self.output.since_start() if failed else []
+        if failed and self.restart_policy.is_memory_refusal(output):
+            return self._refused(output)
+        self._profiling_race = failed and self.restart_policy.is_profiling_race(output)
         if end is End.STOPPED:
             self.transition(S.STOPPED)  # STOPPING -> STOPPED
         elif end in START_FAILURES and not self._profiling_race:
             # Told once nothing of the engine is left.
             self._start_failed("timeout" if end is End.START_TIMEOUT else "failed")
         return end
+
+    def _refused(self, output: list[str]) -> End:
+        """vLLM found too little free memory to start: not this model's failure, uncounted;
+        it stops for the placer to plan again with fresh readings (vllmd.placement.placer)."""
+        line = next(x for x in reversed(output) if MEMORY_REFUSAL in x).strip()
+        self.memory_refused, self._want = True, "down"
+        self.last_error = f"vLLM refused to start {self.name}: {line}"
+        self._events.emit(Kind.START_REFUSED, self.name, error=line)
+        self.transition(S.STOPPING)  # STARTING -> STOPPING (the engine is gone already)
+        self.transition(S.STOPPED)  # STOPPING -> STOPPED
+        return End.STOPPED
 
     # --- told by its session (session.Owner) ---------------------------------------------------
 

@@ -9,9 +9,13 @@ from collections.abc import Callable
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
-# vLLM's refusal when free memory at startup is below what it was told to take
-# ("... on startup is less than desired GPU memory utilization ..."): a neighbour's doing.
-PROFILING_RACE = "on startup is less than desired"
+# vLLM's refusal to start when CUDA's free memory, after its context, is below its fraction
+# (vllm/v1/worker/utils.py `request_memory`): memory others hold, a lasting shortage the
+# placer re-plans for, never this model's failure.
+MEMORY_REFUSAL = "on startup is less than desired"
+# The race: memory another process released while vLLM profiled (vllm/v1/worker/gpu_worker.py
+# `determine_available_memory`'s assertion): retried, counted apart.
+PROFILING_RACE = "Error in memory profiling"
 PROFILING_RETRIES = 10  # uncounted retries of such starts before they count as failures
 
 
@@ -29,6 +33,11 @@ class RestartPolicy:
         """New limits (a reload); the restarts counted so far stay counted."""
         self.max_restarts = max_restarts
         self.window = window
+
+    @staticmethod
+    def is_memory_refusal(output: list[str]) -> bool:
+        """The start was refused by vLLM for want of free memory on a device."""
+        return any(MEMORY_REFUSAL in line for line in output)
 
     def is_profiling_race(self, output: list[str]) -> bool:
         """The start failed because memory changed under vLLM's profiling (and such retries

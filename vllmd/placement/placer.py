@@ -36,7 +36,7 @@ from vllmd.placement.scheduler import (
     plan_idle,
     plan_load,
 )
-from vllmd.placement.tickets import Interrupted, Ticket
+from vllmd.placement.tickets import Interrupted, Refusals, Refused, Ticket
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
@@ -56,6 +56,7 @@ class Placer:
         self._evictor = Evictor(ctx, instances, self.meter, self.ledger)
         self._queue: list[Ticket] = []
         self._launched: set[Ticket] = set()  # being carried out
+        self._refusals = Refusals()
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
@@ -84,6 +85,8 @@ class Placer:
             if clear_failed:
                 ticket.deliberate()
             await ticket.done.wait()
+            if isinstance(ticket.error, Refused):
+                await self.meter.refresh()  # the plan vLLM refused read stale devices
             if isinstance(ticket.error, Interrupted):
                 continue  # stopped on purpose meanwhile, and still asked for: load it again
             if ticket.error is not None:
@@ -310,12 +313,14 @@ class Placer:
                 )
             )
             if inst.state is S.READY:
+                self._refusals.clear(inst.name)
                 await self._measure(inst)
                 self._finish(ticket)
             elif inst.state is S.STOPPED:
                 # Stopped on purpose while it started (a restart, an unload): an unload
                 # cancelled the ticket already; anything else queues the waiters again.
-                self._finish(ticket, Interrupted())
+                error = self._refusals.error(inst) if inst.memory_refused else Interrupted()
+                self._finish(ticket, error)
             else:
                 failed = inst.state is S.FAILED
                 self._finish(ticket, failure(inst.name, inst.last_error, failed=failed))

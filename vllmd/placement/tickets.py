@@ -6,13 +6,39 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from vllmd.errors import VllmdError
+from vllmd.errors import InsufficientMemory, VllmdError
+from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 
 
 class Interrupted(VllmdError):
     """The load was overtaken: the model was stopped on purpose while it started (a restart)
     and is still asked for. Never reaches a client: `ensure` queues it again."""
+
+
+class Refused(Interrupted):
+    """vLLM refused the start for want of free memory: `ensure` plans once more with fresh
+    readings, then answers `insufficient_memory`."""
+
+
+class Refusals:
+    """Starts vLLM refused for want of free memory, per model: the first is planned once more
+    with fresh readings (Refused), the next gives up (insufficient_memory, told as a
+    `rejected` event). The model is never marked failed for it."""
+
+    def __init__(self) -> None:
+        self._once: set[str] = set()
+
+    def error(self, inst: Instance) -> VllmdError:
+        if inst.name not in self._once:
+            self._once.add(inst.name)
+            return Refused(inst.last_error)
+        self._once.discard(inst.name)
+        inst.tell(Kind.REJECTED, reason="insufficient_memory", why=inst.last_error)
+        return InsufficientMemory(inst.last_error or "vLLM refused the start", retry_after=30.0)
+
+    def clear(self, name: str) -> None:
+        self._once.discard(name)
 
 
 @dataclass(eq=False)
