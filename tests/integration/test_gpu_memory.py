@@ -658,4 +658,3 @@ async def test_a_wake_teaches_no_overhead(tmp_path: Path) -> None:
     assert [("overhead_bytes" in m) for m in measured] == [True, False, True]
     assert measured[2]["over_reservation_bytes"] == 0
     assert measured[2]["used_bytes"] <= 38 * GiB + 64 * MiB
-

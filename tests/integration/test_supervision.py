@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -426,17 +427,28 @@ async def test_a_start_vllm_refuses_for_memory_is_planned_again_then_answered_50
     )
     env = {"FAKE_MODE": "crash_at_start", "FAKE_STARTUP_DELAY": "0", "FAKE_CRASH_MESSAGE": message}
     config = fake_config(tmp_path, {"m": {"env": env, "max_restarts": 0}})
+    answers: list[httpx.Response] = []
+
+    async def ask(http: httpx.AsyncClient) -> None:
+        answers.append(await http.post("/v1/completions", json={"model": "m", "prompt": "x"}))
+
     async with running(config) as run, client(run) as http:
-        r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        async with anyio.create_task_group() as tg:  # four waiters share one load
+            for _ in range(4):
+                tg.start_soon(ask, http)
         instance = run.supervisor.instances["m"]
         state, restarts = instance.state, len(instance.restarts)
+        first = [str(e.kind) for e in run.events.history if e.model == "m"]
+        await ask(http)  # a later load starts over: planned twice again
         history = list(run.events.history)
-    assert r.status_code == 503, r.text
-    assert r.json()["error"]["code"] == "insufficient_memory"
-    assert int(r.headers["retry-after"]) >= 1
-    assert "on startup is less than desired" in r.json()["error"]["message"]
+    for r in answers:
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "insufficient_memory"
+        assert int(r.headers["retry-after"]) >= 1
+        assert "on startup is less than desired" in r.json()["error"]["message"]
     assert state is InstanceState.STOPPED and restarts == 0
+    assert first.count("start_refused") == 2 and first.count("spawned") == 2
+    assert first.count("rejected") == 1
+    assert "start_failed" not in first and "model_failed" not in first
     kinds = [str(e.kind) for e in history if e.model == "m"]
-    assert kinds.count("start_refused") == 2 and kinds.count("spawned") == 2
-    assert kinds.count("rejected") == 1
-    assert "start_failed" not in kinds and "model_failed" not in kinds
+    assert kinds.count("spawned") == 4 and kinds.count("rejected") == 2

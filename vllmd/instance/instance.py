@@ -21,7 +21,7 @@ from vllmd.config import EngineConfig, ModelConfig
 from vllmd.context import Context
 from vllmd.engine.api import EngineAPI, Upstream
 from vllmd.engine.argv import PlacedDevice
-from vllmd.engine.output import EngineOutput
+from vllmd.engine.output import OUTPUT_LINES, EngineOutput
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
 from vllmd.instance.launch import model_weights, prepare
@@ -69,9 +69,9 @@ class Instance:
         self._want: Want = "down"
         self._sleep_to = 1
         self._profiling_race = False
-        self.memory_refused = False  # the last start was refused by vLLM for free memory
-        # Set when the engine's exit is seen (BACKOFF entered at once); the restart's reason.
-        self._restart_reason: str | None = None
+        # The last start was refused by vLLM for free memory; the one under way is the placer's.
+        self.memory_refused = self._placed = False
+        self._restart_reason: str | None = None  # set as the exit is seen: why it restarts
         self._fail_when_released = False  # the crash used up max_restarts
         self._unlaunchable = False  # the last spawn was refused by the config itself
         self._manual_restart: str | None = None  # restart_next()'s reason, until it starts
@@ -83,7 +83,7 @@ class Instance:
         """Start the engine (on `placement`, the placer's answer), wake it, or keep it running.
         Clears `failed`: a deliberate ask, which starts a fresh restart window."""
         if placement is not None:
-            self._placement = placement
+            self._placement, self._placed = placement, True
         self.memory_refused = False
         if self.state is S.FAILED:
             self.restart_policy.reset()
@@ -312,11 +312,12 @@ class Instance:
             self.last_pids = session.pids_at_end
             self._session = None
             self.ready_since = self.active_since = None
-        failed = end in START_FAILURES
-        output = self.output.since_start() if failed else []
-        if failed and self.restart_policy.is_memory_refusal(output):
+        failed, placed, self._placed = end in START_FAILURES, self._placed, False
+        output = self.output.since_start(last=OUTPUT_LINES) if failed else []
+        refused = failed and self.restart_policy.is_memory_refusal(output)
+        if refused and placed:  # (a restart's: no load waits to plan it; retried, uncounted)
             return self._refused(output)
-        self._profiling_race = failed and self.restart_policy.is_profiling_race(output)
+        self._profiling_race = failed and self.restart_policy.is_profiling_race(output, refused)
         if end is End.STOPPED:
             self.transition(S.STOPPED)  # STOPPING -> STOPPED
         elif end in START_FAILURES and not self._profiling_race:
@@ -325,8 +326,7 @@ class Instance:
         return end
 
     def _refused(self, output: list[str]) -> End:
-        """vLLM found too little free memory to start: not this model's failure, uncounted;
-        it stops for the placer to plan again with fresh readings (vllmd.placement.placer)."""
+        """vLLM found too little free memory to start: uncounted, it stops for the placer."""
         line = next(x for x in reversed(output) if MEMORY_REFUSAL in x).strip()
         self.memory_refused, self._want = True, "down"
         self.last_error = f"vLLM refused to start {self.name}: {line}"

@@ -39,12 +39,12 @@ class RestartPolicy:
         """The start was refused by vLLM for want of free memory on a device."""
         return any(MEMORY_REFUSAL in line for line in output)
 
-    def is_profiling_race(self, output: list[str]) -> bool:
-        """The start failed because memory changed under vLLM's profiling (and such retries
-        are not yet exhausted)."""
+    def is_profiling_race(self, output: list[str], refused: bool = False) -> bool:
+        """The start failed because memory changed under vLLM's profiling, or was `refused`
+        for memory on a restart no load waits for (and such retries are not yet exhausted)."""
         if self.profiling_retries >= PROFILING_RETRIES:
             return False
-        return any(PROFILING_RACE in line for line in output)
+        return refused or any(PROFILING_RACE in line for line in output)
 
     def record(self, *, profiling_race: bool = False) -> None:
         now = self._clock()

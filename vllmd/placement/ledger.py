@@ -329,9 +329,9 @@ class Ledger:
             if pgid is not None:
                 ours.update(inst.pids())
                 groups.add(pgid)
-            elif inst.state is S.BACKOFF:
-                # A crashed engine's pids linger while the driver releases its memory; its
-                # reservation is still held: counted once, as ours.
+            elif inst.state is S.BACKOFF or inst.memory_refused:
+                # A crashed (or refused) engine's pids linger while the driver releases its
+                # memory: ours, never foreign (a start waits for the release to be measured).
                 ours.update(inst.last_pids)
         return sum(
             p.used_bytes or 0

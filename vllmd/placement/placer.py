@@ -36,7 +36,7 @@ from vllmd.placement.scheduler import (
     plan_idle,
     plan_load,
 )
-from vllmd.placement.tickets import Interrupted, Refusals, Refused, Ticket
+from vllmd.placement.tickets import Interrupted, Ticket
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
@@ -56,7 +56,6 @@ class Placer:
         self._evictor = Evictor(ctx, instances, self.meter, self.ledger)
         self._queue: list[Ticket] = []
         self._launched: set[Ticket] = set()  # being carried out
-        self._refusals = Refusals()
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
         self._tick = anyio.Event()  # wakes every other waiter: set and replaced by kick()
         self._closing = False
@@ -85,8 +84,6 @@ class Placer:
             if clear_failed:
                 ticket.deliberate()
             await ticket.done.wait()
-            if isinstance(ticket.error, Refused):
-                await self.meter.refresh()  # the plan vLLM refused read stale devices
             if isinstance(ticket.error, Interrupted):
                 continue  # stopped on purpose meanwhile, and still asked for: load it again
             if ticket.error is not None:
@@ -302,25 +299,20 @@ class Placer:
                 return  # cancelled meanwhile (an unload) or replaced (its config changed)
             before = inst.transitions
             inst.want_up(self.ledger.launch(inst))
-            # Settled: ready, or over (a failed wake restarting via STOPPED is still this one).
-            await inst.until(
-                lambda: (
-                    inst.transitions != before
-                    and (
-                        inst.state in (S.READY, S.BACKOFF, S.FAILED)
-                        or (inst.state is S.STOPPED and not inst.wanted_up)
-                    )
-                )
-            )
+            await inst.until(partial(_settled, inst, before))
             if inst.state is S.READY:
-                self._refusals.clear(inst.name)
                 await self._measure(inst)
                 self._finish(ticket)
+            elif inst.state is S.STOPPED and inst.memory_refused and not self._closing:
+                if (gave_up := ticket.refusal()) is not None:
+                    self._finish(ticket, gave_up)
+                else:  # planned once more, first in line, on fresh readings
+                    await self.meter.refresh()
+                    self._queue.insert(0, ticket)
             elif inst.state is S.STOPPED:
                 # Stopped on purpose while it started (a restart, an unload): an unload
                 # cancelled the ticket already; anything else queues the waiters again.
-                error = self._refusals.error(inst) if inst.memory_refused else Interrupted()
-                self._finish(ticket, error)
+                self._finish(ticket, Interrupted())
             else:
                 failed = inst.state is S.FAILED
                 self._finish(ticket, failure(inst.name, inst.last_error, failed=failed))
@@ -398,3 +390,11 @@ class Placer:
             await anyio.sleep(DEVICE_REFRESH)
             await self.meter.refresh()
             self.kick()
+
+
+def _settled(inst: Instance, before: int) -> bool:
+    """A start or wake is over: ready, or not (a failed wake restarting via STOPPED is not)."""
+    return inst.transitions != before and (
+        inst.state in (S.READY, S.BACKOFF, S.FAILED)
+        or (inst.state is S.STOPPED and not inst.wanted_up)
+    )
