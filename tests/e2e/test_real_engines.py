@@ -4,6 +4,7 @@ driven by the openai SDK. One daemon for the module; at most two engines alive a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,6 +97,8 @@ def test_metrics_with_real_engines_pass_promtool_and_the_relay_parses(
         'vllmd_requests_total{model="tiny-chat",endpoint="/v1/chat/completions",code="200"}' in own
     )
     assert 'vllmd_engine_scrape_success{model="tiny-chat"} 1' in relayed
+    # The engine's own version (GET /version, read once it is ready), never empty.
+    assert re.search(r'vllmd_model_info\{model="tiny-chat",engine_version="\d+\.\d+[^"]*"\} 1', own)
     assert relayed.count("# TYPE vllm:num_requests_running ") == 1
     lint = _promtool(relayed)
     problems = [

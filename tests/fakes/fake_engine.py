@@ -71,6 +71,7 @@ SLEEP_FAILURES = {"ok", "refuse", "unconfirmed", "wake_fails"}
 WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
 EMBED_DIM = 384
 QUIET_PATHS = {"/health", "/metrics"}
+VERSION = "0.0.0+fake"
 SLEEPER = "import time; time.sleep(3600)"
 ESCAPER = (  # a child that starts a setsid() sleeper, prints its pid and exits
     f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, 'fake-esc'],"
@@ -241,6 +242,7 @@ class FakeEngine:
     def app(self) -> ASGIApp:
         routes = [
             Route("/health", self.health),
+            Route("/version", self.version),
             Route("/metrics", self.metrics),
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.generate, methods=["POST"]),
@@ -264,6 +266,10 @@ class FakeEngine:
         ready_for = time.monotonic() - (self.ready_at or time.monotonic())
         sick = self.mode == "unhealthy_after" and ready_for > float(self.mode_arg)
         return Response(status_code=500 if sick else 200)
+
+    async def version(self, request: Request) -> Response:
+        """vLLM's GET /version (vllm/entrypoints/serve/instrumentator/basic.py): {"version"}."""
+        return JSONResponse({"version": VERSION})
 
     async def metrics(self, request: Request) -> Response:
         labels = f'engine="0",model_name="{self.names[0]}"'
@@ -567,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     # (vllm/entrypoints/openai/api_server.py binds in `run_server`, `serve_http` listens):
     # the file exists and every connect is refused for the whole load.
     early = bind_early(args.uds)
-    log("vLLM API server version 0.0.0+fake")
+    log(f"vLLM API server version {VERSION}")
     log(f"non-default args: {{'model': {fake.root!r}, 'served_model_name': {fake.names!r}}}")
     if os.environ.get("FAKE_NOISY_OUTPUT") == "1":
         sys.stdout.buffer.write(b"\x1b[33mWARNING\x1b[0m invalid utf-8: \xff\xfe\xc3\n")

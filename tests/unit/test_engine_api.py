@@ -232,3 +232,14 @@ async def test_is_sleeping_rejects_an_answer_nested_too_deep_to_parse() -> None:
     async with engine(lambda request: httpx.Response(200, text=deep)) as (api, _):
         with pytest.raises(EngineUnavailable):
             await api.is_sleeping()
+
+
+async def test_version_reads_the_engines_answer_and_is_none_otherwise() -> None:
+    async with engine(answer(200, {"version": "0.32.0"})) as (api, seen):
+        assert await api.version() == "0.32.0"
+    assert sent(seen) == [("GET", "/version", "")]
+    for handler in (answer(404), answer(200, {"version": 3}), answer(200, [1])):
+        async with engine(handler) as (api, _):
+            assert await api.version() is None
+    async with engine(raising(httpx.ConnectError)) as (api, _):
+        assert await api.version() is None

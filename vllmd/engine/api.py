@@ -216,6 +216,17 @@ class EngineAPI:
             return False
         return response.status_code == 200
 
+    async def version(self, timeout: float = 2.0) -> str | None:
+        """The engine's vLLM version (GET /version); None when it does not say."""
+        import httpx
+
+        try:
+            response = await self.client.get("/version", timeout=timeout)
+            version = response.json().get("version") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError, RecursionError):
+            return None
+        return version if isinstance(version, str) and version else None
+
     async def warm_up(self, served_name: str, timeout: float = 120.0) -> bool:
         """One 1-token inference so the first user request does not pay the engine's first-run
         cost. Generative models take a completion; pooling models refuse it and take an

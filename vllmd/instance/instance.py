@@ -360,12 +360,12 @@ class Instance:
         self._events.emit(Kind.STATE, self.name, old=str(old), new=str(new), **fields)
         self._notify()
 
-    def ready(self) -> None:
+    def ready(self, version: str | None) -> None:  # STARTING -> READY
         self._profiling_race = False  # a crash from now on is this engine's own
         self.ready_since = self.active_since = self.clock()
         self.load_seconds = self.ready_since - self.state_since
         self.restart_policy.started()
-        self.transition(S.READY, load_seconds=round(self.load_seconds, 3))  # STARTING -> READY
+        self.transition(S.READY, load_seconds=round(self.load_seconds, 3), engine_version=version)
 
     def woke(self, seconds: float) -> None:
         self.active_since = self.clock()

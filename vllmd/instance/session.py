@@ -97,8 +97,8 @@ class Owner(Protocol):
 
     def transition(self, new: InstanceState, **fields: object) -> None: ...
 
-    def ready(self) -> None:
-        """STARTING -> READY: the start is over."""
+    def ready(self, version: str | None) -> None:
+        """STARTING -> READY: the start is over (`version`: the engine's vLLM, if known)."""
 
     def woke(self, seconds: float) -> None:
         """WAKING -> READY."""
@@ -207,7 +207,7 @@ class Session:
 
         await proc.remember_descendants()
         await self.api.warm_up(served_name)
-        owner.ready()  # STARTING -> READY
+        owner.ready(await self.api.version())  # STARTING -> READY
         while True:
             end = await self.serve(
                 engine, lambda: owner.want != "up", lambda: owner.in_flight > 0, owner.until

@@ -239,6 +239,8 @@ class Metrics:
             old, new = fields.get("old"), fields.get("new")
             if new == "ready" and old == "starting":
                 self.loads.labels(model, "ok").inc()
+                if isinstance(version := fields.get("engine_version"), str):
+                    self.engine_version(model, version)
                 seconds = fields.get("load_seconds")
                 if isinstance(seconds, int | float):
                     self.load_duration.labels(model).observe(seconds)
