@@ -9,6 +9,10 @@ Behaviour is chosen by environment variables:
   FAKE_CRASH_MESSAGE   what crash_at_start prints on stderr (default "cannot load model").
   FAKE_MODE            ok | crash_at_start | crash_after_requests:N | hang | unhealthy_after:S
                        | ignore_sigterm   (default ok)
+  FAKE_MODE infer_dead     /health answers 200, every inference 500 with vLLM's EngineDeadError
+                           (an API server whose engine core died).
+  FAKE_MODE infer_wedged   /health answers 200, no inference ever answers (an engine wedged in
+                           CUDA-graph capture: vllm PR #45611).
   FAKE_TOKENS          tokens per answer (default 5), capped by the request's max_tokens.
   FAKE_TOKEN_DELAY     seconds per generated token (default 0.01), streamed or not.
   FAKE_MODE stream_break_after:N  a stream's engine dies (exit 1) after sending N chunks.
@@ -23,7 +27,9 @@ Behaviour is chosen by environment variables:
   VLLM_SERVER_DEV_MODE 1 (with --enable-sleep-mode): serve the sleep/wake routes.
   FAKE_SLEEP           ok | refuse (/sleep answers 500) | unconfirmed (/sleep answers 200 but
                        nothing sleeps: /is_sleeping stays false) | wake_fails (/wake_up answers
-                       500, the engine stays asleep)   (default ok)
+                       500, the engine stays asleep) | dead_after_wake (the wake succeeds, then
+                       every inference answers 500: TP leaks across sleep/wake, vllm#21336)
+                       (default ok)
   FAKE_GPU_DIR         GPU memory on a fake GPU (tests/fakes/fake_gpu.py, which lists the
                        FAKE_GPU_* knobs): held by a worker child process, as in vLLM.
 """
@@ -66,8 +72,13 @@ MODES = {
     "ignore_sigterm",
     "stream_break_after",
     "stream_gate",
+    "infer_dead",
+    "infer_wedged",
 }
-SLEEP_FAILURES = {"ok", "refuse", "unconfirmed", "wake_fails"}
+SLEEP_FAILURES = {"ok", "refuse", "unconfirmed", "wake_fails", "dead_after_wake"}
+# vllm/v1/engine/exceptions.py EngineDeadError: what the API server answers (500) once its
+# engine core is gone.
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
 EMBED_DIM = 384
 QUIET_PATHS = {"/health", "/metrics"}
@@ -238,6 +249,7 @@ class FakeEngine:
         self.counters = {"prompt": 0, "generation": 0, "stop": 0, "length": 0}
         self.sleep_failure = os.environ.get("FAKE_SLEEP", "ok")
         self.gpu: WorkerMemory | None = None
+        self.dead = False  # FAKE_SLEEP=dead_after_wake, once woken
 
     def app(self) -> ASGIApp:
         routes = [
@@ -318,6 +330,11 @@ class FakeEngine:
             )
         if self.asleep:
             return error(500, "InternalServerError", "The engine is sleeping.")
+        if self.mode == "infer_dead" or self.dead:
+            log(f"EngineDeadError: {ENGINE_DEAD}", "ERROR")
+            return error(500, "InternalServerError", ENGINE_DEAD)
+        if self.mode == "infer_wedged":
+            await asyncio.Event().wait()  # never set: the request waits until its client leaves
         self.inferences += 1
         if self.mode == "crash_after_requests" and self.inferences >= int(self.mode_arg):
             log("Unsupported CPU attention configuration (fake crash)", "ERROR")
@@ -455,6 +472,7 @@ class FakeEngine:
         self.asleep = self.asleep - set(tags) if tags else set()
         if not self.asleep:
             self.sleep_level = 0
+            self.dead = self.sleep_failure == "dead_after_wake"
             if self.gpu is not None:
                 self.gpu.wake()
         event(f"wake {','.join(tags) or 'all'}")

@@ -267,10 +267,14 @@ async def test_failed_sleep_stops_the_victim_instead(tmp_path: Path, failure: st
     assert not _events(history, "start_failed") and not _events(history, "start_profiling_retry")
 
 
-async def test_failed_wake_restarts_the_engine_and_the_request_is_answered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", ["wake_fails", "dead_after_wake"])
+async def test_failed_wake_restarts_the_engine_and_the_request_is_answered(
+    tmp_path: Path, failure: str
+) -> None:
+    """The wake refused, or done but followed by a warm-up the engine fails."""
     gpu = FakeGpu(tmp_path / "gpu")
     starts = tmp_path / "starts"
-    env = {"FAKE_SLEEP": "wake_fails", "FAKE_STARTS_FILE": str(starts)}
+    env = {"FAKE_SLEEP": failure, "FAKE_STARTS_FILE": str(starts)}
     config = _config(tmp_path, {"a": {"env": env}, "b": {}, "c": {}})
     async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
         await _post_all(http, "a", "b", "c")

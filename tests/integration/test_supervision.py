@@ -163,6 +163,34 @@ async def test_engine_that_never_becomes_ready_times_out(tmp_path: Path) -> None
     assert "not ready within 1s" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [("infer_dead", "answered 500"), ("infer_wedged", "did not answer within 2s")],
+)
+async def test_an_engine_that_fails_its_warm_up_is_a_failed_start(
+    tmp_path: Path, mode: str, says: str
+) -> None:
+    """/health answers 200 but the engine cannot infer: never READY, a counted failed start
+    that the waiting request is told of, and nothing of the engine left."""
+    config = fake_config(
+        tmp_path,
+        {"m": {"env": {"FAKE_MODE": mode, "FAKE_STARTUP_DELAY": "0"}}},
+        engine={"startup_timeout": "2s"},
+    )
+    async with running(config) as run, client(run) as http:
+        with anyio.fail_after(15):
+            r = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        instance = run.supervisor.instances["m"]
+        history = list(run.events.history)
+        assert instance.pgid() is None
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "start_failed"
+    assert "failed its warm-up" in r.json()["error"]["message"]
+    failed = [e for e in history if e.kind.value == "start_failed"]
+    assert len(failed) == 1 and says in str(failed[0].fields["error"])
+    assert not [e for e in history if e.fields.get("new") == "ready"]
+
+
 async def test_crashed_engine_is_restarted_and_serves_again(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     env = {"FAKE_MODE": "crash_after_requests:3", "FAKE_STARTS_FILE": str(starts)}

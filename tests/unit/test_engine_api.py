@@ -155,7 +155,7 @@ async def test_wake_up_stops_at_the_first_refused_step() -> None:
 
 async def test_warm_up_sends_a_one_token_completion() -> None:
     async with engine(answer(200)) as (api, seen):
-        assert await api.warm_up("tiny") is True
+        assert await api.warm_up("tiny") is None
     assert sent(seen) == [("POST", "/v1/completions", "")]
     assert json.loads(seen[0].content) == {"model": "tiny", "prompt": "hi", "max_tokens": 1}
 
@@ -165,20 +165,31 @@ async def test_warm_up_falls_back_to_an_embedding_for_pooling_models() -> None:
         return httpx.Response(400 if request.url.path == "/v1/completions" else 200)
 
     async with engine(handler) as (api, seen):
-        assert await api.warm_up("embedder") is True
+        assert await api.warm_up("embedder") is None
     assert sent(seen) == [("POST", "/v1/completions", ""), ("POST", "/v1/embeddings", "")]
     assert json.loads(seen[1].content) == {"model": "embedder", "input": "hi"}
 
 
+async def test_a_model_that_refuses_both_tasks_failed_no_warm_up() -> None:
+    async with engine(answer(400)) as (api, seen):
+        assert await api.warm_up("reranker") is None
+    assert len(seen) == 2
+
+
 @pytest.mark.parametrize(
-    ("handler", "calls"),
-    [(answer(400), 2), (raising(httpx.ReadTimeout), 1)],
-    ids=["400", "timeout"],
+    ("handler", "says"),
+    [
+        (answer(500), "/v1/completions answered 500"),
+        (raising(httpx.ReadTimeout), "did not answer within 7s"),
+        (raising(httpx.ConnectError), "/v1/completions failed"),
+    ],
+    ids=["500", "timeout", "connection"],
 )
-async def test_failed_warm_up_is_false_not_an_error(handler: Handler, calls: int) -> None:
+async def test_a_failed_warm_up_says_what_failed(handler: Handler, says: str) -> None:
     async with engine(handler) as (api, seen):
-        assert await api.warm_up("tiny") is False
-    assert len(seen) == calls
+        failure = await api.warm_up("tiny", timeout=7)
+    assert failure is not None and says in failure
+    assert len(seen) == 1  # an engine that cannot infer is not asked for an embedding
 
 
 async def test_metrics_returns_the_exposition_text() -> None:

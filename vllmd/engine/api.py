@@ -227,10 +227,13 @@ class EngineAPI:
             return None
         return version if isinstance(version, str) and version else None
 
-    async def warm_up(self, served_name: str, timeout: float = 120.0) -> bool:
+    async def warm_up(self, served_name: str, timeout: float = 120.0) -> str | None:
         """One 1-token inference so the first user request does not pay the engine's first-run
-        cost. Generative models take a completion; pooling models refuse it and take an
-        embedding instead. Returns whether either succeeded (a failed warm-up is not fatal)."""
+        cost. Generative models take a completion; pooling models refuse it (4xx) and take an
+        embedding instead. Returns None when the engine answered, or what failed: a 5xx, a
+        timeout (an engine wedged in CUDA-graph capture answers /health but never infers) or a
+        broken connection. A model that refuses both tasks (4xx) warmed nothing and failed
+        nothing: None."""
         attempts = (
             ("/v1/completions", {"model": served_name, "prompt": "hi", "max_tokens": 1}),
             ("/v1/embeddings", {"model": served_name, "input": "hi"}),
@@ -240,11 +243,15 @@ class EngineAPI:
         for path, body in attempts:
             try:
                 response = await self.client.post(path, json=body, timeout=timeout)
-            except httpx.HTTPError:
-                return False
-            if response.status_code == 200:
-                return True
-        return False
+            except httpx.TimeoutException:
+                return f"{path} did not answer within {timeout:g}s"
+            except (httpx.HTTPError, RuntimeError) as exc:
+                return f"{path} failed: {exc or type(exc).__name__}"
+            if response.status_code < 400:
+                return None
+            if response.status_code >= 500:
+                return f"{path} answered {response.status_code}: {response.text[:200]!r}"
+        return None
 
     async def sleep(self, level: int, timeout: float = 120.0) -> None:
         await self._call("POST", "/sleep", timeout, params={"level": level})

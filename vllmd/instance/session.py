@@ -38,6 +38,9 @@ READY_POLL = 0.01
 READY_POLL_LOADING = 0.1
 TREE_NOTE = 1.0  # how often a starting engine's process tree is noted
 OUTPUT_GRACE = 1.0
+# The warm-up is part of the start: it gets what is left of startup_timeout, but never less than
+# this (or startup_timeout itself, if shorter): a first inference on CPU takes seconds.
+WARM_UP_MIN = 30.0
 
 
 class Startup(Enum):
@@ -187,6 +190,7 @@ class Session:
         """The engine's whole life once spawned, inside `supervised`: wait for readiness,
         serve, sleep and wake, stop; or its crash."""
         proc = self.process
+        started = anyio.current_time()
         startup = await self.wait_ready(
             engine.startup_timeout, lambda: owner.want != "down", owner.until
         )
@@ -206,7 +210,16 @@ class Session:
             return End.START_FAILED
 
         await proc.remember_descendants()
-        await self.api.warm_up(served_name)
+        left = engine.startup_timeout - (anyio.current_time() - started)
+        warm_up = max(left, min(WARM_UP_MIN, engine.startup_timeout))
+        failure = await self.api.warm_up(served_name, timeout=warm_up)
+        if failure is not None:
+            # /health answered but the engine cannot infer (a wedged CUDA-graph capture, an
+            # engine core that died): a failed start, never READY.
+            exited = f"; it exited with {self.exit_status()}" if self.exited.is_set() else ""
+            await proc.kill()
+            owner.failed(f"engine for {owner.name} failed its warm-up: {failure}{exited}")
+            return End.START_FAILED
         owner.ready(await self.api.version())  # STARTING -> READY
         while True:
             end = await self.serve(
@@ -283,7 +296,11 @@ class Session:
             owner.failed(f"wake of {owner.name} failed: {woke.error}")
             owner.tell(Kind.WAKE_FAILED, error=woke.error)
             return not self.exited.is_set()
-        await self.api.warm_up(served_name)
+        failure = await self.api.warm_up(served_name)
+        if failure is not None:  # awake but unable to infer (a TP engine's sleep leaks)
+            owner.failed(f"wake of {owner.name} failed its warm-up: {failure}")
+            owner.tell(Kind.WAKE_FAILED, error=f"warm-up: {failure}")
+            return not self.exited.is_set()
         self.sleep_level = 0
         owner.woke(anyio.current_time() - started)  # WAKING -> READY
         return True
