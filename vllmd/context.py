@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from vllmd.config import Config
 from vllmd.devices import DeviceProbe
 from vllmd.engine.process import RuntimeOptions, Spawner
+from vllmd.engine.version import EngineVersions
 from vllmd.events import EventBus
 from vllmd.overrides import Overrides
 
@@ -25,6 +26,7 @@ class Context:
         options: RuntimeOptions,
         base_env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
+        versions: EngineVersions | None = None,
     ) -> None:
         self._config = config
         self.events = events
@@ -33,6 +35,7 @@ class Context:
         self.options = options
         self.base_env = base_env
         self.clock = clock
+        self.versions = versions or EngineVersions()  # each engine command's vLLM version
         self.overrides = Overrides()  # what operators changed at run time, over the config
 
     @property

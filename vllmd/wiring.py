@@ -20,6 +20,7 @@ from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
 from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
 from vllmd.engine.process import EngineProcess, RuntimeOptions, Spawner, spawn
 from vllmd.engine.reaper import Reaper
+from vllmd.engine.version import EngineVersions, VersionProbe, installed_version
 from vllmd.events import EventBus
 from vllmd.gateway.app import Gateway
 from vllmd.metrics import Metrics
@@ -42,6 +43,7 @@ class Seams:
     clock: Callable[[], float] = time.monotonic  # tests skip ahead (past RECENT_USE, say)
     reaper: Reaper = field(default_factory=Reaper)
     kernel_log: KernelLogOpener = Kmsg
+    engine_version: VersionProbe = installed_version  # the engine command's installed vLLM
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
         ),
         base_env=seams.base_env,
         clock=seams.clock,
+        versions=EngineVersions(seams.engine_version),
     )
     supervisor = Supervisor(ctx)
     metrics.count_events(events)

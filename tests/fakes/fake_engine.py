@@ -32,6 +32,9 @@ Behaviour is chosen by environment variables:
                        (default ok)
   FAKE_GPU_DIR         GPU memory on a fake GPU (tests/fakes/fake_gpu.py, which lists the
                        FAKE_GPU_* knobs): held by a worker child process, as in vLLM.
+  FAKE_VLLM_VERSION    the version it says (log line, GET /version; default 0.32.0+fake). Below
+                       0.24, a GPU named by anything but an index in CUDA_VISIBLE_DEVICES kills
+                       it at start as it kills vLLM: `int()` of each entry.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the 
 WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
 EMBED_DIM = 384
 QUIET_PATHS = {"/health", "/metrics"}
-VERSION = "0.0.0+fake"
+VERSION = os.environ.get("FAKE_VLLM_VERSION", "0.32.0+fake")
+UUIDS_SINCE = (0, 24)
 SLEEPER = "import time; time.sleep(3600)"
 ESCAPER = (  # a child that starts a setsid() sleeper, prints its pid and exits
     f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, 'fake-esc'],"
@@ -570,6 +574,27 @@ def bind_early(path: str | None) -> socket.socket | None:
     return sock
 
 
+def refuse_uuids(visible: str) -> None:
+    """vLLM before 0.24 maps CUDA_VISIBLE_DEVICES entries to NVML indices with `int()`
+    (vllm/platforms/cuda.py `device_id_to_physical_device_id`, then interface.py), so a UUID
+    kills the worker at init_device (vllm#41848, 0.20.1); 0.24 reads UUIDs through NVML
+    (vllm/platforms/cuda.py `device_control_id_to_physical_device_id`)."""
+    numbers = [int(x) for x in VERSION.split("+")[0].split(".")[:2] if x.isdigit()]
+    if tuple(numbers) >= UUIDS_SINCE:
+        return
+    for entry in filter(None, visible.split(",")):
+        try:
+            int(entry)
+        except ValueError:
+            print("Traceback (most recent call last):", file=sys.stderr)
+            print(
+                '  File "vllm/platforms/cuda.py", in device_id_to_physical_device_id',
+                file=sys.stderr,
+            )
+            print(f"ValueError: invalid literal for int() with base 10: {entry!r}", file=sys.stderr)
+            sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mode, _, mode_arg = os.environ.get("FAKE_MODE", "ok").partition(":")
@@ -600,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     if fake.sleep_failure not in SLEEP_FAILURES:
         sys.exit(f"fake_engine: unknown FAKE_SLEEP {fake.sleep_failure!r}")
     if os.environ.get("FAKE_GPU_DIR"):
+        refuse_uuids(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
         fake.gpu = start_gpu_memory(args, fake)
     time.sleep(float(os.environ.get("FAKE_STARTUP_DELAY", "0.3")))
     if mode == "crash_at_start":

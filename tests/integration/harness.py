@@ -20,6 +20,7 @@ from vllmd.daemon import Running, serve
 from vllmd.devices import DeclaredProbe, DeviceProbe
 from vllmd.engine.kernel_log import KernelLogOpener
 from vllmd.engine.reaper import Reaper
+from vllmd.engine.version import VersionProbe
 from vllmd.placement.scheduler import RECENT_USE
 from vllmd.wiring import Seams
 
@@ -70,11 +71,12 @@ async def running(
     clock: Callable[[], float] | None = None,
     reaper: Reaper | None = None,
     kernel_log: KernelLogOpener | None = None,
+    engine_version: VersionProbe | None = None,
 ) -> AsyncIterator[Running]:
     """The daemon, READY, until the block ends; then a graceful shutdown. A `clock`, a
-    `reaper` or a `kernel_log` the test holds replaces the daemon's own. Without a `clock`,
-    the daemon's moves past RECENT_USE after every answer a `client` gets (see `_aging`); a
-    test that holds its own `SkipClock` moves it itself."""
+    `reaper`, a `kernel_log` or an `engine_version` probe the test holds replaces the
+    daemon's own. Without a `clock`, the daemon's moves past RECENT_USE after every answer a
+    `client` gets (see `_aging`); a test that holds its own `SkipClock` moves it itself."""
     stop = anyio.Event()
     seams = Seams(
         probe=probe or DeclaredProbe(config.devices),
@@ -87,6 +89,8 @@ async def running(
         seams.reaper = reaper
     if kernel_log is not None:
         seams.kernel_log = kernel_log
+    if engine_version is not None:
+        seams.engine_version = engine_version
     async with anyio.create_task_group() as tg:
         run: Running = await tg.start(partial(serve, config, stop.wait, seams))
         try:

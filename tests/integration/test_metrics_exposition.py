@@ -54,7 +54,7 @@ async def test_metrics_pass_promtool_and_move_with_a_chat_request(tmp_path: Path
     assert got[("vllmd_model_state", (("model", "m"), ("state", "ready")))] == 1
     assert got[("vllmd_model_loads_total", (("model", "m"), ("result", "ok")))] == 1
     # The engine's version, from its GET /version once it is ready.
-    assert got[("vllmd_model_info", (("engine_version", "0.0.0+fake"), ("model", "m")))] == 1
+    assert got[("vllmd_model_info", (("engine_version", "0.32.0+fake"), ("model", "m")))] == 1
 
 
 async def test_supervisor_watched_whole_gives_device_series_promtool_accepts(

@@ -13,8 +13,10 @@ from vllmd.engine.argv import (
     PlacedDevice,
     build_launch,
     clean_environ,
+    gpu_name,
     gpu_request,
 )
+from vllmd.engine.version import GpuNaming
 from vllmd.errors import ConfigError
 from vllmd.weights import weights_bytes
 
@@ -102,15 +104,37 @@ def test_a_reservation_the_overhead_eats_whole_is_a_config_error(tmp_path: Path)
         build_launch(cfg.models["m"], cfg.engine, UDS, placed, {})
 
 
-def test_tensor_parallel_and_uuid_addressing_on_two_gpus(tmp_path: Path) -> None:
+def test_tensor_parallel_and_gpu_naming_on_two_gpus(tmp_path: Path) -> None:
     cfg = _config(tmp_path, {"devices": ["0", "1"]})
-    two = (PlacedDevice("0", "gpu", 80 * GiB, "GPU-a"), PlacedDevice("1", "gpu", 40 * GiB, "GPU-b"))
-    launch = build_launch(cfg.models["m"], cfg.engine, UDS, two, {})
+    two = (
+        PlacedDevice("0", "gpu", 80 * GiB, "GPU-a", index=3),
+        PlacedDevice("1", "gpu", 40 * GiB, "GPU-b", index=1),
+    )
+    launch = build_launch(cfg.models["m"], cfg.engine, UDS, two, {}, gpu_names="uuid")
     assert launch.argv[launch.argv.index("--tensor-parallel-size") + 1] == "2"
     # The smaller device bounds the fraction.
     assert launch.argv[launch.argv.index("--gpu-memory-utilization") + 1] == "0.1000"
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    by_index = build_launch(cfg.models["m"], cfg.engine, UDS, two, {}, gpu_names="index")
+    assert by_index.env["CUDA_VISIBLE_DEVICES"] == "3,1"  # NVML's indices, in PCI bus order
+    assert by_index.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+@pytest.mark.parametrize(
+    ("uuid", "index", "naming", "name"),
+    [
+        ("GPU-a", 2, "uuid", "GPU-a"),
+        ("GPU-a", 2, "index", "2"),
+        (None, 2, "uuid", "2"),  # what is known of the other form
+        ("GPU-a", None, "index", "GPU-a"),
+        (None, None, "index", "0"),  # a declared GPU: its name
+    ],
+)
+def test_a_gpu_is_named_in_the_form_asked_or_the_one_known(
+    uuid: str | None, index: int | None, naming: GpuNaming, name: str
+) -> None:
+    assert gpu_name(PlacedDevice("0", "gpu", GiB, uuid, index=index), naming) == name
 
 
 def test_sleep_mode_only_on_gpus_over_uds(tmp_path: Path) -> None:

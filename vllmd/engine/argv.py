@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from vllmd.config import EngineConfig, ModelConfig
+from vllmd.engine.version import GpuNaming
 from vllmd.errors import ConfigError
 from vllmd.weights import CPU_ENGINE_FIXED_COST as CPU_ENGINE_FIXED_COST
 
@@ -32,6 +33,7 @@ class PlacedDevice:
     # GPU: what the engine allocates before vLLM measures (context, NCCL, workspace), which
     # lies outside its fraction: engine.gpu_overhead until a start of the model measured it.
     overhead: int = 0
+    index: int | None = None  # GPU: NVML's index (PCI bus order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,14 @@ def gpu_request(model: ModelConfig, placement: tuple[PlacedDevice, ...]) -> int 
     return math.ceil(float(flags[1]) * min(d.total for d in placement))
 
 
+def gpu_name(device: PlacedDevice, naming: GpuNaming) -> str:
+    """What CUDA_VISIBLE_DEVICES says for `device`: its NVML index or its UUID, whichever
+    `naming` asks and is known (then the other; a declared GPU's name last)."""
+    index = str(device.index) if device.index is not None else None
+    first, second = (device.uuid, index) if naming == "uuid" else (index, device.uuid)
+    return first or second or device.name
+
+
 def build_launch(
     model: ModelConfig,
     engine: EngineConfig,
@@ -135,8 +145,10 @@ def build_launch(
     placement: tuple[PlacedDevice, ...],
     base_env: Mapping[str, str],
     weights: int = 0,
+    gpu_names: GpuNaming = "index",
 ) -> Launch:
-    """argv and environment for one engine instance of `model`."""
+    """argv and environment for one engine instance of `model`; GPUs named to it by NVML
+    index or by UUID (`gpu_names`: what its vLLM version accepts, engine/version.py)."""
     argv: list[str] = list(engine.command)
     if engine.model_flag:
         argv += [engine.model_flag, model.model]
@@ -166,8 +178,8 @@ def build_launch(
     env.update(engine.env)
     env.update(model.env)
     if gpus:
-        # NVML and CUDA number GPUs differently: address them by UUID, in bus order.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.uuid or d.name for d in gpus)
+        # CUDA's own order is fastest first; PCI_BUS_ID makes its indices NVML's.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_name(d, gpu_names) for d in gpus)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a cpu placement must not touch the host's GPUs

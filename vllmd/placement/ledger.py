@@ -16,6 +16,7 @@ from vllmd.devices.host import host_memory_total
 from vllmd.engine.argv import PlacedDevice, gpu_request, sleep_mode_enabled
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
+from vllmd.instance.launch import model_weights
 from vllmd.instance.states import MEASURED, InstanceState
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
@@ -88,7 +89,7 @@ class Ledger:
         for name, inst in list(self._instances.items()):
             if name in self._host_bytes:
                 continue
-            size = await inst.weights()
+            size = await model_weights(inst.model, inst.engine, self._ctx.base_env)
             if size is None:
                 log.info(
                     "weights_unknown",
@@ -226,7 +227,8 @@ class Ledger:
             uuid = snap.uuid if snap is not None else declared.uuid if declared else None
             total = engine_total(snap, declared, instance.model.memory)
             extra = overhead if kind == "gpu" else 0
-            placed.append(PlacedDevice(name, kind, total, uuid, extra))
+            index = snap.index if snap is not None else None
+            placed.append(PlacedDevice(name, kind, total, uuid, extra, index))
         return tuple(placed)
 
     def snapshot(self, *, holding_only: bool = False) -> Snapshot:
