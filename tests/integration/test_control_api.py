@@ -75,8 +75,10 @@ async def test_status_models_and_devices_have_designs_shapes(tmp_path: Path) -> 
         "used_bytes",
         "free_bytes",
         "up",
+        "pids_unseen",
     }
     assert cpu["name"] == "cpu0" and cpu["up"] and cpu["reserved_bytes"] == 0
+    assert cpu["pids_unseen"] is None
     assert [m["name"] for m in models] == ["a", "b", "c"]
     assert one["name"] == "a" and one["state"] == "stopped" and one["aliases"] == ["org/a-alias"]
     assert by_alias == one

@@ -21,6 +21,7 @@ import pytest
 
 from tests.fakes.fake_gpu import FakeGpu
 from tests.integration.harness import FAKE_ENGINE, client, eventually, fake_config, running
+from vllmd.cli.doctor import attribution_check
 from vllmd.config import Config
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceSnapshot
 from vllmd.events import Event
@@ -625,6 +626,9 @@ async def test_gpus_whose_pids_nvml_cannot_attribute_are_budgeted_by_reservation
         held = {n: run.supervisor.status(i).held_bytes for n, i in run.supervisor.instances.items()}
         account = next(a for a in run.supervisor.accounts() if a.name == "0")
         history = list(run.events.history)
+        transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://vllmd") as control:
+            status = (await control.get("/v1/status")).json()
     assert states == {"a": S.READY, "b": S.READY}
     assert held == {"a": 8 * GiB, "b": 8 * GiB}
     assert account.foreign == 0
@@ -633,6 +637,13 @@ async def test_gpus_whose_pids_nvml_cannot_attribute_are_budgeted_by_reservation
     expected = "pid namespace" if pids == "namespace" else "no per-process memory"
     assert expected in unseen[0].fields["cause"] and unseen[0].fields["fix"]
     assert not _events(history, "measured") and not _events(history, "evicted")
+    # The control API says it per device, and doctor FAILs a pid namespace with the fix.
+    device = next(d for d in status["devices"] if d["name"] == "0")
+    assert device["pids_unseen"]["why"] == unseen[0].fields["why"]
+    check = attribution_check(status, {})
+    assert check.status == ("FAIL" if pids == "namespace" else "WARN")
+    assert check.fix == unseen[0].fields["fix"]
+    assert ("--pid=host" in check.fix) == (pids == "namespace")
 
 
 async def test_foreign_memory_is_still_seen_when_pids_are_not(tmp_path: Path) -> None:

@@ -221,3 +221,11 @@ def test_unreachable_message_names_the_socket_and_why() -> None:
     assert "no such socket" in missing
     assert "systemctl status vllmd" in missing
     assert "permission denied" in unreachable_message(socket, PermissionError(13, "denied"))
+
+
+def test_devices_table_says_where_nvml_cannot_attribute_memory() -> None:
+    gpu = {"name": "0", "kind": "gpu", "total_bytes": 80 * GIB, "up": True, "models": []}
+    unseen = {"why": "pid_namespace", "cause": "NVML lists none of the engine's pids", "fix": "F"}
+    lines = render.devices_table([gpu, {**gpu, "name": "1", "pids_unseen": unseen}]).splitlines()
+    assert len(lines) == 4
+    assert lines[3] == "1: NVML lists none of the engine's pids; budgeted by reservation (fix: F)"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import psutil
 import structlog
 
 from vllmd.config import Config, Listen, load_config
@@ -90,6 +91,7 @@ def examine(
         checks.append(directory_check("state dir", config.daemon.state_dir, "daemon.state_dir"))
         checks += engine_checks(config)
     checks.append(nvml_check(gpus, config))
+    checks.append(attribution_check(status, gpus))
     if config is not None:
         checks += fit_checks(config, devices)
         checks += port_checks(config, up)
@@ -259,6 +261,38 @@ def nvml_check(gpus: Mapping[str, DeviceSnapshot], config: Config | None) -> Che
             "check `nvidia-smi`; a GPU that does not answer is left out",
         )
     return Check("PASS", name, summary)
+
+
+def attribution_check(
+    status: Mapping[str, Any] | None, gpus: Mapping[str, DeviceSnapshot]
+) -> Check:
+    """Whether NVML's per-process memory can be tied to vllmd's engines: the daemon's own
+    finding (`pids_unseen` on a device), else what NVML lists from here."""
+    name = "GPU attribution"
+    for device in (status or {}).get("devices") or []:
+        unseen = device.get("pids_unseen")
+        if unseen:
+            level: Status = "FAIL" if unseen["why"] == "pid_namespace" else "WARN"
+            detail = f"GPU {device['name']}: {unseen['cause']}; budgeted by reservation"
+            return Check(level, name, detail, unseen["fix"])
+    listed = [p for g in gpus.values() if g.up for p in g.processes]
+    if not listed:
+        return Check("PASS", name, "no compute process on a GPU to attribute")
+    if all(p.used_bytes is None for p in listed):
+        return Check(
+            "WARN",
+            name,
+            "NVML gives no per-process memory (WDDM, or no permission): budgeted by reservation",
+            "run on a Linux driver that reports per-process memory",
+        )
+    if not any(psutil.pid_exists(p.pid) for p in listed):
+        return Check(
+            "FAIL",
+            name,
+            f"none of the {len(listed)} pid(s) NVML lists exists here: another pid namespace",
+            "run vllmd in the host's pid namespace (docker/podman --pid=host)",
+        )
+    return Check("PASS", name, f"{len(listed)} process(es) on GPUs, their pids visible here")
 
 
 def fit_checks(config: Config, devices: Mapping[str, DeviceSnapshot]) -> list[Check]:

@@ -181,7 +181,12 @@ def devices_table(devices: Sequence[Mapping[str, Any]]) -> str:
         ]
         for d in devices
     ]
-    return table(headers, rows)
+    notes = [
+        f"{d['name']}: {unseen['cause']}; budgeted by reservation (fix: {unseen['fix']})"
+        for d in devices
+        if (unseen := d.get("pids_unseen"))
+    ]
+    return "\n".join([table(headers, rows), *notes])
 
 
 def event_line(event: Mapping[str, Any], tz: tzinfo | None = None) -> str:

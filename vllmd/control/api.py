@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 import anyio
@@ -195,6 +196,7 @@ class ControlAPI:
                 "used_bytes": dev.used,
                 "free_bytes": dev.free,
                 "up": dev.up,
+                "pids_unseen": asdict(dev.pids_unseen) if dev.pids_unseen else None,
             }
             if with_models:
                 entry["models"] = [

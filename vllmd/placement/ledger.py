@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -44,6 +45,27 @@ def _pgid(pid: int) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class PidsUnseen:
+    """Why NVML attributes no memory to vllmd's engines on a GPU, and the fix."""
+
+    why: Literal["pid_namespace", "no_figures"]
+    cause: str
+    fix: str
+
+
+PID_NAMESPACE = PidsUnseen(
+    "pid_namespace",
+    "NVML lists none of the engine's pids: vllmd runs in another pid namespace",
+    "run vllmd in the host's pid namespace (docker/podman --pid=host)",
+)
+NO_FIGURES = PidsUnseen(
+    "no_figures",
+    "NVML gives no per-process memory (WDDM, or no permission)",
+    "run on a Linux driver that reports per-process memory",
+)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceAccount:
     """One device's memory as `vllmctl status`/`devices` and the metrics show it."""
 
@@ -56,6 +78,7 @@ class DeviceAccount:
     foreign: int
     up: bool
     models: Mapping[str, int]  # what each model on it holds
+    pids_unseen: PidsUnseen | None = None  # NVML cannot attribute memory to our engines here
 
 
 class Ledger:
@@ -77,7 +100,8 @@ class Ledger:
         self._requested: dict[str, int] = {}
         # GPUs on which NVML cannot attribute memory to our engines' pids: budgeted by
         # reservation, their foreign memory what is used beyond what our models hold.
-        self._unattributed: set[str] = set()
+        # GPUs on which NVML cannot attribute memory to our engines, said once.
+        self._unattributed: dict[str, PidsUnseen] = {}
         # Weights held in host RAM by a level-1 sleeper, per model: sized once by
         # `measure_weights` (a directory walk, in a thread); until then, and where the size is
         # unknown, the model's reservation is the bound.
@@ -157,18 +181,15 @@ class Ledger:
                 continue
             mine = [p for p in snap.processes if p.pid in pids]
             if mine and any(p.used_bytes is None for p in mine):
-                cause = "NVML gives no per-process memory (WDDM, or no permission)"
-                fix = "run on a Linux driver that reports per-process memory"
+                unseen = NO_FIGURES
             elif not mine:
-                cause = "NVML lists none of the engine's pids: vllmd runs in another pid namespace"
-                fix = "run vllmd in the host's pid namespace (docker/podman --pid=host)"
+                unseen = PID_NAMESPACE
             else:
                 continue
-            self._unattributed.add(name)
-            log.warning("gpu_pids_unseen", device=name, model=inst.name, cause=cause, fix=fix)
-            self._ctx.events.emit(
-                Kind.GPU_PIDS_UNSEEN, inst.name, device=name, cause=cause, fix=fix
-            )
+            self._unattributed[name] = unseen
+            fields = {"device": name, "cause": unseen.cause, "fix": unseen.fix}
+            log.warning("gpu_pids_unseen", model=inst.name, why=unseen.why, **fields)
+            self._ctx.events.emit(Kind.GPU_PIDS_UNSEEN, inst.name, why=unseen.why, **fields)
 
     def overhead(self, inst: Instance) -> int:
         """What the model's engine is expected to allocate per GPU beyond its fraction: what
@@ -286,6 +307,7 @@ class Ledger:
                     foreign=dev.foreign,
                     up=dev.up,
                     models=models,
+                    pids_unseen=self._unattributed.get(name),
                 )
             )
         return out
