@@ -114,7 +114,7 @@ async def serve(
         parts.ctx.overrides.restore(
             store.desired.pins, store.desired.loaded_on_purpose, config.models
         )
-        supervisor.learned_overheads(store.overheads)
+        supervisor.learned(store.overheads, store.host_measured)
         devices = await parts.ctx.probe.snapshot()
         log.info(
             "devices",

@@ -40,6 +40,8 @@ Environment of a fake engine:
   FAKE_GPU_RESIDUE_L1   bytes left on the GPU by a level-1 sleep (default 1 GiB), and
   FAKE_GPU_RESIDUE_L2   by a level-2 sleep (default 1 GiB).
   FAKE_GPU_CHECK_FREE   0: skip vLLM's free-memory check at startup (default 1).
+  FAKE_GPU_WEIGHTS_BYTES  the model's loaded weights (default 64 MiB): what a level-1 sleep
+                        copies to host RAM, split among the workers (tensor parallel shards).
 """
 
 from __future__ import annotations
@@ -67,11 +69,25 @@ from vllmd.devices import DeviceSnapshot, GpuProcess
 GiB = 2**30
 MiB = 2**20
 DEFAULT_RESIDUE = GiB  # a real sleeper keeps its CUDA context and graph pools: 1-7 GB
+DEFAULT_WEIGHTS = 64 * 2**20
 DRIVER_FILE = "gpu.json"
 # Above Linux's largest possible pid (PID_MAX_LIMIT = 2**22): never a real process.
 FOREIGN_PID_BASE = 5_000_000
 HOST_PID_OFFSET = 10_000_000  # pids as the host's namespace would number them (fake)
-WORKER = "import time; time.sleep(3600)"
+# A worker: holds host RAM while asleep at level 1, as vLLM's does (vllm/device_allocator/
+# cumem.py `CuMemAllocator.sleep` copies every "weights" tensor to a pinned CPU buffer; `wake_up`
+# copies it back and frees it). Commands on stdin, each answered "ok"; after its engine is gone
+# (stdin closed) it lingers, as a worker does until its process group is killed.
+WORKER = """
+import sys, time
+held = None
+for line in sys.stdin:
+    word, _, arg = line.partition(" ")
+    held = bytearray(b"\\x01") * int(arg) if word == "hold" else None  # touched: resident
+    sys.stdout.write("ok\\n")
+    sys.stdout.flush()
+time.sleep(3600)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +420,7 @@ class WorkerMemory:
             level: int(environ.get(f"FAKE_GPU_RESIDUE_L{level}", DEFAULT_RESIDUE))
             for level in (1, 2)
         }
+        self._weights = int(environ.get("FAKE_GPU_WEIGHTS_BYTES", DEFAULT_WEIGHTS))
         self._model = model
         self._lock = threading.Lock()
         self._allocated = False
@@ -432,7 +449,11 @@ class WorkerMemory:
         memory = cls(directory, devices, full, utilization, model, environ, driver.context)
         for device in devices:
             # In the engine's process group, like vLLM's workers (not setsid).
-            worker = subprocess.Popen([sys.executable, "-c", WORKER, "VLLM::Worker"])
+            worker = subprocess.Popen(
+                [sys.executable, "-c", WORKER, "VLLM::Worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
             memory.workers[device.name] = worker
             memory._created[device.name] = psutil.Process(worker.pid).create_time()
         memory._write()  # the CUDA context (and NCCL's buffers), before anything is measured
@@ -469,13 +490,24 @@ class WorkerMemory:
 
     def sleep(self, level: int) -> None:
         with self._lock:
+            if level == 1:  # the weights to host RAM, each worker its shard
+                self._tell_workers(f"hold {self._weights // len(self.workers)}")
             self._asleep_level = level
             self._write()
 
     def wake(self) -> None:
         with self._lock:
+            if self._asleep_level == 1:
+                self._tell_workers("free")
             self._asleep_level = 0
             self._write()
+
+    def _tell_workers(self, command: str) -> None:
+        for worker in self.workers.values():
+            if worker.poll() is None and worker.stdin and worker.stdout:
+                worker.stdin.write(f"{command}\n".encode())
+                worker.stdin.flush()
+                worker.stdout.readline()  # done: the bytes are resident
 
     def _write(self) -> None:
         for device in self._devices:

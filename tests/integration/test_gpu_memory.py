@@ -577,6 +577,32 @@ async def test_learned_overheads_outlive_the_daemon(tmp_path: Path) -> None:
     assert measured.fields["used_bytes"] == pytest.approx(38 * GiB, abs=8 * MiB)
 
 
+async def test_a_level_1_sleeps_host_ram_is_measured_and_outlives_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """vLLM's level-1 sleep copies the loaded weights to host RAM; the fake's workers hold
+    96 MiB then. Its first level-1 sleep measures the engine's RSS rise (event
+    `sleep_measured`), kept in the state store: with host_memory = 1 GiB a restarted daemon
+    still sleeps `a` at level 1, where the estimate (its 8 GiB reservation: fake/a has no
+    checkpoint to size) would send it to level 2."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    env = {**gpu.env(), "FAKE_GPU_WEIGHTS_BYTES": str(96 * MiB)}
+    roomy = _config(tmp_path, {n: {} for n in "abc"}, scheduler={"host_memory": "16GiB"})
+    async with running(roomy, env, probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")  # a sleeps for c, at level 1
+        first = list(run.events.history)
+    (measured,) = _events(first, "sleep_measured", "a")
+    assert measured.fields["level"] == 1
+    assert measured.fields["host_bytes"] == pytest.approx(96 * MiB, abs=12 * MiB)
+    tight = _config(tmp_path, {n: {} for n in "abc"}, scheduler={"host_memory": "1GiB"})
+    async with running(tight, env, probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a", "b", "c")
+        second = list(run.events.history)
+    (evicting,) = _events(second, "evicting", "a")
+    assert evicting.fields["level"] == 1
+    assert not _events(second, "sleep_measured")  # known already: not measured again
+
+
 SWAPS = int(os.environ.get("VLLMD_GPU_SWAPS", "20"))  # `make gpu-swaps`: 100
 
 

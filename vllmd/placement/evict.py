@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import structlog
 
 from vllmd.context import Context
+from vllmd.devices import measure_rss
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import InstanceState
@@ -62,6 +63,7 @@ class Evictor:
             frees_bytes=freed,
             level=ev.level or None,
         )
+        rss = await self._rss_before(victim, ev)
         if ev.action == "sleep":
             victim.want_asleep(ev.level)
             await victim.wait_state(S.SLEEPING, S.STOPPED, S.FAILED)
@@ -69,6 +71,8 @@ class Evictor:
             victim.want_down()
             await victim.wait_state(S.STOPPED, S.FAILED)
         if victim.state is S.SLEEPING:
+            if rss is not None and victim.sleep_level == 1:
+                await self._measure_host(victim, rss)
             await self._check_residue(victim)
         action = "sleep" if victim.state is S.SLEEPING else "stop"
         self._events.emit(
@@ -79,6 +83,29 @@ class Evictor:
             for_model=ev.for_model,
             freed_bytes=freed,
         )
+
+    async def _rss_before(self, victim: Instance, ev: Eviction) -> int | None:
+        """The engine's process-tree RSS before its first level-1 sleep on GPUs (None: this
+        sleep is not the one to measure)."""
+        pgid = victim.pgid()
+        first = ev.action == "sleep" and ev.level == 1 and not self._ledger.host.measured(ev.model)
+        if not first or pgid is None or not self._meter.gpus(victim.model.devices):
+            return None
+        return await measure_rss(pgid)
+
+    async def _measure_host(self, victim: Instance, before: int) -> None:
+        """What the level-1 sleep copied to host RAM: the rise of the engine's RSS (the
+        weights in the served dtype), kept for the host-memory budget (and, by its event, in
+        the state store). No rise: nothing is learned."""
+        pgid = victim.pgid()
+        if pgid is None:
+            return
+        rise = await measure_rss(pgid) - before
+        if rise <= 0:
+            log.info("sleep_host_unmeasured", model=victim.name, rss_rise_bytes=rise)
+            return
+        self._ledger.host.record(victim.name, rise)
+        self._events.emit(Kind.SLEEP_MEASURED, victim.name, level=1, host_bytes=rise)
 
     async def _check_residue(self, victim: Instance) -> None:
         """Measure what a sleeping engine still holds on its GPUs; remembered for the next

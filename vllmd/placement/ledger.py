@@ -13,12 +13,11 @@ import structlog
 
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot, budget_total, engine_total
-from vllmd.devices.host import host_memory_total
 from vllmd.engine.argv import PlacedDevice, gpu_request, sleep_mode_enabled
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
-from vllmd.instance.launch import model_weights
 from vllmd.instance.states import MEASURED, InstanceState
+from vllmd.placement.host_ram import HostRam
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.scheduler import (
@@ -98,34 +97,10 @@ class Ledger:
         # What vLLM's fraction asks for on a GPU, per model being started cold (not a wake):
         # the base its footprint is learned against.
         self._requested: dict[str, int] = {}
-        # GPUs on which NVML cannot attribute memory to our engines' pids: budgeted by
-        # reservation, their foreign memory what is used beyond what our models hold.
-        # GPUs on which NVML cannot attribute memory to our engines, said once.
+        # GPUs on which NVML cannot attribute memory to our engines' pids, said once: budgeted
+        # by reservation, their foreign memory what is used beyond what our models hold.
         self._unattributed: dict[str, PidsUnseen] = {}
-        # Weights held in host RAM by a level-1 sleeper, per model: sized once by
-        # `measure_weights` (a directory walk, in a thread); until then, and where the size is
-        # unknown, the model's reservation is the bound.
-        self._host_bytes: dict[str, int] = {}
-        self._host_ram = host_memory_total()
-
-    async def measure_weights(self) -> None:
-        """Size every model's weights (for the level-1 host-memory budget), in a thread."""
-        for name, inst in list(self._instances.items()):
-            if name in self._host_bytes:
-                continue
-            size = await model_weights(inst.model, inst.engine, self._ctx.base_env)
-            if size is None:
-                log.info(
-                    "weights_unknown",
-                    model=name,
-                    bound_bytes=inst.model.memory,
-                    reason="not a local directory nor in the HF cache: its reservation bounds "
-                    "what a level-1 sleep keeps in host RAM",
-                )
-            self._host_bytes[name] = inst.model.memory if size is None else size
-
-    def host_bytes(self, inst: Instance) -> int:
-        return self._host_bytes.get(inst.name, inst.model.memory)
+        self.host = HostRam(ctx, instances)  # what level-1 sleepers hold in host RAM
 
     def record_measured(self, name: str, used: int) -> None:
         """The engine's footprint measured after its start (the larger of it and the
@@ -263,7 +238,7 @@ class Ledger:
             if not holding_only or self.held(inst) > 0
         }
         level1 = sum(
-            self.host_bytes(i)
+            self.host.held_asleep(i)
             for i in self._instances.values()
             if i.state is S.SLEEPING and i.sleep_level == 1
         )
@@ -273,7 +248,7 @@ class Ledger:
             models=models,
             min_residency=sched.min_residency,
             evict_to=sched.evict_to,
-            host_memory_free=(sched.host_memory or self._host_ram // 2) - level1,
+            host_memory_free=(sched.host_memory or self.host.total // 2) - level1,
         )
 
     def accounts(self) -> list[DeviceAccount]:
@@ -380,6 +355,6 @@ class Ledger:
             pinned=self._ctx.overrides.pinned(model),
             priority=model.priority,
             sleep_level=model.sleep_level if can_sleep else 0,
-            host_bytes=self.host_bytes(inst),
+            host_bytes=self.host.held_asleep(inst),
             busy=self._locks.model_busy(inst.name),
         )

@@ -143,7 +143,7 @@ class Placer:
             self._tg = tg
             tg.start_soon(self._refresh_devices)
             # Sizes for the level-1 host-memory budget; the reservation bounds them until then.
-            tg.start_soon(self.ledger.measure_weights)
+            tg.start_soon(self.ledger.host.size_weights)
             self._preload()
             task_status.started()
             wake_at, idle_deferred = 0.0, False

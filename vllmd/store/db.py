@@ -84,6 +84,7 @@ class StateStore:
         self.engines: list[EngineRecord] = []  # as recorded by the previous run
         self.desired = Desired({}, frozenset())  # likewise
         self.overheads: dict[str, tuple[int, int]] = {}  # GPU overheads learned, likewise
+        self.host_measured: dict[str, int] = {}  # level-1 sleeps' host RAM, likewise
         self.read_ok = False  # whether the previous run's records could be read at all
         self._live: dict[str, EngineRecord] = {}  # this run's engines, as written
         self._rewrite = False  # a new file replaced a corrupt one: write everything again
@@ -130,6 +131,7 @@ class StateStore:
         self.engines = records.engines(self._writer)
         self.desired = records.desired(self._writer)
         self.overheads = records.overheads(self._writer)
+        self.host_measured = records.host_measured(self._writer)
         self.read_ok = True
         with contextlib.suppress(sqlite3.Error):  # tried again within the hour
             self._prune()
@@ -140,6 +142,7 @@ class StateStore:
             self.engines = records.engines(conn)
             self.desired = records.desired(conn)
             self.overheads = records.overheads(conn)
+            self.host_measured = records.host_measured(conn)
             self.read_ok = True
         finally:
             conn.close()

@@ -53,7 +53,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE loaded_on_purpose (model TEXT PRIMARY KEY);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
-    # The newest `measured` event per model is read at every start (learned GPU overheads).
+    # The newest `measured` event per model is read at every start (learned GPU overheads;
+    # likewise `sleep_measured`: host RAM at a level-1 sleep).
     """
     CREATE INDEX events_kind_model ON events (kind, model, id);
     """,
@@ -310,6 +311,21 @@ def overheads(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
         nbytes, gpus = data.get("overhead_bytes"), data.get("gpus", 1)
         if isinstance(nbytes, int) and nbytes >= 0 and isinstance(gpus, int):
             found[model] = (nbytes, gpus)
+    return found
+
+
+def host_measured(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each model's host RAM at a level-1 sleep, as its last measured one raised its engine's
+    RSS (event `sleep_measured`)."""
+    rows = conn.execute(
+        "SELECT model, fields FROM events WHERE id IN (SELECT MAX(id) FROM events "
+        "WHERE kind = 'sleep_measured' GROUP BY model)"
+    )
+    found = {}
+    for model, fields in rows:
+        nbytes = json.loads(fields).get("host_bytes")
+        if isinstance(nbytes, int) and nbytes > 0:
+            found[model] = nbytes
     return found
 
 

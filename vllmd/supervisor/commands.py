@@ -50,9 +50,11 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self._actors: dict[str, anyio.CancelScope] = {}
 
-    def learned_overheads(self, overheads: Mapping[str, tuple[int, int]]) -> None:
-        """GPU overheads an earlier run measured, per model: the next starts use them."""
+    def learned(self, overheads: Mapping[str, tuple[int, int]], host: Mapping[str, int]) -> None:
+        """What an earlier run measured, per model: GPU overheads (the next starts use them)
+        and the host RAM of a level-1 sleep (the next plans do)."""
         self._ledger.learn_overheads(overheads)
+        self._ledger.host.learn(host)
 
     # --- readers -------------------------------------------------------------------------------
 
