@@ -246,9 +246,11 @@ class FakeGpu:
         release_lag: float = 0.0,
         free_lag: float = 0.0,
         pids: Literal["visible", "namespace", "wddm"] = "visible",
+        product: str = "NVIDIA Fake GPU",
     ) -> None:
         self.directory = directory
         self._pids = pids
+        self.product = product  # NVML's name of every device (the device type)
         directory.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4()
         if reserved is None:
@@ -374,6 +376,7 @@ class FakeGpu:
             total=total,
             device_total=total,
             reserved=device.reserved,
+            product=self.product,
             used=used,
             free=total - used,
             utilization=0.0,

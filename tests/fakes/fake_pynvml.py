@@ -72,6 +72,7 @@ class FakeGpu:
     until set; `error` is raised by every call after the uuid."""
 
     uuid: str
+    name: str = "NVIDIA H100 80GB HBM3"
     total: int = 80 * 2**30
     used: int = 2**30  # allocated (v2's `used`); v1 adds `reserved` to it
     reserved: int = 0  # the driver's and firmware's: outside CUDA's total
@@ -152,6 +153,10 @@ class FakeNvml(ModuleType):
 
     def nvmlDeviceGetUUID(self, gpu: FakeGpu) -> str:
         return gpu.uuid
+
+    def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:
+        self._check(gpu, "name")
+        return gpu.name
 
     def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> SimpleNamespace:
         gpu.memory_calls += 1

@@ -577,6 +577,27 @@ async def test_learned_overheads_outlive_the_daemon(tmp_path: Path) -> None:
     assert measured.fields["used_bytes"] == pytest.approx(38 * GiB, abs=8 * MiB)
 
 
+async def test_a_learned_overhead_is_not_carried_to_another_gpu_type(tmp_path: Path) -> None:
+    """The overhead is learned per device type (NVML's name): after the card is replaced by
+    another type, the first start goes by engine.gpu_overhead again and learns anew."""
+    gpu = _h100(tmp_path)
+    config = _h100_config(tmp_path, count=1)
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+        first = list(run.events.history)
+    gpu.product = "NVIDIA A100-SXM4-80GB"
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "a")
+        second = list(run.events.history)
+    (before,) = _events(first, "measured", "a")
+    (after,) = _events(second, "measured", "a")
+    assert before.fields["device_type"] == "NVIDIA Fake GPU"
+    assert after.fields["device_type"] == "NVIDIA A100-SXM4-80GB"
+    # 1 GiB assumed, 512 MiB taken: the start is under its memory, as a first start is.
+    assert after.fields["used_bytes"] == pytest.approx(37 * GiB + H100["context"], abs=8 * MiB)
+    assert after.fields["overhead_bytes"] == pytest.approx(H100["context"], abs=8 * MiB)
+
+
 async def test_a_level_1_sleeps_host_ram_is_measured_and_outlives_the_daemon(
     tmp_path: Path,
 ) -> None:

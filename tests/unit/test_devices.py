@@ -143,6 +143,15 @@ async def test_unsupported_fields_are_none_and_named_in_error() -> None:
     assert reading.error == "unsupported: utilization, temperature, power"
 
 
+async def test_the_device_type_is_nvmls_name_or_unknown() -> None:
+    """NVML's product name is the device type a learned GPU overhead belongs to."""
+    named = FakeGpu(UUID0, name="NVIDIA A100-SXM4-80GB")
+    unnamed = FakeGpu(UUID1, unsupported=frozenset({"name"}))
+    snapshot = await NvmlProbe(FakeNvml([named, unnamed])).snapshot()
+    assert snapshot["0"].product == "NVIDIA A100-SXM4-80GB"
+    assert snapshot["1"].product is None and snapshot["1"].up
+
+
 async def test_unsupported_process_list_leaves_device_up() -> None:
     gpu = FakeGpu(UUID0, unsupported=frozenset({"processes"}))
     reading = (await NvmlProbe(FakeNvml([gpu])).snapshot())["0"]

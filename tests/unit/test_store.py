@@ -24,7 +24,7 @@ from vllmd.overrides import Overrides
 from vllmd.store import StateStore
 from vllmd.store import records as state_db
 from vllmd.store.db import BOUND, DEGRADED_HOLD
-from vllmd.store.records import Desired, EngineRecord, Row
+from vllmd.store.records import Desired, EngineRecord, Overhead, Row
 
 pytestmark = pytest.mark.anyio
 DAY = 86400.0
@@ -398,11 +398,34 @@ def test_each_models_last_learned_gpu_overhead_is_read_back(tmp_path: Path) -> N
         (3, "state", "a", {"new": "ready"}),
         (4, "measured", "a", {"used_bytes": 10, "overhead_bytes": 512, "gpus": 2}),
         (5, "measured", "a", {"used_bytes": 10}),  # a wake's: no overhead learned
+        (6, "measured", "c", {"overhead_bytes": 600, "gpus": 1, "device_type": "NVIDIA H100"}),
+        (7, "sleep_measured", "a", {"level": 1, "host_bytes": 3 * 2**30}),
+        (8, "sleep_measured", "a", {"level": 1, "host_bytes": 2 * 2**30}),
+        (9, "sleep_measured", "b", {"level": 1, "host_bytes": 0}),  # nothing: not kept
     ]
     with conn:
         conn.executemany(
             "INSERT INTO events (id, time, kind, model, fields) VALUES (?, 0, ?, ?, ?)",
             [(i, kind, model, json.dumps(fields)) for i, kind, model, fields in rows],
         )
-    assert state_db.overheads(conn) == {"a": (512, 2)}
+    assert state_db.overheads(conn) == {
+        "a": Overhead(512, 2),  # learned before the device type was kept: fits any type
+        "c": Overhead(600, 1, "NVIDIA H100"),
+    }
+    assert state_db.host_measured(conn) == {"a": 2 * 2**30}
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "device_type", "fits"),
+    [
+        (1, "NVIDIA H100", True),
+        (1, "NVIDIA A100", False),  # another type: its context differs
+        (2, "NVIDIA H100", False),  # another GPU count: NCCL's buffers differ
+        (1, None, True),  # the type not known now: the count decides
+    ],
+)
+def test_a_learned_overhead_holds_for_the_same_gpu_count_and_type(
+    gpus: int, device_type: str | None, fits: bool
+) -> None:
+    assert Overhead(600, 1, "NVIDIA H100").fits(gpus, device_type) is fits

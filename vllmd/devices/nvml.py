@@ -275,6 +275,7 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
     processes = _compute_processes(nvml, handle)
     if processes is None:
         unsupported.append("processes")
+    product = _product(nvml, handle)
     return DeviceSnapshot(
         name=str(index),
         kind="gpu",
@@ -291,7 +292,17 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
         processes=processes or (),
         up=True,
         error=f"unsupported: {', '.join(unsupported)}" if unsupported else None,
+        product=product,
     )
+
+
+def _product(nvml: Any, handle: object) -> str | None:
+    """The GPU's product name (nvmlDeviceGetName); None where NVML cannot say."""
+    try:
+        name = nvml.nvmlDeviceGetName(handle)
+    except nvml.NVMLError:
+        return None
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def _mig_enabled(nvml: Any, handle: object) -> bool:

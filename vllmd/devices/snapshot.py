@@ -41,6 +41,7 @@ class DeviceSnapshot:
     error: str | None
     device_total: int | None = None
     reserved: int | None = 0
+    product: str | None = None  # GPU: NVML's name ("NVIDIA H100 80GB HBM3"), the device type
 
 
 class DeclaredDevice(Protocol):

@@ -27,6 +27,7 @@ from vllmd.placement.scheduler import (
     held_bytes,
     over_reservation,
 )
+from vllmd.store.records import Overhead
 
 S = InstanceState
 log = structlog.get_logger("vllmd.ledger")
@@ -93,7 +94,7 @@ class Ledger:
         self._measured: dict[str, int] = {}  # footprint after the last start, per model
         # What a model's engine allocated per GPU beyond its fraction at its last cold start,
         # with the GPU count it was learned on (a value for one GPU says nothing of TP).
-        self._overhead: dict[str, tuple[int, int]] = {}
+        self._overhead: dict[str, Overhead] = {}
         # What vLLM's fraction asks for on a GPU, per model being started cold (not a wake):
         # the base its footprint is learned against.
         self._requested: dict[str, int] = {}
@@ -131,12 +132,13 @@ class Ledger:
             self._pids_unseen(inst)
             return None
         self.record_measured(inst.name, used)
-        learned: dict[str, int] = {}
-        gpus = len(self._meter.gpus(inst.model.devices))
+        learned: dict[str, object] = {}
+        gpus, device_type = self._gpus_of(inst)
         # Bounded: a reading that makes no sense (half the reservation or more) teaches nothing.
         if requested is not None and 0 <= used - requested < inst.model.memory // 2:
-            self._overhead[inst.name] = (used - requested, gpus)
+            self._overhead[inst.name] = Overhead(used - requested, gpus, device_type)
             learned = {"overhead_bytes": used - requested, "gpus": gpus}
+            learned["device_type"] = device_type
         self._ctx.events.emit(
             Kind.MEASURED,
             inst.name,
@@ -168,15 +170,23 @@ class Ledger:
 
     def overhead(self, inst: Instance) -> int:
         """What the model's engine is expected to allocate per GPU beyond its fraction: what
-        its last start measured, else engine.gpu_overhead (more across several GPUs)."""
-        gpus = sum(1 for d in inst.model.devices if self._kind(d) == "gpu")
+        its last start measured on as many GPUs of the same type, else engine.gpu_overhead
+        (more across several GPUs)."""
+        gpus, device_type = self._gpus_of(inst)
         learned = self._overhead.get(inst.name)
-        if learned is not None and learned[1] == gpus:
-            return learned[0]
+        if learned is not None and learned.fits(gpus, device_type):
+            return learned.nbytes
         default = inst.engine.gpu_overhead
         return default + TP_OVERHEAD if gpus > 1 else default
 
-    def learn_overheads(self, learned: Mapping[str, tuple[int, int]]) -> None:
+    def _gpus_of(self, inst: Instance) -> tuple[int, str | None]:
+        """How many GPUs the model runs on, and their type (NVML's name of the first one that
+        says; None: unknown)."""
+        gpus = [d for d in inst.model.devices if self._kind(d) == "gpu"]
+        types = (snap.product for d in gpus if (snap := self._meter.devices.get(d)) is not None)
+        return len(gpus), next((t for t in types if t), None)
+
+    def learn_overheads(self, learned: Mapping[str, Overhead]) -> None:
         """Overheads (and the GPU counts they were learned on) measured by an earlier run
         (the state store's `measured` events)."""
         for name, value in learned.items():

@@ -83,7 +83,7 @@ class StateStore:
         self._issued = 0  # the last id handed out
         self.engines: list[EngineRecord] = []  # as recorded by the previous run
         self.desired = Desired({}, frozenset())  # likewise
-        self.overheads: dict[str, tuple[int, int]] = {}  # GPU overheads learned, likewise
+        self.overheads: dict[str, records.Overhead] = {}  # GPU overheads learned, likewise
         self.host_measured: dict[str, int] = {}  # level-1 sleeps' host RAM, likewise
         self.read_ok = False  # whether the previous run's records could be read at all
         self._live: dict[str, EngineRecord] = {}  # this run's engines, as written

@@ -298,9 +298,24 @@ def desired(conn: sqlite3.Connection) -> Desired:
     return Desired(pins, loaded)
 
 
-def overheads(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
-    """Each model's GPU overhead and the GPU count it was learned on, as its last cold start
-    measured them (event `measured` with `overhead_bytes`)."""
+@dataclass(frozen=True, slots=True)
+class Overhead:
+    """What a model's engine allocated per GPU beyond its fraction at a cold start, on how
+    many GPUs of which type (NVML's name; None: unknown, or learned before it was kept)."""
+
+    nbytes: int
+    gpus: int
+    device_type: str | None = None
+
+    def fits(self, gpus: int, device_type: str | None) -> bool:
+        """Whether it holds for a start on `gpus` GPUs of `device_type`."""
+        same_type = self.device_type is None or device_type is None
+        return self.gpus == gpus and (same_type or self.device_type == device_type)
+
+
+def overheads(conn: sqlite3.Connection) -> dict[str, Overhead]:
+    """Each model's GPU overhead as its last cold start measured it (event `measured` with
+    `overhead_bytes`)."""
     rows = conn.execute(
         "SELECT model, fields FROM events WHERE id IN (SELECT MAX(id) FROM events "
         "WHERE kind = 'measured' AND fields LIKE '%overhead_bytes%' GROUP BY model)"
@@ -309,8 +324,9 @@ def overheads(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
     for model, fields in rows:
         data = json.loads(fields)
         nbytes, gpus = data.get("overhead_bytes"), data.get("gpus", 1)
+        kind = data.get("device_type")
         if isinstance(nbytes, int) and nbytes >= 0 and isinstance(gpus, int):
-            found[model] = (nbytes, gpus)
+            found[model] = Overhead(nbytes, gpus, kind if isinstance(kind, str) else None)
     return found
 
 

@@ -27,6 +27,7 @@ from vllmd.instance.status import ModelStatus
 from vllmd.overrides import Overrides
 from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
+from vllmd.store.records import Overhead
 from vllmd.supervisor.admission import Admission
 
 if TYPE_CHECKING:  # the reload's module is loaded by the first reload (see vllmd.supervisor.reload)
@@ -50,7 +51,7 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self._actors: dict[str, anyio.CancelScope] = {}
 
-    def learned(self, overheads: Mapping[str, tuple[int, int]], host: Mapping[str, int]) -> None:
+    def learned(self, overheads: Mapping[str, Overhead], host: Mapping[str, int]) -> None:
         """What an earlier run measured, per model: GPU overheads (the next starts use them)
         and the host RAM of a level-1 sleep (the next plans do)."""
         self._ledger.learn_overheads(overheads)
