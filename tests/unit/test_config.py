@@ -265,13 +265,13 @@ def test_other_engine_flags_are_accepted(tmp_path: Path) -> None:
 
 
 def test_relative_model_dir_resolves_against_config_dir(tmp_path: Path) -> None:
-    text = '[models.local]\nmodel = "./models/tiny"\nmemory = "1GiB"\n'
+    text = '[models.local]\nmodel = "./models/tiny"\nmemory = "2GiB"\n'
     assert load(tmp_path, text).models["local"].model == str(tmp_path / "models" / "tiny")
 
 
 def test_existing_dir_resolves_even_without_dot_slash(tmp_path: Path) -> None:
     (tmp_path / "org" / "tiny").mkdir(parents=True)
-    text = '[models.local]\nmodel = "org/tiny"\nmemory = "1GiB"\n'
+    text = '[models.local]\nmodel = "org/tiny"\nmemory = "2GiB"\n'
     assert load(tmp_path, text).models["local"].model == str(tmp_path / "org" / "tiny")
 
 
@@ -288,7 +288,7 @@ def test_memory_and_model_are_required(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["Qwen", "-qwen", "qwen/7b", "a" * 64, "qw en"])
 def test_invalid_model_name_is_rejected(tmp_path: Path, name: str) -> None:
-    found = problems(tmp_path, f'[models."{name}"]\nmodel = "x"\nmemory = "1GiB"\n')
+    found = problems(tmp_path, f'[models."{name}"]\nmodel = "x"\nmemory = "2GiB"\n')
     assert len(found) == 1
     assert found[0].startswith(f"models.{name}: ")
 
@@ -308,7 +308,7 @@ def test_names_and_aliases_are_unique_across_models(tmp_path: Path, alias: str) 
     text = (
         QWEN
         + 'aliases = ["shared"]\n'
-        + f'[models.other]\nmodel = "x"\nmemory = "1GiB"\naliases = ["{alias}"]\n'
+        + f'[models.other]\nmodel = "x"\nmemory = "2GiB"\naliases = ["{alias}"]\n'
     )
     found = problems(tmp_path, text)
     assert len(found) == 1
@@ -587,11 +587,11 @@ def test_alert_receivers_must_be_http_urls(tmp_path: Path) -> None:
 
 
 def test_parse_config_takes_parsed_data(tmp_path: Path) -> None:
-    data = {"models": {"m": {"model": "./m", "memory": 1024}}}
+    data = {"models": {"m": {"model": "./m", "memory": 2 * GiB}}}
     config = parse_config(data, tmp_path)
     assert config.path is None
     assert config.models["m"].model == str(tmp_path / "m")
-    assert config.models["m"].memory == 1024
+    assert config.models["m"].memory == 2 * GiB
 
 
 @pytest.mark.parametrize(

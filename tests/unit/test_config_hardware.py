@@ -76,8 +76,8 @@ def test_without_a_driver_the_check_is_skipped_silently(
 
 
 def test_real_pynvml_never_raises(tmp_path: Path) -> None:
-    """This machine has no NVIDIA driver; on one that has, a 1 GiB model fits any GPU."""
-    cfg = config(tmp_path, {"a": {"memory": "1GiB"}})
+    """This machine has no NVIDIA driver; on one that has, a 2 GiB model fits any GPU."""
+    cfg = config(tmp_path, {"a": {"memory": "2GiB"}})
 
     assert check_devices(cfg) == []
 

@@ -98,8 +98,9 @@ def test_the_fraction_leaves_the_engines_overhead_outside_it(tmp_path: Path) -> 
 
 
 def test_a_reservation_the_overhead_eats_whole_is_a_config_error(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, {"memory": "1GiB"})
-    placed = (PlacedDevice("0", "gpu", 80 * GiB, "GPU-a", overhead=GiB),)
+    """A learned overhead can outgrow a memory that passed the config's check."""
+    cfg = _config(tmp_path, {"memory": "2GiB"})
+    placed = (PlacedDevice("0", "gpu", 80 * GiB, "GPU-a", overhead=2 * GiB),)
     with pytest.raises(ConfigError, match=r"models\.m\.memory: .*overhead"):
         build_launch(cfg.models["m"], cfg.engine, UDS, placed, {})
 

@@ -60,7 +60,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     scheduler = parse_scheduler(sections["scheduler"])
     devices = parse_devices(root.table("devices"))
     models = parse_models(root.table("models"), base_dir, engine)
-    check_models(models, devices, scheduler.headroom, problems)
+    check_models(models, devices, engine, scheduler.headroom, problems)
     alerts = parse_alerts(sections["alerts"], models, devices)
     for table in (*sections.values(), root):
         table.finish()

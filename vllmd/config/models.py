@@ -178,10 +178,12 @@ def owned_flags(args: tuple[str, ...], model_flag: str = "") -> list[str]:
 def check_models(
     models: Mapping[str, ModelConfig],
     devices: Mapping[str, DeviceConfig],
+    engine: EngineConfig,
     headroom: int,
     problems: list[str],
 ) -> None:
-    """Checks across tables: unique served names, known devices, and that every model fits."""
+    """Checks across tables: unique served names, known devices, and that every model fits
+    (and leaves its engine room: the KV cache on cpu, more than the overhead on GPUs)."""
     served = {name: name for name in models}
     for model in models.values():
         for alias in model.aliases:
@@ -193,7 +195,7 @@ def check_models(
                     f"models.{model.name}.aliases: {json.dumps(alias)} is already served by "
                     f"models.{owner}"
                 )
-        kinds = set()
+        kinds, gpus = set(), 0
         for name in model.devices:
             device = devices.get(name)
             if device is None and not is_gpu_index(name):
@@ -202,7 +204,9 @@ def check_models(
                     f"([devices.{name}]) nor a GPU index"
                 )
                 continue
-            kinds.add(device.kind if device else "gpu")
+            kind = device.kind if device else "gpu"
+            kinds.add(kind)
+            gpus += kind == "gpu"
             if device and device.memory and _never_fits(model.memory, device.memory, headroom):
                 problems.append(
                     f"models.{model.name}.memory: {format_size(model.memory)} can never fit on "
@@ -213,6 +217,8 @@ def check_models(
             problems.append(f"models.{model.name}.devices: mixes cpu and gpu devices")
         elif kinds == {"cpu"} and model.memory > 0:
             _check_cpu_kv_cache(model, problems)
+        elif kinds == {"gpu"} and model.memory > 0:
+            _check_gpu_overhead(model, engine, gpus, problems)
 
 
 def _check_cpu_kv_cache(model: ModelConfig, problems: list[str]) -> None:
@@ -229,6 +235,29 @@ def _check_cpu_kv_cache(model: ModelConfig, problems: list[str]) -> None:
             f"{format_size(weights)} = {format_size(CPU_ENGINE_FIXED_COST + weights)}; reserve "
             "more than that"
         )
+
+
+def _check_gpu_overhead(
+    model: ModelConfig, engine: EngineConfig, gpus: int, problems: list[str]
+) -> None:
+    """On GPUs `memory` is the engine's whole footprint per device and the fraction vLLM gets
+    is memory - overhead: a reservation the first start's overhead eats whole could never
+    start (refused at every spawn by engine/argv.py `memory_flags`)."""
+    overhead = engine.first_overhead(gpus)
+    if model.memory > overhead:
+        return
+    source = "engine.gpu_overhead"
+    if overhead != engine.gpu_overhead:
+        source += (
+            f" {format_size(engine.gpu_overhead)} + {format_size(overhead - engine.gpu_overhead)}"
+            f" for tensor parallel across {gpus} GPUs"
+        )
+    problems.append(
+        f"models.{model.name}.memory: {format_size(model.memory)} is not more than the "
+        f"engine's GPU overhead of {format_size(overhead)} ({source}): on a GPU, memory is the "
+        "engine's whole footprint per device, CUDA context and NCCL buffers included, so vLLM "
+        "would have no room for weights and KV cache; raise memory"
+    )
 
 
 def _never_fits(need: int, total: int, headroom: int) -> bool:

@@ -14,6 +14,11 @@ def _no_entries() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
+# NCCL's buffers and custom all-reduce's IPC handles, per GPU, when an engine spans several
+# GPUs (tensor parallel): added to engine.gpu_overhead until a start measured the model's own.
+TP_OVERHEAD = 512 * 1024**2
+
+
 @dataclass(frozen=True, slots=True)
 class Listen:
     """A TCP listen address; `host` is "0.0.0.0" when the config said ":PORT"."""
@@ -81,6 +86,12 @@ class EngineConfig:
     # --gpu-memory-utilization. The first start's estimate; later starts use the measured one.
     gpu_overhead: int = 1024**3
     env: Mapping[str, str] = field(default_factory=_no_entries, repr=False)
+
+    def first_overhead(self, gpus: int) -> int:
+        """What an engine on `gpus` GPUs is expected to allocate per GPU beyond its fraction
+        before a start of its model has measured it: gpu_overhead, + TP_OVERHEAD across
+        several GPUs. The config's check and placement/ledger.py `Ledger.overhead` both use it."""
+        return self.gpu_overhead + TP_OVERHEAD if gpus > 1 else self.gpu_overhead
 
 
 @dataclass(frozen=True, slots=True)

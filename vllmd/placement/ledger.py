@@ -31,9 +31,6 @@ from vllmd.store.records import Overhead
 
 S = InstanceState
 log = structlog.get_logger("vllmd.ledger")
-# NCCL's buffers and custom all-reduce's IPC handles, per GPU, when an engine spans several
-# (tensor parallel): added to engine.gpu_overhead until a start measured the model's own.
-TP_OVERHEAD = 512 * 1024**2
 
 
 def _pgid(pid: int) -> int | None:
@@ -176,8 +173,7 @@ class Ledger:
         learned = self._overhead.get(inst.name)
         if learned is not None and learned.fits(gpus, device_type):
             return learned.nbytes
-        default = inst.engine.gpu_overhead
-        return default + TP_OVERHEAD if gpus > 1 else default
+        return inst.engine.first_overhead(gpus)
 
     def _gpus_of(self, inst: Instance) -> tuple[int, str | None]:
         """How many GPUs the model runs on, and their type (NVML's name of the first one that
