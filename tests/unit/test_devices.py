@@ -22,7 +22,9 @@ from vllmd.devices import (
     DeclaredProbe,
     GpuProcess,
     NvmlProbe,
+    measure_pss,
     measure_rss,
+    process_tree_pss,
     process_tree_rss,
 )
 
@@ -415,6 +417,41 @@ async def test_process_tree_rss_includes_descendants(process_pair: tuple[int, in
     assert process_tree_rss(parent) >= parent_rss + child_rss * 0.9
     assert await measure_rss(parent) > parent_rss
     assert process_tree_rss(os.getpid()) > psutil.Process().memory_info().rss
+
+
+async def test_process_tree_pss_counts_shared_pages_once() -> None:
+    """Two forked children share their parent's 256 MiB copy-on-write: the tree's RSS counts
+    it three times, its PSS (smaps_rollup) once, as the kernel splits shared pages."""
+    block = 256 * 2**20
+    script = (
+        "import os, sys, time\n"
+        f"data = bytearray({block})\n"
+        "for i in range(0, len(data), 4096): data[i] = 1\n"
+        "for _ in range(2):\n"
+        "    if os.fork() == 0: time.sleep(60); os._exit(0)\n"
+        "time.sleep(1); print('ready', flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert parent.stdout is not None
+    try:
+        assert parent.stdout.readline() == b"ready\n"
+        rss, pss = process_tree_rss(parent.pid), process_tree_pss(parent.pid)
+        assert rss > 3 * block
+        assert block < pss < 1.5 * block
+        assert abs(await measure_pss(parent.pid) - pss) < 16 * 2**20
+    finally:
+        os.killpg(parent.pid, 9)
+        parent.wait()
+        parent.stdout.close()
+
+
+def test_process_tree_pss_of_a_missing_process_is_zero() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    assert process_tree_pss(gone.pid) == 0
 
 
 def test_process_tree_rss_of_a_missing_process_is_zero() -> None:

@@ -34,7 +34,9 @@ __all__ = [
     "NvmlUnavailable",
     "budget_total",
     "engine_total",
+    "measure_pss",
     "measure_rss",
+    "process_tree_pss",
     "process_tree_rss",
 ]
 
@@ -146,6 +148,45 @@ def process_tree_rss(pid: int) -> int:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += int(process.memory_info().rss)
     return total
+
+
+def process_tree_pss(pid: int) -> int:
+    """PSS in bytes of a process and all its descendants (each shared page split among the
+    processes that map it, so pages the engine's processes share count once in the sum,
+    which RSS counts once per process); 0 when it is gone. A process whose
+    /proc/PID/smaps_rollup cannot be read (Linux < 4.14, no permission) counts its RSS.
+    Blocking."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in family:
+        pss = _pss(process.pid)
+        if pss is None:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                pss = int(process.memory_info().rss)
+        total += pss or 0
+    return total
+
+
+def _pss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+async def measure_pss(pid: int) -> int:
+    """`process_tree_pss` in a worker thread (it reads /proc)."""
+    return await anyio.to_thread.run_sync(process_tree_pss, pid)
 
 
 async def measure_rss(pid: int) -> int:

@@ -2,7 +2,7 @@
 an engine really uses, and whether memory freed by a stop has come back on the GPUs.
 
 Every probe call runs through the injected `DeviceProbe` (NVML in worker threads, with
-timeouts); RSS of cpu engines is read in a worker thread too.
+timeouts); the PSS of cpu engines is read in a worker thread too.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import anyio
 
-from vllmd.devices import DeviceProbe, DeviceSnapshot, measure_rss
+from vllmd.devices import DeviceProbe, DeviceSnapshot, measure_pss
 from vllmd.errors import InsufficientMemory
 
 RELEASE_POLL = 0.5
@@ -51,11 +51,11 @@ class Meter:
         self, leader: int, pids: Collection[int], devices: Collection[str]
     ) -> int | None:
         """An engine's real use per device: on GPUs what NVML says its processes use (None:
-        NVML cannot tell), on a cpu device the RSS of its process tree."""
+        NVML cannot tell), on a cpu device the PSS of its process tree (shared pages once)."""
         gpus = self.gpus(devices)
         if gpus:
             return await self.gpu_usage(pids, gpus)
-        return await measure_rss(leader)
+        return await measure_pss(leader)
 
     async def wait_released(
         self, model: str, need: Mapping[str, int], gone: Collection[int], bound: float
