@@ -25,7 +25,7 @@ PACKAGE = ROOT / "vllmd"
 # Lowest first. A unit may import any unit on a lower layer or its own; one on a higher
 # layer is an upward import. Units on one line share a layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "units", "weights"),
+    ("errors", "units", "weights", "sizing"),
     ("log", "events", "systemd"),
     ("httpserver",),
     ("devices",),

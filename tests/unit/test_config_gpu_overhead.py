@@ -108,7 +108,9 @@ def test_a_model_mixing_cpu_and_gpu_gets_the_mix_problem_only(tmp_path: Path) ->
 
 
 def test_a_bad_memory_is_reported_once(tmp_path: Path) -> None:
-    assert problems(tmp_path, model("m", "0")) == ["models.m.memory: must be more than 0"]
+    assert problems(tmp_path, model("m", "0")) == [
+        'models.m.memory: must be more than 0 (or "auto")'
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(ETC.glob("*.toml")), ids=lambda p: p.name)

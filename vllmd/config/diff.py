@@ -9,7 +9,17 @@ from vllmd.config.schema import Config, EngineConfig, ModelConfig
 
 # A change to these restarts that model's engine (if it runs); every other model key is live.
 RESTART_MODEL_KEYS = frozenset(
-    {"model", "devices", "memory", "max_model_len", "dtype", "args", "env", "sleep_level"}
+    {
+        "model",
+        "devices",
+        "memory",
+        "max_model_len",
+        "dtype",
+        "args",
+        "env",
+        "sleep_level",
+        "kv_sequences",
+    }
 )
 # A change to these restarts every engine (gpu_overhead sizes every GPU engine's fraction).
 RESTART_ENGINE_KEYS = frozenset({"command", "model_flag", "transport", "env", "gpu_overhead"})

@@ -16,6 +16,7 @@ import anyio
 import structlog
 
 from vllmd.config.schema import Config
+from vllmd.config.sizing import too_long
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceSnapshot, NvmlProbe
 from vllmd.units import format_size
 
@@ -34,7 +35,11 @@ def device_problems(config: Config, devices: Mapping[str, DeviceSnapshot]) -> li
             declared = config.devices.get(name)
             if declared is not None and declared.memory == device.total:
                 continue  # the declared budget is the total (under NVML's): parsing checked it
-            if model.memory > device.total - headroom:
+            if model.sizing is not None:
+                problem = too_long(model, name, device.total - headroom)
+                if problem:
+                    problems.append(problem + " (measured through NVML)")
+            elif model.memory > device.total - headroom:
                 problems.append(
                     f"models.{model.name}.memory: {format_size(model.memory)} exceeds device "
                     f'"{name}" total {format_size(device.total)} - headroom '

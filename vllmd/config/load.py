@@ -20,6 +20,7 @@ from vllmd.config.sections import (
     parse_metrics,
     parse_scheduler,
 )
+from vllmd.config.sizing import size_models
 from vllmd.errors import ConfigError
 
 
@@ -60,6 +61,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     scheduler = parse_scheduler(sections["scheduler"])
     devices = parse_devices(root.table("devices"))
     models = parse_models(root.table("models"), base_dir, engine)
+    models = size_models(models, devices, engine, scheduler.headroom, problems)
     check_models(models, devices, engine, scheduler.headroom, problems)
     alerts = parse_alerts(sections["alerts"], models, devices)
     for table in (*sections.values(), root):

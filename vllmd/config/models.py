@@ -102,13 +102,16 @@ def parse_models(
 def _parse_model(
     name: str, table: Table, base_dir: Path, engine: EngineConfig
 ) -> ModelConfig | None:
-    has_model, has_memory = table.require("model"), table.require("memory")
+    has_model = table.require("model")
     model = table.text("model", "")
     if has_model and not model:
         table.problem("model", "must not be empty")
-    memory = table.size("memory", -1)  # -1: missing or bad, already reported
-    if has_memory and memory == 0:
-        table.problem("memory", "must be more than 0")
+    # "auto" (or no memory at all): sized from the model's files once the devices are known
+    # (config/sizing.py); 0 until then. -1: a bad value, already reported.
+    auto = not table.has("memory") or table.data["memory"] == "auto"
+    memory = 0 if auto else table.size("memory", -1)
+    if not auto and memory == 0:
+        table.problem("memory", 'must be more than 0 (or "auto")')
     aliases = table.strings("aliases")
     for alias in aliases:
         if not ALIAS_RE.fullmatch(alias):
@@ -148,6 +151,8 @@ def _parse_model(
         sleep_level=sleep_level,
         max_restarts=table.integer("max_restarts", 5, minimum=0),
         restart_window=table.duration("restart_window", 600.0),
+        kv_sequences=table.integer("kv_sequences", 1, minimum=1),
+        memory_auto=auto,
     )
 
 
@@ -207,10 +212,12 @@ def check_models(
             kind = device.kind if device else "gpu"
             kinds.add(kind)
             gpus += kind == "gpu"
-            if device and device.memory and _never_fits(model.memory, device.memory, headroom):
+            # A model sized from its files has its own check (config/sizing.py `too_long`).
+            budget = device.memory if device and model.sizing is None else None
+            if budget and _never_fits(model.memory, budget, headroom):
                 problems.append(
                     f"models.{model.name}.memory: {format_size(model.memory)} can never fit on "
-                    f'device "{name}" ({format_size(device.memory)} - headroom '
+                    f'device "{name}" ({format_size(budget)} - headroom '
                     f"{format_size(headroom)})"
                 )
         if len(kinds) > 1:

@@ -9,6 +9,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+from vllmd.sizing import Sizing
+
 
 def _no_entries() -> Mapping[str, str]:
     return MappingProxyType({})
@@ -117,7 +119,7 @@ class DeviceConfig:
 class ModelConfig:
     name: str
     model: str  # HF id, or an absolute local path once resolved
-    memory: int  # reservation per device
+    memory: int  # reservation per device; 0: "auto" that could not size the model yet
     aliases: tuple[str, ...] = ()
     devices: tuple[str, ...] = ("0",)
     max_model_len: int | None = None
@@ -131,6 +133,10 @@ class ModelConfig:
     sleep_level: int = 1
     max_restarts: int = 5
     restart_window: float = 600.0
+    kv_sequences: int = 1  # memory = "auto": full-length sequences the KV cache must hold
+    memory_auto: bool = False  # memory was "auto" (or left out): `memory` is `sizing`'s total
+    sizing: Sizing | None = field(default=None, repr=False)
+    unsized: str = ""  # memory = "auto" and the files are not there yet: why
 
     @property
     def served_names(self) -> tuple[str, ...]:

@@ -108,6 +108,8 @@ def memory_flags(
             )
         fraction = math.floor(budget / smallest * 10_000) / 10_000
         return ["--gpu-memory-utilization", f"{fraction:.4f}"]
+    if model.sizing is not None:  # sized from the files: the weights in the served dtype
+        weights = model.sizing.estimate.weights
     kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - weights
     if kv_bytes <= 0:
         raise ConfigError(
@@ -122,7 +124,9 @@ def memory_flags(
 def gpu_request(model: ModelConfig, placement: tuple[PlacedDevice, ...]) -> int | None:
     """What vLLM's fraction asks for on the smallest of the GPUs (ceil(F x CUDA's total), as
     `request_memory` computes it); None for a placement that is not all GPUs."""
-    if not placement or min(d.total for d in placement) <= 0:
+    if not placement or any(d.kind != "gpu" for d in placement):
+        return None
+    if min(d.total for d in placement) <= 0:
         return None  # (a GPU down when last read: nothing to size against)
     flags = memory_flags(model, placement, 0)
     if flags[:1] != ["--gpu-memory-utilization"]:

@@ -10,10 +10,12 @@ import anyio
 import structlog
 
 from vllmd.config import EngineConfig, ModelConfig
+from vllmd.config.sizing import unsized_message
 from vllmd.engine.api import new_address
 from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
 from vllmd.engine.process import MARKER_ENV
 from vllmd.engine.version import EngineVersions, GpuNaming
+from vllmd.errors import ConfigError
 from vllmd.instance.session import discard_address
 from vllmd.weights import weights_bytes
 
@@ -63,6 +65,8 @@ async def prepare(
 ) -> tuple[Launch, EngineAddress]:
     """A fresh address and the launch of one engine on `placement` (raises ConfigError when
     the config cannot launch; the address is then gone)."""
+    if model.memory_auto and model.memory <= 0:  # (the placer refuses such a model first)
+        raise ConfigError([unsized_message(model)])
     gpu_names = await naming(model, engine, placement, base_env, versions, log)
     weights = await model_weights(model, engine, base_env)
     if weights is None and not all(d.kind == "gpu" for d in placement):

@@ -18,6 +18,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from vllmd.config.sizing import require_sized
 from vllmd.context import Context
 from vllmd.errors import InsufficientMemory, InvalidState, ShuttingDown, VllmdError, failure
 from vllmd.events import Kind
@@ -36,7 +37,7 @@ from vllmd.placement.scheduler import (
     plan_idle,
     plan_load,
 )
-from vllmd.placement.tickets import Interrupted, Ticket
+from vllmd.placement.tickets import Interrupted, Ticket, settled
 
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
@@ -75,6 +76,7 @@ class Placer:
     async def ensure(self, instance: Instance, *, clear_failed: bool = False) -> None:
         """Return once `instance` is READY; raise if it cannot be (rejected, failed start).
         Requests never restart a `failed` model; a deliberate load (clear_failed) does."""
+        require_sized(instance.model)  # memory = "auto" with no files to size it: refused
         while instance.state is not S.READY:
             if instance.state is S.FAILED and not instance.wanted_up and not clear_failed:
                 raise failure(instance.name, instance.last_error, failed=True)
@@ -299,7 +301,7 @@ class Placer:
                 return  # cancelled meanwhile (an unload) or replaced (its config changed)
             before = inst.transitions
             inst.want_up(self.ledger.launch(inst))
-            await inst.until(partial(_settled, inst, before))
+            await inst.until(partial(settled, inst, before))
             if inst.state is S.READY:
                 await self._measure(inst)
                 self._finish(ticket)
@@ -390,11 +392,3 @@ class Placer:
             await anyio.sleep(DEVICE_REFRESH)
             await self.meter.refresh()
             self.kick()
-
-
-def _settled(inst: Instance, before: int) -> bool:
-    """A start or wake is over: ready, or not (a failed wake restarting via STOPPED is not)."""
-    return inst.transitions != before and (
-        inst.state in (S.READY, S.BACKOFF, S.FAILED)
-        or (inst.state is S.STOPPED and not inst.wanted_up)
-    )

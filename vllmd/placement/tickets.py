@@ -9,6 +9,7 @@ import anyio
 from vllmd.errors import InsufficientMemory, VllmdError
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
+from vllmd.instance.states import InstanceState as S
 
 
 class Interrupted(VllmdError):
@@ -44,3 +45,11 @@ class Ticket:
         if not self.done.is_set():
             self.error = error
             self.done.set()
+
+
+def settled(inst: Instance, before: int) -> bool:
+    """A start or wake is over: ready, or not (a failed wake restarting via STOPPED is not)."""
+    return inst.transitions != before and (
+        inst.state in (S.READY, S.BACKOFF, S.FAILED)
+        or (inst.state is S.STOPPED and not inst.wanted_up)
+    )

@@ -1,0 +1,125 @@
+"""memory = "auto": each such model sized from its files once its devices are known.
+
+The files are looked for where the engine will look: a local directory, or the HF cache that
+the engine's environment names (the daemon's environment, engine.env, the model's env). A hub
+id that is not downloaded yet is no config error: the model keeps memory 0 and `unsized` says
+why (vllmctl doctor warns; a start is refused naming models.X.memory). An architecture the
+estimator cannot size, or a length that can never fit the model's devices, is one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+
+from vllmd.config.schema import DeviceConfig, EngineConfig, ModelConfig
+from vllmd.errors import ModelUnavailable
+from vllmd.sizing import Settings, Sizing, Unsized, read_shape
+from vllmd.units import format_size
+from vllmd.weights import CPU_ENGINE_FIXED_COST, weights_bytes
+
+
+def size_models(
+    models: Mapping[str, ModelConfig],
+    devices: Mapping[str, DeviceConfig],
+    engine: EngineConfig,
+    headroom: int,
+    problems: list[str],
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, ModelConfig]:
+    """`models` with every "auto" model's memory set to its estimate (or its `unsized` reason).
+    `environ` is the daemon's environment (default: this process's)."""
+    base = os.environ if environ is None else environ
+    sized = dict(models)
+    for name, model in models.items():
+        if model.memory_auto and model.model:  # (no model: reported already)
+            sized[name] = size_model(model, devices, engine, headroom, problems, base)
+    return sized
+
+
+def size_model(
+    model: ModelConfig,
+    devices: Mapping[str, DeviceConfig],
+    engine: EngineConfig,
+    headroom: int,
+    problems: list[str],
+    base_env: Mapping[str, str],
+) -> ModelConfig:
+    kinds = {devices[d].kind if d in devices else "gpu" for d in model.devices}
+    if len(kinds) != 1:
+        return model  # a mix of cpu and gpu is reported by check_models
+    gpu = kinds == {"gpu"}
+    environ = {**base_env, **engine.env, **model.env}
+    key = f"models.{model.name}"
+    try:
+        shape = read_shape(model.model, environ)
+    except Unsized as exc:
+        problems.append(f"{key}.memory: cannot estimate {model.model}: {exc}; set memory")
+        return model
+    files = weights_bytes(model.model, environ) if shape is not None else None
+    if shape is None or files is None:
+        where = "directory" if os.path.isabs(model.model) else "HF cache"
+        return replace(model, unsized=f"{model.model} is not in the engine's {where} yet")
+    settings = Settings(
+        dtype=model.dtype,
+        max_model_len=model.max_model_len,
+        kv_sequences=model.kv_sequences,
+        devices=len(model.devices),
+        gpu=gpu,
+        overhead=engine.first_overhead(len(model.devices)) if gpu else CPU_ENGINE_FIXED_COST,
+    ).with_args(model.args)
+    try:
+        sizing = Sizing.of(shape, files, settings)
+    except ValueError as exc:
+        which = "max_model_len" if "max_model_len" in str(exc) else "memory"
+        problems.append(f"{key}.{which}: cannot estimate {model.model}: {exc}")
+        return model
+    sized = replace(model, memory=sizing.estimate.total, sizing=sizing)
+    for name in model.devices:
+        device = devices.get(name)
+        if device is not None and device.memory:
+            problem = too_long(sized, name, device.memory - headroom)
+            if problem:
+                problems.append(problem)
+                break
+    return sized
+
+
+def too_long(model: ModelConfig, device: str, room: int) -> str:
+    """For a model sized from its files: the problem when its estimate can never fit `room`
+    bytes of `device` (its budget less the headroom), naming the largest length that would."""
+    sizing = model.sizing
+    if sizing is None or model.memory <= room:
+        return ""
+    estimate = sizing.estimate
+    longest = sizing.largest_len(room)
+    fix = (
+        f"the largest that fits is {longest}; set max_model_len, or memory"
+        if longest
+        else "not even the weights and overhead fit: this model needs a larger device"
+    )
+    need, have = format_size(model.memory), format_size(room)
+    if need == have:  # just over: say it to the MiB
+        need, have = f"{-(-model.memory // 2**20)}MiB", f"{room // 2**20}MiB"
+    return (
+        f"models.{model.name}.max_model_len: at {estimate.max_model_len} tokens x "
+        f"kv_sequences {estimate.kv_sequences} the estimate {need} can never fit device "
+        f'"{device}" ({have} after the headroom); {fix}'
+    )
+
+
+def require_sized(model: ModelConfig) -> None:
+    """Raises ModelUnavailable (503) for a model with memory = "auto" that could not be sized:
+    no reservation, no start."""
+    if model.memory_auto and model.memory <= 0:
+        raise ModelUnavailable(unsized_message(model))
+
+
+def unsized_message(model: ModelConfig) -> str:
+    """Why a model with memory = "auto" cannot start: its files were not there to size it."""
+    return (
+        f'models.{model.name}.memory: "auto" cannot size {model.model}: '
+        f"{model.unsized or 'its files were not found'}; download it where the engine looks "
+        "(its HF_HOME / HF_HUB_CACHE) and reload, or set memory"
+    )
