@@ -10,10 +10,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from vllmd.engine.version import EngineVersions, gpu_naming, installed_version, parse
+from vllmd.engine.version import (
+    EngineVersions,
+    engine_key,
+    gpu_naming,
+    installed_version,
+    parse,
+)
 
 pytestmark = pytest.mark.anyio
 COMMAND = ("vllm", "serve")
+KEY = engine_key(COMMAND, {})
 
 
 @pytest.mark.parametrize(
@@ -61,26 +68,40 @@ async def test_the_installed_version_is_probed_once_per_command_and_the_served_o
     versions = EngineVersions(probe)
     async with anyio.create_task_group() as tg:  # starts at once: one probe
         for _ in range(3):
-            tg.start_soon(versions.of, COMMAND, {})
+            tg.start_soon(versions.of, KEY, {})
     assert asked == [COMMAND]
-    assert versions.naming(COMMAND)[0] == "index"
-    versions.served(COMMAND, "0.32.0")
-    assert versions.naming(COMMAND)[0] == "uuid"
-    versions.served(COMMAND, None)  # an engine that did not say: what was known stays
-    assert versions.known(COMMAND) == "0.32.0"
-    assert await versions.of(("other",), {}) == "vllm 0.20.1" and len(asked) == 2
+    assert versions.naming(KEY)[0] == "index"
+    versions.served(KEY, "0.32.0")
+    assert versions.naming(KEY)[0] == "uuid"
+    versions.served(KEY, None)  # an engine that did not say: what was known stays
+    assert versions.known(KEY) == "0.32.0"
+    assert await versions.of(engine_key(("other",), {}), {}) == "vllm 0.20.1" and len(asked) == 2
+
+
+async def test_a_models_own_interpreter_has_its_own_version() -> None:
+    """[engine] is global; a model's env can put another virtual environment first on the
+    PATH: its vLLM is probed apart, and what one engine served is not the other's."""
+    found = {"/old/bin": "vllm 0.20.1", "/new/bin": "vllm 0.32.0"}
+    versions = EngineVersions(lambda command, env: found[env["PATH"]])
+    old = engine_key(COMMAND, {"PATH": "/old/bin", "HOME": "/a"})
+    new = engine_key(COMMAND, {"PATH": "/new/bin", "HOME": "/b"})
+    assert engine_key(COMMAND, {"PATH": "/old/bin", "HOME": "/other"}) == old  # HOME: no say
+    assert await versions.of(old, {"PATH": "/old/bin"}) == "vllm 0.20.1"
+    assert await versions.of(new, {"PATH": "/new/bin"}) == "vllm 0.32.0"
+    versions.served(new, "0.33.0")
+    assert versions.naming(old)[0] == "index" and versions.naming(new)[0] == "uuid"
+    versions.start_failed(new, ["ValueError: invalid literal for int() with base 10: 'GPU-1'"])
+    assert versions.naming(new)[0] == "index" and versions.known(old) == "vllm 0.20.1"
 
 
 async def test_an_engine_that_died_on_a_uuid_gets_indices_whatever_its_version_says() -> None:
     versions = EngineVersions(lambda command, env: "vllm 0.32.0")
-    await versions.of(COMMAND, {})
-    versions.start_failed(COMMAND, ["INFO loading", "ValueError: could not load"])
-    assert versions.naming(COMMAND)[0] == "uuid"  # another failure: nothing changes
-    versions.start_failed(
-        COMMAND, ["ValueError: invalid literal for int() with base 10: 'GPU-5e4f-1'"]
-    )
-    versions.served(COMMAND, "0.32.0")
-    naming, why = versions.naming(COMMAND)
+    await versions.of(KEY, {})
+    versions.start_failed(KEY, ["INFO loading", "ValueError: could not load"])
+    assert versions.naming(KEY)[0] == "uuid"  # another failure: nothing changes
+    versions.start_failed(KEY, ["ValueError: invalid literal for int() with base 10: 'GPU-5e4f-1'"])
+    versions.served(KEY, "0.32.0")
+    naming, why = versions.naming(KEY)
     assert naming == "index" and "refused a UUID" in why
 
 

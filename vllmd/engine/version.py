@@ -39,6 +39,22 @@ _NUMBERS = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 GpuNaming = Literal["uuid", "index"]
 # (engine command, its environment) -> the installed vLLM's version, or None: unknown
 VersionProbe = Callable[[tuple[str, ...], Mapping[str, str]], str | None]
+# An engine command and the environment entries that choose the Python (and so the vLLM) it
+# runs: a model's own env can put another virtual environment first on the PATH.
+EngineKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+_INTERPRETER_ENV = (
+    "PATH",
+    "VIRTUAL_ENV",
+    "CONDA_PREFIX",
+    "PYTHONHOME",
+    "PYTHONPATH",
+    "PYTHONUSERBASE",
+)
+
+
+def engine_key(command: tuple[str, ...], env: Mapping[str, str]) -> EngineKey:
+    """What one vLLM version is known for: `command` run with `env`'s interpreter entries."""
+    return command, tuple((k, env[k]) for k in _INTERPRETER_ENV if k in env)
 
 
 def parse(version: str | None) -> tuple[int, int, int] | None:
@@ -110,40 +126,40 @@ def installed_version(command: tuple[str, ...], env: Mapping[str, str]) -> str |
 
 
 class EngineVersions:
-    """The vLLM version of each engine command: installed (read once, before the first spawn
-    that needs it) or served (what a ready engine's `GET /version` said, which wins)."""
+    """The vLLM version of each engine command and interpreter (`engine_key`): installed (read
+    once, before the first spawn that needs it) or served (what a ready engine's
+    `GET /version` said, which wins)."""
 
     def __init__(self, probe: VersionProbe = installed_version) -> None:
         self._probe = probe
-        self._known: dict[tuple[str, ...], str | None] = {}
-        self._no_uuids: set[tuple[str, ...]] = set()
-        self._lock = anyio.Lock()  # one probe per command, however many start at once
+        self._known: dict[EngineKey, str | None] = {}
+        self._no_uuids: set[EngineKey] = set()
+        self._lock = anyio.Lock()  # one probe per key, however many start at once
 
-    def known(self, command: tuple[str, ...]) -> str | None:
-        return self._known.get(command)
+    def known(self, key: EngineKey) -> str | None:
+        return self._known.get(key)
 
-    async def of(self, command: tuple[str, ...], env: Mapping[str, str]) -> str | None:
-        """The version for a spawn of `command` (probed in a thread the first time)."""
+    async def of(self, key: EngineKey, env: Mapping[str, str]) -> str | None:
+        """The version for a spawn of `key`'s command with `env` (probed in a thread the first
+        time)."""
         async with self._lock:
-            if command not in self._known:
-                self._known[command] = await anyio.to_thread.run_sync(
-                    self._probe, command, dict(env)
-                )
-            return self._known[command]
+            if key not in self._known:
+                self._known[key] = await anyio.to_thread.run_sync(self._probe, key[0], dict(env))
+            return self._known[key]
 
-    def served(self, command: tuple[str, ...], version: str | None) -> None:
-        """A ready engine of `command` said `version` (None: it did not say)."""
+    def served(self, key: EngineKey, version: str | None) -> None:
+        """A ready engine of `key` said `version` (None: it did not say)."""
         if version:
-            self._known[command] = version
+            self._known[key] = version
 
-    def start_failed(self, command: tuple[str, ...], output: Sequence[str]) -> None:
-        """A start of `command` failed with `output`: if it died on a UUID, whatever its
-        version says, its engines read indices only."""
+    def start_failed(self, key: EngineKey, output: Sequence[str]) -> None:
+        """A start of `key` failed with `output`: if it died on a UUID it could not read,
+        whatever its version says, its engines read indices only."""
         if any(UUID_REFUSAL in line for line in output):
-            self._no_uuids.add(command)
+            self._no_uuids.add(key)
 
-    def naming(self, command: tuple[str, ...]) -> tuple[GpuNaming, str]:
-        """How to name GPUs to `command`'s engines, and why (after `of`)."""
-        if command in self._no_uuids:
+    def naming(self, key: EngineKey) -> tuple[GpuNaming, str]:
+        """How to name GPUs to `key`'s engines, and why (after `of`)."""
+        if key in self._no_uuids:
             return "index", "an engine of this command refused a UUID"
-        return gpu_naming(self._known.get(command))
+        return gpu_naming(self._known.get(key))

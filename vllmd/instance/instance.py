@@ -24,7 +24,7 @@ from vllmd.engine.argv import PlacedDevice
 from vllmd.engine.output import OUTPUT_LINES, EngineOutput
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
-from vllmd.instance.launch import prepare
+from vllmd.instance.launch import prepare, version_key
 from vllmd.instance.outcomes import START_FAILURES, End
 from vllmd.instance.restarts import MEMORY_REFUSAL, RestartPolicy
 from vllmd.instance.session import Session, discard_address
@@ -316,7 +316,7 @@ class Instance:
             self.ready_since = self.active_since = None
         failed, placed, self._placed = end in START_FAILURES, self._placed, False
         output = self.output.since_start(last=OUTPUT_LINES) if failed else []
-        self._versions.start_failed(self.engine.command, output)  # a UUID it could not read?
+        self._versions.start_failed(version_key(self.model, self.engine, self._base_env), output)
         refused = failed and self.restart_policy.is_memory_refusal(output)
         if refused and placed:  # (a restart's: no load waits to plan it; retried, uncounted)
             return self._refused(output)
@@ -364,7 +364,7 @@ class Instance:
         self._notify()
 
     def ready(self, version: str | None) -> None:  # STARTING -> READY
-        self._versions.served(self.engine.command, version)
+        self._versions.served(version_key(self.model, self.engine, self._base_env), version)
         self._profiling_race = False  # a crash from now on is this engine's own
         self.ready_since = self.active_since = self.clock()
         self.load_seconds = self.ready_since - self.state_since

@@ -14,7 +14,7 @@ from vllmd.config.sizing import unsized_message
 from vllmd.engine.api import new_address
 from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
 from vllmd.engine.process import MARKER_ENV
-from vllmd.engine.version import EngineVersions, GpuNaming
+from vllmd.engine.version import EngineKey, EngineVersions, GpuNaming, engine_key
 from vllmd.errors import ConfigError
 from vllmd.instance.session import discard_address
 from vllmd.weights import weights_bytes
@@ -25,6 +25,11 @@ def engine_environ(
 ) -> dict[str, str]:
     """The environment the engine starts from (before what vllmd sets itself)."""
     return {**clean_environ(base_env), **engine.env, **model.env}
+
+
+def version_key(model: ModelConfig, engine: EngineConfig, base_env: Mapping[str, str]) -> EngineKey:
+    """What the model's engine's vLLM version is known by: its command and interpreter."""
+    return engine_key(engine.command, engine_environ(model, engine, base_env))
 
 
 async def model_weights(
@@ -48,8 +53,9 @@ async def naming(
     command's first spawn on a GPU), said in the log."""
     if not any(d.kind == "gpu" for d in placement):
         return "index"  # no GPU to name
-    await versions.of(engine.command, engine_environ(model, engine, base_env))
-    form, why = versions.naming(engine.command)
+    key = version_key(model, engine, base_env)
+    await versions.of(key, engine_environ(model, engine, base_env))
+    form, why = versions.naming(key)
     log.info("gpus_named", form=form, why=why)
     return form
 
