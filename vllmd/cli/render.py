@@ -204,3 +204,47 @@ def event_line(event: Mapping[str, Any], tz: tzinfo | None = None) -> str:
 def _value(value: object) -> str:
     text = "" if value is None else str(value)
     return f'"{text}"' if not text or any(c.isspace() for c in text) else text
+
+
+def plan_text(plan: Mapping[str, Any]) -> str:
+    """`vllmctl plan` and `vllmd check-config --plan`: per device, each model's memory in its
+    parts, which models fit together, then the warnings."""
+    headers = ("MODEL", "MEMORY", "SOURCE", "WEIGHTS", "KV", "WORKSPACE", "OVERHEAD", "MEASURED")
+    blocks = []
+    for d in plan["devices"]:
+        usable = d.get("usable_bytes")
+        room = f"{size(d.get('total_bytes'))}, {size(usable)} after the headroom"
+        rows = []
+        for m in d["models"]:
+            est = m.get("estimate") or {}
+            kv = NONE
+            if est:
+                kv = f"{size(est['kv_bytes'])} ({est['kv_sequences']}x{est['max_model_len']})"
+            rows.append(
+                [
+                    str(m["name"]),
+                    size(m.get("memory_bytes")),
+                    str(m["source"]),
+                    size(est.get("weights_bytes")),
+                    kv,
+                    size(est.get("workspace_bytes")),
+                    size(est.get("overhead_bytes")),
+                    size(m.get("measured_bytes")),
+                ]
+            )
+        pairs = ", ".join("+".join(pair) for pair in d["together"]) or NONE
+        fit = "yes" if d["all_fit"] else "no" if usable is not None else "unknown"
+        together = f"together: {pairs}; all at once: {fit}"
+        blocks.append(
+            "\n".join([f"{d['name']} ({d['kind']}): {room}", table(headers, rows), together])
+        )
+    unsized = list(
+        dict.fromkeys(
+            f"{m['name']}: not sized yet: {m['unsized']}"
+            for d in plan["devices"]
+            for m in d["models"]
+            if m.get("unsized")
+        )
+    )
+    warnings = [f"warning: {w}" for w in plan["warnings"]]
+    return "\n\n".join(blocks + (["\n".join(unsized + warnings)] if unsized or warnings else []))

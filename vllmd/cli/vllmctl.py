@@ -296,6 +296,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Control], int]] = {
     **dict.fromkeys(VERBS, cmd_verb),
     "logs": cmd_logs,
     "devices": cmd_devices,
+    "plan": lambda args, ctl: show(args, ctl.get("/v1/plan"), render.plan_text),
     "alerts": cmd_alerts,
     "reload": cmd_reload,
     "events": cmd_events,
@@ -347,6 +348,7 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=_count, metavar="N", help="the last N lines")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing (Ctrl-C ends)")
     sub.add_parser("devices", help="devices and what each model reserves on them")
+    sub.add_parser("plan", help="each model's memory in its parts; which fit together")
     sub.add_parser("alerts", help="the alerts pending or firing")
     sub.add_parser("reload", help="reload the config file (a bad one changes nothing)")
     events = sub.add_parser("events", help="what happened, oldest first")

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
 
 from vllmd import __version__
-from vllmd.config import Config, check_config, check_devices, load_config
+from vllmd.cli.render import plan_text
+from vllmd.config import Config, check_config, check_devices, load_config, read_devices
 from vllmd.daemon import serve as serve_daemon
 from vllmd.errors import ConfigError, VllmdError
 from vllmd.log import configure
+from vllmd.placement.plan import build_plan
+from vllmd.store import recorded_footprints
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = Path("/etc/vllmd/vllmd.toml")
@@ -42,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file (exit 0, or 2 with the problems)"
     )
     check.add_argument("path", type=Path)
+    check.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print each model's memory in its parts and which fit together",
+    )
+    check.add_argument("--json", action="store_true", help="the plan as JSON (with --plan)")
     return p
 
 
@@ -52,10 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         problems = check_config(args.path)
         for problem in problems:
             print(problem, file=sys.stderr)
-        if not problems:
+        if problems:
+            return EXIT_CONFIG
+        if args.plan:
+            plan = offline_plan(load_config(args.path))
+            print(json.dumps(plan, indent=2) if args.json else plan_text(plan))
+        else:
             print(f"{args.path}: ok")
-        return EXIT_CONFIG if problems else EXIT_OK
+        return EXIT_OK
     return serve(args.config, args.log_format)
+
+
+def offline_plan(config: Config) -> dict[str, Any]:
+    """The plan with the daemon down: device totals read now (NVML, the declared devices),
+    footprints as the state store last recorded them (none where it cannot be read)."""
+    devices = anyio.run(lambda: read_devices(config))
+    totals = {name: d.total or None for name, d in devices.items() if d.up}
+    return build_plan(config, totals, recorded_footprints(config.daemon.state_dir))
 
 
 def serve(path: Path, log_format: str | None) -> int:

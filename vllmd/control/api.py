@@ -46,6 +46,7 @@ from vllmd.errors import (
 from vllmd.events import EventBus, Kind
 from vllmd.instance.instance import Instance
 from vllmd.metrics import Metrics
+from vllmd.placement.plan import build_plan
 from vllmd.store import StateStore
 from vllmd.supervisor.commands import Supervisor
 from vllmd.supervisor.reload import Reloader
@@ -154,6 +155,9 @@ class ControlAPI:
         if route == ["devices"]:
             allow(method, "GET")
             return reply(200, {"devices": self.devices(with_models=True)})
+        if route == ["plan"]:
+            allow(method, "GET")
+            return reply(200, self.plan())
         if route == ["reload"]:
             allow(method, "POST")
             return await self._reload(request)
@@ -204,6 +208,13 @@ class ControlAPI:
                 ]
             out.append(entry)
         return out
+
+    def plan(self) -> dict[str, Any]:
+        """Each device's models in their parts, estimated and measured (placement/plan.py)."""
+        totals = {dev.name: dev.total or None for dev in self._supervisor.accounts()}
+        statuses = self._supervisor.statuses()
+        measured = {st.name: st.measured_bytes for st in statuses if st.measured_bytes}
+        return build_plan(self._ctx.config, totals, measured)
 
     def status(self) -> dict[str, Any]:
         by_state: dict[str, int] = {}
