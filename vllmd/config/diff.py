@@ -19,6 +19,7 @@ RESTART_MODEL_KEYS = frozenset(
         "env",
         "sleep_level",
         "kv_sequences",
+        "cpus",
     }
 )
 # A change to these restarts every engine (gpu_overhead sizes every GPU engine's fraction).

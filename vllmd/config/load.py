@@ -9,6 +9,7 @@ from types import MappingProxyType, ModuleType
 from typing import Any
 
 from vllmd.config.alerts import parse_alerts
+from vllmd.config.cpus import owned_env
 from vllmd.config.hardware import check_devices
 from vllmd.config.models import check_models, parse_devices, parse_models
 from vllmd.config.reader import Table
@@ -58,6 +59,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     gateway = parse_gateway(sections["gateway"], base_dir)
     metrics = parse_metrics(sections["metrics"])
     engine = parse_engine(sections["engine"], base_dir)
+    problems += owned_env(engine.env, "engine.env")
     scheduler = parse_scheduler(sections["scheduler"])
     devices = parse_devices(root.table("devices"))
     models = parse_models(root.table("models"), base_dir, engine)

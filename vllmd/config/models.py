@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, cast
 
+from vllmd.config.cpus import cpulist, device_cpus, owned_env
 from vllmd.config.reader import Table
 from vllmd.config.schema import DeviceConfig, EngineConfig, ModelConfig
 from vllmd.config.sections import resolve_path
@@ -73,7 +74,9 @@ def _parse_device(name: str, table: Table) -> DeviceConfig:
         table.problem("uuid", "only GPUs have a uuid")
     if kind == "gpu" and uuid is None and not is_gpu_index(name):
         table.problem("uuid", 'missing (a GPU is named by its NVML index, "0", "1", ... or uuid)')
-    return DeviceConfig(name=name, kind=kind, memory=memory, uuid=uuid)
+    return DeviceConfig(
+        name=name, kind=kind, memory=memory, uuid=uuid, cpus=device_cpus(table, kind)
+    )
 
 
 def parse_models(
@@ -152,6 +155,7 @@ def _parse_model(
         max_restarts=table.integer("max_restarts", 5, minimum=0),
         restart_window=table.duration("restart_window", 600.0),
         kv_sequences=table.integer("kv_sequences", 1, minimum=1),
+        cpus=table.integer("cpus", 1, minimum=1) if table.has("cpus") else None,
         memory_auto=auto,
     )
 
@@ -200,6 +204,7 @@ def check_models(
                     f"models.{model.name}.aliases: {json.dumps(alias)} is already served by "
                     f"models.{owner}"
                 )
+        problems += owned_env(model.env, f"models.{model.name}.env")
         kinds, gpus = set(), 0
         for name in model.devices:
             device = devices.get(name)
@@ -222,10 +227,27 @@ def check_models(
                 )
         if len(kinds) > 1:
             problems.append(f"models.{model.name}.devices: mixes cpu and gpu devices")
-        elif kinds == {"cpu"} and model.memory > 0:
-            _check_cpu_kv_cache(model, problems)
-        elif kinds == {"gpu"} and model.memory > 0:
-            _check_gpu_overhead(model, engine, gpus, problems)
+        elif kinds == {"cpu"}:
+            if model.memory > 0:
+                _check_cpu_kv_cache(model, problems)
+            _check_cores(model, devices, problems)
+        elif kinds == {"gpu"}:
+            if model.memory > 0:
+                _check_gpu_overhead(model, engine, gpus, problems)
+            if model.cpus is not None:
+                problems.append(f"models.{model.name}.cpus: only models on cpu devices get cores")
+
+
+def _check_cores(
+    model: ModelConfig, devices: Mapping[str, DeviceConfig], problems: list[str]
+) -> None:
+    for name in model.devices:
+        cores = devices[name].cpus
+        if model.cores > len(cores):
+            problems.append(
+                f'models.{model.name}.cpus: {model.cores} cores, but device "{name}" has '
+                f"{len(cores)} ({cpulist(cores)})"
+            )
 
 
 def _check_cpu_kv_cache(model: ModelConfig, problems: list[str]) -> None:

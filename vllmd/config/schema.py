@@ -113,6 +113,7 @@ class DeviceConfig:
     kind: Literal["cpu", "gpu"]
     memory: int | None = None  # None: measured (GPUs only)
     uuid: str | None = None
+    cpus: tuple[int, ...] = ()  # cpu devices: the cores its engines get slices of
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,7 @@ class ModelConfig:
     max_restarts: int = 5
     restart_window: float = 600.0
     kv_sequences: int = 1  # memory = "auto": full-length sequences the KV cache must hold
+    cpus: int | None = None  # cores of its cpu device its engine gets (None: 1; GPUs: none)
     memory_auto: bool = False  # memory was "auto" (or left out): `memory` is `sizing`'s total
     sizing: Sizing | None = field(default=None, repr=False)
     unsized: str = ""  # memory = "auto" and the files are not there yet: why
@@ -141,6 +143,11 @@ class ModelConfig:
     @property
     def served_names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    @property
+    def cores(self) -> int:
+        """How many cores of its cpu device the engine gets."""
+        return self.cpus or 1
 
 
 @dataclass(frozen=True, slots=True)

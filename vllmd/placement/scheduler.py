@@ -37,6 +37,7 @@ class DeviceView:
     headroom: int = 0
     foreign: int = 0  # used by processes vllmd does not own (measured)
     up: bool = True
+    cores: int = 0  # a cpu device: the cores its engines get slices of (0: not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +57,15 @@ class ModelView:
     sleep_level: int = 0  # 0 = cannot sleep (no sleep mode on its devices, or configured so)
     host_bytes: int = 0  # host RAM a level-1 sleep keeps (the weights)
     busy: bool = False  # a memory-changing operation on it is under way
+    cores: int = 0  # on a cpu device: the cores its engine takes there
 
     def held(self) -> int:
         """What this model holds on each of its devices now."""
         return held_bytes(self.state, self.memory, self.measured, self.residue)
+
+    def held_cores(self) -> int:
+        """The cores its engine takes on each of its devices now (none unless it runs)."""
+        return self.cores if self.state in HOLDING else 0
 
 
 # A footprint this much over its reservation is still within it: what NVML reports moves by
@@ -109,6 +115,14 @@ class Snapshot:
         d = self.devices[device]
         return d.total - d.headroom - d.foreign - self._held.get(device, 0)
 
+    def free_cores(self, device: str) -> int:
+        """Cores of a cpu device no engine has; a large number where cores are not counted."""
+        total = self.devices[device].cores
+        if not total:
+            return 1 << 30
+        taken = sum(m.held_cores() for m in self.models.values() if device in m.devices)
+        return total - taken
+
 
 @dataclass(frozen=True, slots=True)
 class Eviction:
@@ -152,13 +166,15 @@ def plan_load(snap: Snapshot, name: str) -> Plan:
         return Plan("wait", name, needs, why=f"device {', '.join(down)} is down")
     free = {d: snap.free(d) for d in model.devices}
     deficit = {d: need - free[d] for d in model.devices if free[d] < need}
+    cores = {d: model.cores - snap.free_cores(d) for d in model.devices}
+    deficit |= {_core(d): short for d, short in cores.items() if short > 0 and kind == "start"}
     if not deficit:
         return Plan(kind, name, needs)
 
     victims = _choose_victims(snap, model, deficit, _candidates(snap, model, now_only=True))
     if victims is None:
         if _choose_victims(snap, model, deficit, _candidates(snap, model, now_only=False)) is None:
-            short = ", ".join(f"{d} by {b} bytes" for d, b in sorted(deficit.items()))
+            short = ", ".join(_short(d, b) for d, b in sorted(deficit.items()))
             return Plan("reject", name, needs, why=f"{name} does not fit: short on {short}")
         return Plan("wait", name, needs, why="victims are busy, recently used or too young")
     return Plan(kind, name, needs, _actions(snap, model, victims, deficit))
@@ -245,13 +261,12 @@ def _choose_victims(
     for c in candidates:
         if all(v <= 0 for v in remaining.values()):
             break
-        frees = c.held()
-        if not any(d in remaining and remaining[d] > 0 for d in c.devices) or frees == 0:
+        frees = {key: _held(c, key) for key in _keys(c) if remaining.get(key, 0) > 0}
+        if not any(frees.values()):
             continue
         taken.append(c)
-        for d in c.devices:
-            if d in remaining:
-                remaining[d] -= frees
+        for key, amount in frees.items():
+            remaining[key] -= amount
     if any(v > 0 for v in remaining.values()):
         return None
     for c in sorted(taken, key=lambda m: (m.priority, m.last_used), reverse=True):
@@ -264,10 +279,39 @@ def _choose_victims(
 def _covers(
     victims: list[ModelView], deficit: Mapping[str, int], frees_of: Callable[[ModelView], int]
 ) -> bool:
-    for d, short in deficit.items():
-        if sum(frees_of(v) for v in victims if d in v.devices) < short:
+    """Whether `victims` cover every deficit: memory by `frees_of`, cores by what they take."""
+    for key, short in deficit.items():
+        device, is_cores = _device(key)
+        frees = (lambda m: m.held_cores()) if is_cores else frees_of
+        if sum(frees(v) for v in victims if device in v.devices) < short:
             return False
     return True
+
+
+# A deficit of cores on device D is kept under the key "D#cores", beside D's bytes.
+_CORES = "#cores"
+
+
+def _core(device: str) -> str:
+    return device + _CORES
+
+
+def _device(key: str) -> tuple[str, bool]:
+    """The device a deficit's key names, and whether the deficit is of cores."""
+    return (key[: -len(_CORES)], True) if key.endswith(_CORES) else (key, False)
+
+
+def _keys(m: ModelView) -> list[str]:
+    return [*m.devices, *(_core(d) for d in m.devices)]
+
+
+def _held(m: ModelView, key: str) -> int:
+    return m.held_cores() if _device(key)[1] else m.held()
+
+
+def _short(key: str, amount: int) -> str:
+    device, is_cores = _device(key)
+    return f"{device} by {amount} cores" if is_cores else f"{device} by {amount} bytes"
 
 
 def _actions(
