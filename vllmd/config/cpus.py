@@ -15,7 +15,8 @@ from typing import Any
 from vllmd.config.reader import Table
 
 # Engine variables vllmd sets on cpu devices; engine.env or a model's env may not.
-ENGINE_OWNED_ENV = frozenset({"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"})
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+ENGINE_OWNED_ENV = frozenset({OMP_BIND, "VLLM_CPU_NUM_OF_RESERVED_CPU"})
 
 
 def parse_cpulist(value: Any) -> tuple[int, ...]:

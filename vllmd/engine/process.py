@@ -25,6 +25,7 @@ import structlog
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from vllmd.config.cpus import OMP_BIND, parse_cpulist
 from vllmd.engine.kernel_log import KernelLog, KernelLogOpener, Kmsg, oom_victims
 from vllmd.engine.reaper import Reaper
 
@@ -284,6 +285,7 @@ async def spawn(
         raise
     if reaper is not None:
         reaper.adopt(process.pid, leader=process.pid)
+    _bind(process.pid, env)
     import psutil
 
     try:
@@ -298,6 +300,19 @@ async def spawn(
         reaper=reaper,
         kernel_log=log_reader,
     )
+
+
+def _bind(pid: int, env: Mapping[str, str]) -> None:
+    """A cpu engine's CPU affinity is its slice (VLLM_CPU_OMP_THREADS_BIND, which vllmd sets):
+    set on the shell before it execs the engine, so the engine and all it forks inherit it.
+    (The shell's prelude is one `echo`: the engine starts no thread before this returns.)"""
+    bind = env.get(OMP_BIND, "")
+    if not bind or bind == "auto":
+        return
+    try:
+        os.sched_setaffinity(pid, parse_cpulist(bind))
+    except (OSError, ValueError) as exc:  # gone already, or cores this host does not have
+        log.warning("affinity_not_set", pid=pid, cores=bind, error=str(exc))
 
 
 # How an engine process is started (argv, environment): `spawn` with the daemon's reaper and
