@@ -13,12 +13,21 @@ from vllmd.instance.states import InstanceState, Want
 
 
 class Startup(Enum):
-    """How waiting for a new engine's readiness ended."""
+    """How waiting for a new engine's readiness (or a warm-up) ended."""
 
     READY = "ready"
     EXITED = "exited"  # the engine died while starting
-    TIMEOUT = "timeout"  # not ready within engine.startup_timeout
+    TIMEOUT = "timeout"  # not ready within engine.startup_timeout (or no warm-up answer)
     UNWANTED = "unwanted"  # no longer wanted: to be stopped
+    FAILED = "failed"  # the warm-up failed: a 5xx, a lost connection
+
+
+@dataclass(frozen=True, slots=True)
+class Warmed:
+    """How a warm-up ended: READY, or why not (`error`: what failed, for TIMEOUT/FAILED)."""
+
+    outcome: Startup
+    error: str = ""
 
 
 class End(StrEnum):

@@ -23,7 +23,7 @@ from vllmd.engine.output import EngineOutput
 from vllmd.engine.process import EngineProcess, RuntimeOptions, Spawner
 from vllmd.errors import EngineUnavailable
 from vllmd.events import Kind
-from vllmd.instance.outcomes import DONE, End, Owner, Startup, Switch, Switched
+from vllmd.instance.outcomes import DONE, End, Owner, Startup, Switch, Switched, Warmed
 from vllmd.instance.states import InstanceState
 
 S = InstanceState
@@ -39,6 +39,8 @@ OUTPUT_GRACE = 1.0
 # The warm-up is part of the start: it gets what is left of startup_timeout, but never less than
 # this (or startup_timeout itself, if shorter): a first inference on CPU takes seconds.
 WARM_UP_MIN = 30.0
+WAKE_WARM_UP = 120.0  # a woken engine's warm-up
+WARM_UP_SLACK = 1.0  # httpx's own timeout is later: the warm-up's deadline is what ends it
 
 
 class Session:
@@ -117,35 +119,25 @@ class Session:
         serve, sleep and wake, stop; or its crash."""
         proc = self.process
         started = anyio.current_time()
-        startup = await self.wait_ready(
-            engine.startup_timeout, lambda: owner.want != "down", owner.until
-        )
-        if startup is Startup.UNWANTED:
-            owner.transition(S.STOPPING)  # STARTING -> STOPPING
-            await proc.terminate(engine.stop_timeout)
-            return End.STOPPED
+
+        def wanted() -> bool:
+            return owner.want != "down"
+
+        startup = await self.wait_ready(engine.startup_timeout, wanted, owner.until)
         if startup is not Startup.READY:
-            await proc.kill()  # the leader may be gone; its group may not be
-            if startup is Startup.TIMEOUT:
-                owner.failed(
-                    f"engine for {owner.name} not ready within {engine.startup_timeout:g}s"
-                )
-                return End.START_TIMEOUT
-            status = self.exit_status()
-            owner.failed(f"engine for {owner.name} exited with {status} while starting")
-            return End.START_FAILED
+            error = f"engine for {owner.name} not ready within {engine.startup_timeout:g}s"
+            return await self._not_started(owner, engine, startup, error)
 
         await proc.remember_descendants()
         left = engine.startup_timeout - (anyio.current_time() - started)
-        warm_up = max(left, min(WARM_UP_MIN, engine.startup_timeout))
-        failure = await self.api.warm_up(served_name, timeout=warm_up)
-        if failure is not None:
+        timeout = max(left, min(WARM_UP_MIN, engine.startup_timeout))
+        warmed = await self.warm_up(served_name, timeout, wanted, owner.until)
+        if warmed.outcome is not Startup.READY:
             # /health answered but the engine cannot infer (a wedged CUDA-graph capture, an
-            # engine core that died): a failed start, never READY.
+            # engine core that died): a failed start, never READY; or it is no longer wanted.
             exited = f"; it exited with {self.exit_status()}" if self.exited.is_set() else ""
-            await proc.kill()
-            owner.failed(f"engine for {owner.name} failed its warm-up: {failure}{exited}")
-            return End.START_FAILED
+            error = f"engine for {owner.name} failed its warm-up: {warmed.error}{exited}"
+            return await self._not_started(owner, engine, warmed.outcome, error)
         owner.ready(await self.api.version())  # STARTING -> READY
         while True:
             end = await self.serve(
@@ -186,6 +178,23 @@ class Session:
         owner.tell(Kind.CRASHED, reason=reason, status=self.exit_status())
         return End.CRASHED
 
+    async def _not_started(
+        self, owner: Owner, engine: EngineConfig, outcome: Startup, error: str
+    ) -> End:
+        """A start that did not reach READY: stopped if no longer wanted; else killed, and a
+        failed or timed-out start (`error`: what is told, unless the engine exited)."""
+        proc = self.process
+        if outcome is Startup.UNWANTED:
+            owner.transition(S.STOPPING)  # STARTING -> STOPPING
+            await proc.terminate(engine.stop_timeout)
+            return End.STOPPED
+        await proc.kill()  # the leader may be gone; its group may not be
+        if outcome is Startup.EXITED:
+            owner.failed(f"engine for {owner.name} exited with {self.exit_status()} while starting")
+            return End.START_FAILED
+        owner.failed(error)
+        return End.START_TIMEOUT if outcome is Startup.TIMEOUT else End.START_FAILED
+
     async def _sleep(self, owner: Owner) -> bool:
         """DRAINING -> SLEEPING, confirmed by /is_sleeping. A refused or unconfirmed sleep
         escalates to a stop (returns False); so does an engine without sleep mode (the
@@ -222,10 +231,16 @@ class Session:
             owner.failed(f"wake of {owner.name} failed: {woke.error}")
             owner.tell(Kind.WAKE_FAILED, error=woke.error)
             return not self.exited.is_set()
-        failure = await self.api.warm_up(served_name)
-        if failure is not None:  # awake but unable to infer (a TP engine's sleep leaks)
-            owner.failed(f"wake of {owner.name} failed its warm-up: {failure}")
-            owner.tell(Kind.WAKE_FAILED, error=f"warm-up: {failure}")
+        warmed = await self.warm_up(
+            served_name, WAKE_WARM_UP, lambda: owner.want != "down", owner.until
+        )
+        if warmed.outcome is Startup.EXITED:
+            return False
+        if warmed.outcome is Startup.UNWANTED:
+            return True  # still WAKING: the caller stops it
+        if warmed.outcome is not Startup.READY:  # awake but unable to infer (TP sleep leaks)
+            owner.failed(f"wake of {owner.name} failed its warm-up: {warmed.error}")
+            owner.tell(Kind.WAKE_FAILED, error=f"warm-up: {warmed.error}")
             return not self.exited.is_set()
         self.sleep_level = 0
         owner.woke(anyio.current_time() - started)  # WAKING -> READY
@@ -253,6 +268,33 @@ class Session:
                 with anyio.move_on_after(READY_POLL if serving else READY_POLL_LOADING):
                     await until(partial(self._changed, serving, wanted))
         return Startup.TIMEOUT
+
+    async def warm_up(
+        self, served_name: str, timeout: float, wanted: Callable[[], bool], until: Until
+    ) -> Warmed:
+        """EngineAPI.warm_up within `timeout` (TIMEOUT), raced against the engine's exit
+        (EXITED) and `wanted()` turning false (UNWANTED, which wins over whatever else ended
+        it); `until(condition)` waits for the instance's next change. Whichever comes first
+        cancels the other: an abandoned warm-up's request is closed."""
+        ended: list[Warmed] = []
+
+        async def attempt() -> None:
+            with anyio.move_on_after(timeout):  # this deadline, not httpx's, ends a wedged one
+                failure = await self.api.warm_up(served_name, timeout=timeout + WARM_UP_SLACK)
+                ended.append(
+                    Warmed(Startup.READY if failure is None else Startup.FAILED, failure or "")
+                )
+            if not ended:
+                ended.append(Warmed(Startup.TIMEOUT, f"it did not answer within {timeout:g}s"))
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attempt)
+            await until(lambda: self.exited.is_set() or not wanted())
+            tg.cancel_scope.cancel()
+        if not wanted():  # a stop asked meanwhile: no failed start, whatever the warm-up did
+            return Warmed(Startup.UNWANTED)
+        return ended[0] if ended else Warmed(Startup.EXITED)
 
     def _changed(self, serving: bool, wanted: Callable[[], bool]) -> bool:
         """What ends a wait between readiness polls: exit, unwanted, or the engine saying it
