@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.fakes.fake_gpu import FakeGpu
+from tests.fakes.fake_gpu import FOREIGN_PID_BASE, FakeGpu
 from tests.integration.harness import FAKE_ENGINE, client, eventually, fake_config, running
 from vllmd.cli.doctor import attribution_check
 from vllmd.config import Config
@@ -657,17 +658,47 @@ async def test_random_swaps_on_two_h100s_never_refuse_a_start(tmp_path: Path) ->
     assert {e.model for e in _events(history, "evicted")}  # it did swap
 
 
-@pytest.mark.parametrize("pids", ["namespace", "wddm"])
+class _Driver:
+    """The fake GPU read through a driver that lists no compute process at all (`listed`
+    False: NVML's NOT_SUPPORTED, some vGPU and cloud drivers), or, while `hiding`, lists none
+    of vllmd's engines (a reading taken as an engine died), only foreign processes."""
+
+    def __init__(self, gpu: FakeGpu, *, listed: bool = True) -> None:
+        self.gpu = gpu
+        self.listed = listed
+        self.hiding = False
+
+    async def snapshot(self) -> dict[str, DeviceSnapshot]:
+        return {n: self._read(s) for n, s in (await self.gpu.snapshot()).items()}
+
+    def _read(self, snap: DeviceSnapshot) -> DeviceSnapshot:
+        if not self.listed:
+            error = "unsupported: processes"
+            return replace(snap, processes=(), processes_listed=False, error=error)
+        if self.hiding:
+            foreign = tuple(p for p in snap.processes if p.pid >= FOREIGN_PID_BASE)
+            return replace(snap, processes=foreign)
+        return snap
+
+
+WHY = {"namespace": "pid_namespace", "wddm": "no_figures", "unlisted": "no_process_list"}
+
+
+@pytest.mark.parametrize("pids", ["namespace", "wddm", "unlisted"])
 async def test_gpus_whose_pids_nvml_cannot_attribute_are_budgeted_by_reservation(
     tmp_path: Path, pids: str
 ) -> None:
     """In a container without the host's pid namespace NVML lists pids vllmd cannot see
-    (nvidia-docker#1483); under WDDM it gives no figures. Then footprints are unknown, never
-    0: vllmd says so once per GPU (event and warning with the fix), holds reservations, and
-    never counts its own engines as foreign, so two models still fit beside each other."""
-    gpu = FakeGpu(tmp_path / "gpu", pids=pids)  # type: ignore[arg-type]
+    (nvidia-docker#1483); under WDDM it gives no figures; some vGPU/cloud drivers list no
+    compute process at all (NOT_SUPPORTED). Then footprints are unknown, never 0: vllmd says
+    so once per GPU (event and warning with the fix), holds reservations, and never counts
+    its own engines as foreign, so two models still fit beside each other. Defect: a driver
+    that lists none was taken for a pid namespace (and doctor FAILed with --pid=host)."""
+    unlisted = pids == "unlisted"
+    gpu = FakeGpu(tmp_path / "gpu", pids="visible" if unlisted else pids)  # type: ignore[arg-type]
+    probe = _Driver(gpu, listed=False) if unlisted else gpu
     config = _config(tmp_path, {"a": {}, "b": {}})
-    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+    async with running(config, gpu.env(), probe=probe) as run, client(run) as http:
         await _post_all(http, "a", "b")
         states = {n: i.state for n, i in run.supervisor.instances.items()}
         held = {n: run.supervisor.status(i).held_bytes for n, i in run.supervisor.instances.items()}
@@ -680,17 +711,62 @@ async def test_gpus_whose_pids_nvml_cannot_attribute_are_budgeted_by_reservation
     assert held == {"a": 8 * GiB, "b": 8 * GiB}
     assert account.foreign == 0
     unseen = _events(history, "gpu_pids_unseen")
-    assert [e.fields["device"] for e in unseen] == ["0"]
+    assert [(e.fields["device"], e.fields["why"]) for e in unseen] == [("0", WHY[pids])]
     expected = "pid namespace" if pids == "namespace" else "no per-process memory"
     assert expected in unseen[0].fields["cause"] and unseen[0].fields["fix"]
     assert not _events(history, "measured") and not _events(history, "evicted")
-    # The control API says it per device, and doctor FAILs a pid namespace with the fix.
+    # The control API says it per device, and doctor FAILs a pid namespace with the fix (a
+    # driver without a process list WARNs: nothing to change in the unit).
     device = next(d for d in status["devices"] if d["name"] == "0")
     assert device["pids_unseen"]["why"] == unseen[0].fields["why"]
     check = attribution_check(status, {})
     assert check.status == ("FAIL" if pids == "namespace" else "WARN")
     assert check.fix == unseen[0].fields["fix"]
     assert ("--pid=host" in check.fix) == (pids == "namespace")
+    assert ("nothing to fix in vllmd's unit" in check.fix) == unlisted
+
+
+@pytest.mark.parametrize("foreign", [False, True])
+async def test_a_reading_that_misses_our_engine_once_is_no_lasting_finding(
+    tmp_path: Path, foreign: bool
+) -> None:
+    """Defect: a's footprint measured on a reading that lists none of its pids (as when the
+    engine dies right after READY) made a pid-namespace finding that never went away. An
+    empty list makes none; one listing only a foreign process makes it until a reading shows
+    our engines' pids again (b's start here), and the GPU is measured as usual after it."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    if foreign:
+        gpu.add_foreign(GiB)
+    probe = _Driver(gpu)
+    config = _config(tmp_path, {"a": {}, "b": {"memory": "6GiB"}})
+    async with running(config, gpu.env(), probe=probe) as run, client(run) as http:
+        probe.hiding = True
+        await _post_all(http, "a")
+        during = next(a for a in run.supervisor.accounts() if a.name == "0")
+        probe.hiding = False
+        await _post_all(http, "b")
+        after = next(a for a in run.supervisor.accounts() if a.name == "0")
+        history = list(run.events.history)
+    unseen = _events(history, "gpu_pids_unseen")
+    assert [e.fields["why"] for e in unseen] == (["pid_namespace"] if foreign else [])
+    assert (during.pids_unseen is not None) == foreign
+    assert after.pids_unseen is None
+    assert after.foreign == pytest.approx(GiB if foreign else 0, abs=64 * MiB)
+    assert [e.model for e in _events(history, "measured")] == ["b"]
+
+
+async def test_foreign_memory_on_a_gpu_without_a_process_list_is_what_vllmd_does_not_hold(
+    tmp_path: Path,
+) -> None:
+    """No process list, no engine measured yet: memory in use is not vllmd's (read as no
+    process at all, it was none of anybody's: 0 foreign)."""
+    gpu = FakeGpu(tmp_path / "gpu")
+    gpu.add_foreign(3 * GiB)
+    config = _config(tmp_path, {"a": {}})
+    async with running(config, gpu.env(), probe=_Driver(gpu, listed=False)) as run:
+        await gpu.wait_for(lambda s: bool(s["0"].processes))
+        account = next(a for a in run.supervisor.accounts() if a.name == "0")
+    assert account.foreign == 3 * GiB and account.pids_unseen is None
 
 
 async def test_foreign_memory_is_still_seen_when_pids_are_not(tmp_path: Path) -> None:

@@ -160,6 +160,15 @@ async def test_unsupported_process_list_leaves_device_up() -> None:
 
     assert reading.up and reading.processes == ()
     assert reading.error == "unsupported: processes"
+    assert reading.processes_listed is False  # not read as "no process on the GPU"
+
+
+async def test_an_empty_process_list_is_a_listed_one() -> None:
+    """No compute process is an answer, unlike NOT_SUPPORTED: kept apart in the reading."""
+    idle, busy = FakeGpu(UUID0), FakeGpu(UUID1, processes=[(101, GiB)])
+    snapshot = await NvmlProbe(FakeNvml([idle, busy])).snapshot()
+    assert snapshot["0"].processes == () and snapshot["0"].processes_listed
+    assert snapshot["1"].processes_listed and snapshot["0"].error is None
 
 
 @pytest.mark.parametrize("error", ["NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded"])

@@ -9,17 +9,24 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_gpu import HOST_PID_OFFSET
+from tests.fakes.fake_pynvml import FakeGpu, FakeNvml
 from vllmd.cli.doctor import attribution_check
-from vllmd.devices import DeviceSnapshot
+from vllmd.devices import DeviceSnapshot, NvmlProbe
 from vllmd.devices.snapshot import GpuProcess, unmeasured
-from vllmd.placement.ledger import NO_FIGURES, PID_NAMESPACE
+from vllmd.placement.ledger import NO_FIGURES, NO_PROCESS_LIST, PID_NAMESPACE
 
 GiB = 2**30
 
 
-def _gpu(*processes: GpuProcess) -> dict[str, DeviceSnapshot]:
-    snap = unmeasured("0", "gpu", up=True, total=80 * GiB)
-    return {"0": replace(snap, used=2 * GiB, free=78 * GiB, processes=processes)}
+def _gpu(*processes: GpuProcess, name: str = "0") -> dict[str, DeviceSnapshot]:
+    snap = unmeasured(name, "gpu", up=True, total=80 * GiB)
+    return {name: replace(snap, used=2 * GiB, free=78 * GiB, processes=processes)}
+
+
+def _unlisted(name: str = "0") -> dict[str, DeviceSnapshot]:
+    """A GPU whose driver cannot list compute processes (NVML's NOT_SUPPORTED)."""
+    (snap,) = _gpu(name=name).values()
+    return {name: replace(snap, processes_listed=False, error="unsupported: processes")}
 
 
 def _status(unseen: dict[str, str] | None) -> dict[str, Any]:
@@ -53,3 +60,41 @@ def test_nvml_seen_from_here(pids: tuple[int, ...], status: str) -> None:
     assert check.status == status, check
     if status == "FAIL":
         assert "pid namespace" in check.detail and "--pid=host" in check.fix
+
+
+def test_the_daemons_finding_of_no_process_list_is_a_warning_without_pid_host() -> None:
+    """A driver that cannot list compute processes (some vGPU/cloud drivers) is no pid
+    namespace: budgeted by reservation, nothing to change in the unit."""
+    unseen = {"why": "no_process_list", "cause": NO_PROCESS_LIST.cause, "fix": NO_PROCESS_LIST.fix}
+    check = attribution_check(_status(unseen), _unlisted())
+    assert check.status == "WARN", check
+    assert "does not list compute processes" in check.detail
+    assert "GPU 0" in check.detail and "budgeted by reservation" in check.detail
+    assert "--pid=host" not in check.fix
+    assert "nothing to fix in vllmd's unit" in check.fix
+
+
+@pytest.mark.anyio
+async def test_a_driver_that_cannot_list_processes_warns_without_the_daemons_finding() -> None:
+    """Defect: NOT_SUPPORTED from nvmlDeviceGetComputeRunningProcesses read as an empty GPU,
+    and doctor PASSed with "no compute process on a GPU to attribute"."""
+    nvml = FakeNvml([FakeGpu("GPU-0", unsupported=frozenset({"processes"}))])
+    gpus = await NvmlProbe(nvml).snapshot()
+    for status in (None, _status(None)):
+        check = attribution_check(status, gpus)
+        assert check.status == "WARN", check
+        assert check.detail.startswith("GPU 0: the driver does not list compute processes")
+        assert "budgeted by reservation" in check.detail
+        assert check.fix == NO_PROCESS_LIST.fix  # the daemon's words for it
+
+
+def test_an_empty_process_list_still_passes() -> None:
+    check = attribution_check(None, {**_gpu(), **_gpu(GpuProcess(os.getpid(), GiB), name="1")})
+    assert check.status == "PASS", check
+
+
+def test_a_pid_namespace_still_fails_beside_a_gpu_without_a_process_list() -> None:
+    foreign = _gpu(GpuProcess(HOST_PID_OFFSET + 17, GiB), name="1")
+    check = attribution_check(None, {**_unlisted(), **foreign})
+    assert check.status == "FAIL", check
+    assert "pid namespace" in check.detail and "--pid=host" in check.fix

@@ -27,6 +27,15 @@ from vllmd.errors import ConfigError, ListenFailed
 from vllmd.units import format_size
 
 Status = Literal["PASS", "WARN", "FAIL"]
+# The daemon's `no_process_list` finding (vllmd.placement.ledger.NO_PROCESS_LIST), as doctor
+# says it from here: the cause (budgeted by reservation), the fix.
+UNLISTED = (
+    "the driver does not list compute processes (NVML: not supported, as on some vGPU and "
+    "cloud drivers, or no permission), so it reports no per-process memory; budgeted by "
+    "reservation",
+    "nothing to fix in vllmd's unit or container; a driver that lists compute processes "
+    "(`nvidia-smi --query-compute-apps=pid,used_memory --format=csv`) gives measured footprints",
+)
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the trailing NUL
 FIND_MODULE = (
     "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec(sys.argv[1]) else 1)"
@@ -276,22 +285,26 @@ def attribution_check(
             detail = f"GPU {device['name']}: {unseen['cause']}; budgeted by reservation"
             return Check(level, name, detail, unseen["fix"])
     listed = [p for g in gpus.values() if g.up for p in g.processes]
-    if not listed:
-        return Check("PASS", name, "no compute process on a GPU to attribute")
-    if all(p.used_bytes is None for p in listed):
+    # A driver that cannot list compute processes (NOT_SUPPORTED) is not an empty GPU.
+    unlisted = [g.name for g in gpus.values() if g.up and not g.processes_listed]
+    if listed and all(p.used_bytes is None for p in listed):
         return Check(
             "WARN",
             name,
             "NVML gives no per-process memory (WDDM, or no permission): budgeted by reservation",
             "run on a Linux driver that reports per-process memory",
         )
-    if not any(psutil.pid_exists(p.pid) for p in listed):
+    if listed and not any(psutil.pid_exists(p.pid) for p in listed):
         return Check(
             "FAIL",
             name,
             f"none of the {len(listed)} pid(s) NVML lists exists here: another pid namespace",
             "run vllmd in the host's pid namespace (docker/podman --pid=host)",
         )
+    if unlisted:
+        return Check("WARN", name, f"GPU {', '.join(unlisted)}: {UNLISTED[0]}", UNLISTED[1])
+    if not listed:
+        return Check("PASS", name, "no compute process on a GPU to attribute")
     return Check("PASS", name, f"{len(listed)} process(es) on GPUs, their pids visible here")
 
 

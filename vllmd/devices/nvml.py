@@ -155,8 +155,7 @@ class NvmlProbe:
         assert reading.used is not None
         known = [p.used_bytes for p in reading.processes]
         # Only a complete process list says what is unattributed (not one NVML cannot give).
-        listed = "processes" not in (reading.error or "")
-        if listed and all(b is not None for b in known):
+        if reading.processes_listed and all(b is not None for b in known):
             unattributed = max(0, reading.used - sum(b for b in known if b is not None))
             self._v1_reserved[index] = min(self._v1_reserved.get(index, unattributed), unattributed)
         reserved = self._v1_reserved.get(index, 0)
@@ -243,7 +242,8 @@ def _load_library() -> None:
 
 
 def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
-    """Reads one GPU (blocking). NotSupported fields become None; other errors propagate."""
+    """Reads one GPU (blocking). NotSupported fields become None (a process list: () with
+    processes_listed False, never "no process"); other errors propagate."""
     unsupported: list[str] = []
 
     def optional(field: str, read: Callable[[], float]) -> float | None:
@@ -293,6 +293,7 @@ def _read_gpu(nvml: Any, index: int) -> DeviceSnapshot:
         up=True,
         error=f"unsupported: {', '.join(unsupported)}" if unsupported else None,
         product=product,
+        processes_listed=processes is not None,
     )
 
 

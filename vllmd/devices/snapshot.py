@@ -24,6 +24,9 @@ class DeviceSnapshot:
     own size as CUDA sees it (NVML's total less the part the driver reserves), the base of
     vLLM's `--gpu-memory-utilization` fraction (None for a cpu or an unread GPU); `reserved`
     is that driver part (None only in a v1 reading not yet put in CUDA's terms).
+    `processes_listed` is False when the driver cannot list a GPU's compute processes (NVML
+    answers NOT_SUPPORTED: some vGPU and cloud drivers, no permission): `processes` is then
+    () and says nothing of who uses the GPU, unlike a list that is empty.
     """
 
     name: str
@@ -42,6 +45,7 @@ class DeviceSnapshot:
     device_total: int | None = None
     reserved: int | None = 0
     product: str | None = None  # GPU: NVML's name ("NVIDIA H100 80GB HBM3"), the device type
+    processes_listed: bool = True
 
 
 class DeclaredDevice(Protocol):

@@ -45,7 +45,7 @@ def _pgid(pid: int) -> int | None:
 class PidsUnseen:
     """Why NVML attributes no memory to vllmd's engines on a GPU, and the fix."""
 
-    why: Literal["pid_namespace", "no_figures"]
+    why: Literal["pid_namespace", "no_figures", "no_process_list"]
     cause: str
     fix: str
 
@@ -59,6 +59,13 @@ NO_FIGURES = PidsUnseen(
     "no_figures",
     "NVML gives no per-process memory (WDDM, or no permission)",
     "run on a Linux driver that reports per-process memory",
+)
+NO_PROCESS_LIST = PidsUnseen(
+    "no_process_list",
+    "the driver does not list compute processes (NVML: not supported, as on some vGPU and "
+    "cloud drivers, or no permission), so it reports no per-process memory",
+    "nothing to fix in vllmd's unit or container; a driver that lists compute processes "
+    "(`nvidia-smi --query-compute-apps=pid,used_memory --format=csv`) gives measured footprints",
 )
 
 
@@ -96,7 +103,8 @@ class Ledger:
         # the base its footprint is learned against.
         self._requested: dict[str, int] = {}
         # GPUs on which NVML cannot attribute memory to our engines' pids, said once: budgeted
-        # by reservation, their foreign memory what is used beyond what our models hold.
+        # by reservation, their foreign memory what is used beyond what our models hold. A
+        # finding clears itself once a reading attributes memory to our pids there again.
         self._unattributed: dict[str, PidsUnseen] = {}
         self.host = HostRam(ctx, instances)  # what level-1 sleepers hold in host RAM
 
@@ -147,16 +155,20 @@ class Ledger:
 
     def _pids_unseen(self, inst: Instance) -> None:
         """NVML had no figure for the running engine: say why, once per GPU, where it is
-        lasting (a GPU down or not read is not: the next reading may well have it)."""
+        lasting (a GPU down or not read is not: the next reading may well have it). Another
+        pid namespace only where NVML lists processes there and none of them is ours: an
+        empty list (the engine just died, say) says nothing, nor a driver that lists none."""
         pids = inst.pids()
         for name in self._meter.gpus(inst.model.devices):
             snap = self._meter.devices[name]
             if name in self._unattributed or not snap.up:
                 continue
             mine = [p for p in snap.processes if p.pid in pids]
-            if mine and any(p.used_bytes is None for p in mine):
+            if not snap.processes_listed:
+                unseen = NO_PROCESS_LIST
+            elif mine and any(p.used_bytes is None for p in mine):
                 unseen = NO_FIGURES
-            elif not mine:
+            elif not mine and snap.processes:
                 unseen = PID_NAMESPACE
             else:
                 continue
@@ -306,9 +318,20 @@ class Ledger:
             total = budget_total(snap, declared)
             if snap is None:
                 out[name] = DeviceView(name, total, headroom, 0, up=declared is not None)
-            else:
-                out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
+                continue
+            if name in self._unattributed:
+                self._seen_again(snap)
+            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
         return out
+
+    def _seen_again(self, snap: DeviceSnapshot) -> None:
+        """Clear a GPU's finding once a reading attributes memory to a running engine's pids
+        there: the miss was passing (measured as the engine died), not the setup."""
+        engines = [i.pids() for i in self._instances.values() if snap.name in i.model.devices]
+        ours = set[int]().union(*engines)
+        if snap.up and any(p.pid in ours and p.used_bytes is not None for p in snap.processes):
+            unseen = self._unattributed.pop(snap.name)
+            log.info("gpu_pids_seen", device=snap.name, why=unseen.why)
 
     def _foreign(self, snap: DeviceSnapshot) -> int:
         """GPU memory used by processes that are not our engines' (cpu devices: none).
@@ -318,9 +341,9 @@ class Ledger:
         them as foreign would count the same bytes twice)."""
         if snap.kind != "gpu":
             return 0
-        if snap.name in self._unattributed:
-            # Our engines' memory is there under pids we cannot see: what is used beyond what
-            # our models hold is foreign (never our own engines counted twice).
+        if snap.name in self._unattributed or not snap.processes_listed:
+            # Our engines' memory is there under pids we cannot see (or the driver lists none):
+            # what is used beyond what our models hold is foreign (never ours counted twice).
             ours_held = sum(
                 self.held(i) for i in self._instances.values() if snap.name in i.model.devices
             )
