@@ -325,6 +325,20 @@ def test_doctor_with_the_daemon_down_passes_a_healthy_setup(tmp_path: Path) -> N
     assert not [text for text in result.lines if text.startswith("FAIL")]
 
 
+def test_doctor_warns_of_a_model_it_cannot_size_yet(tmp_path: Path) -> None:
+    """memory = "auto" for a hub id not downloaded: a WARN with the fix, not a FAIL."""
+    config = _config_file(tmp_path, memory="auto")
+    text = config.read_text().replace(
+        'memory = "auto"', 'memory = "auto"\nenv = { HF_HUB_CACHE = "/nonexistent" }'
+    )
+    config.write_text(text)
+    result = doctor(tmp_path, config)
+    assert result.rc == 0, result.out
+    found = line(result, "WARN", "model a fits")
+    assert "fake/a is not in the engine's HF cache yet" in found
+    assert "download fake/a where the engine looks, or set models.a.memory" in result.out
+
+
 async def test_doctor_with_the_daemon_up_reads_its_config_path(tmp_path: Path) -> None:
     config = _config_file(tmp_path)
     async with running(load_config(config)) as run:

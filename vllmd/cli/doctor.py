@@ -313,8 +313,14 @@ def fit_checks(config: Config, devices: Mapping[str, DeviceSnapshot]) -> list[Ch
     headroom = config.scheduler.headroom
     checks = []
     for model in config.models.values():
-        need = format_size(model.memory)
+        need = format_size(model.memory) + (" (estimated)" if model.sizing else "")
         name = f"model {model.name} fits"
+        if model.memory_auto and model.memory <= 0:
+            fix = (
+                f"download {model.model} where the engine looks, or set models.{model.name}.memory"
+            )
+            checks.append(Check("WARN", name, f'memory = "auto": {model.unsized}', fix))
+            continue
         known = {
             d: devices[d].total
             for d in model.devices
