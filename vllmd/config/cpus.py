@@ -46,8 +46,8 @@ def parse_cpulist(value: Any) -> tuple[int, ...]:
 
 
 def default_cpus(allowed: set[int] | None = None) -> tuple[int, ...]:
-    """The cores the daemon may use (its affinity), less the first one, kept for the daemon
-    and the engines' API servers, where there are more than two."""
+    """The cores the daemon may use (its affinity), less the first one, kept for the daemon,
+    where there are more than two."""
     cores = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
     return tuple(cores[1:] if len(cores) > 2 else cores)
 
