@@ -48,7 +48,7 @@ class Kind(StrEnum):
     EVICTING = "evicting"  # action, reason, for_model, frees_bytes, level
     EVICTED = "evicted"  # action, reason, for_model, freed_bytes
     LEAKY_SLEEP = "leaky_sleep"  # residue_bytes, assumed_bytes
-    SLEEP_MEASURED = "sleep_measured"  # level, host_bytes: a level-1 sleep's host RSS rise
+    SLEEP_MEASURED = "sleep_measured"  # level, host_bytes, fingerprint, checkpoint_bytes
     MEASURED = "measured"  # used_bytes, over_reservation_bytes (+ overhead_bytes on GPUs)
     # device, why, cause, fix: NVML lists none of the engine's pids (another pid namespace) or no
     # figures (WDDM): its GPUs are budgeted by reservation. Once per device.

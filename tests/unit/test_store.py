@@ -24,7 +24,7 @@ from vllmd.overrides import Overrides
 from vllmd.store import StateStore
 from vllmd.store import records as state_db
 from vllmd.store.db import BOUND, DEGRADED_HOLD
-from vllmd.store.records import Desired, EngineRecord, Overhead, Row
+from vllmd.store.records import Desired, EngineRecord, HostMeasured, Overhead, Row
 
 pytestmark = pytest.mark.anyio
 DAY = 86400.0
@@ -400,8 +400,9 @@ def test_each_models_last_learned_gpu_overhead_is_read_back(tmp_path: Path) -> N
         (5, "measured", "a", {"used_bytes": 10}),  # a wake's: no overhead learned
         (6, "measured", "c", {"overhead_bytes": 600, "gpus": 1, "device_type": "NVIDIA H100"}),
         (7, "sleep_measured", "a", {"level": 1, "host_bytes": 3 * 2**30}),
-        (8, "sleep_measured", "a", {"level": 1, "host_bytes": 2 * 2**30}),
+        (8, "sleep_measured", "a", {"level": 1, "host_bytes": 2 * 2**30, "fingerprint": "f0"}),
         (9, "sleep_measured", "b", {"level": 1, "host_bytes": 0}),  # nothing: not kept
+        (10, "sleep_measured", "d", {"level": 1, "host_bytes": 5}),  # an older vllmd's
     ]
     with conn:
         conn.executemany(
@@ -412,7 +413,10 @@ def test_each_models_last_learned_gpu_overhead_is_read_back(tmp_path: Path) -> N
         "a": Overhead(512, 2),  # learned before the device type was kept: fits any type
         "c": Overhead(600, 1, "NVIDIA H100"),
     }
-    assert state_db.host_measured(conn) == {"a": 2 * 2**30}
+    assert state_db.host_measured(conn) == {
+        "a": HostMeasured(2 * 2**30, "f0"),
+        "d": HostMeasured(5, None),  # still read: the placer trusts it for no weights
+    }
     conn.close()
 
 

@@ -66,6 +66,8 @@ class Evictor:
         rss = await self._rss_before(victim, ev)
         if ev.action == "sleep":
             victim.want_asleep(ev.level)
+            if rss is not None:
+                rss = await self._rss_drained(victim, rss)
             await victim.wait_state(S.SLEEPING, S.STOPPED, S.FAILED)
         else:
             victim.want_down()
@@ -85,27 +87,59 @@ class Evictor:
         )
 
     async def _rss_before(self, victim: Instance, ev: Eviction) -> int | None:
-        """The engine's process-tree RSS before its first level-1 sleep on GPUs (None: this
-        sleep is not the one to measure)."""
+        """The engine's process-tree RSS before a level-1 sleep on GPUs that is to measure its
+        weights (None: this sleep is not one: they are measured already)."""
         pgid = victim.pgid()
-        first = ev.action == "sleep" and ev.level == 1 and not self._ledger.host.measured(ev.model)
+        first = ev.action == "sleep" and ev.level == 1 and not self._ledger.host.measured(victim)
         if not first or pgid is None or not self._meter.gpus(victim.model.devices):
             return None
         return await measure_rss(pgid)
 
+    async def _rss_drained(self, victim: Instance, before: int) -> int:
+        """The lower of `before` (read before the drain) and the RSS once the drain is over
+        (nothing in flight), when the session asks the engine to sleep. Either may be off
+        (memory the drain's requests took or gave back; a read racing the sleep's first
+        copies): the lower makes the rise the larger, the safe side of a host budget."""
+        await victim.until(
+            lambda: (
+                victim.state is not S.READY
+                and (victim.state is not S.DRAINING or victim.in_flight == 0)
+            )
+        )
+        pgid = victim.pgid()
+        if victim.state is not S.DRAINING or pgid is None:
+            return before  # asleep already (or not going to be)
+        return min(before, await measure_rss(pgid))
+
     async def _measure_host(self, victim: Instance, before: int) -> None:
         """What the level-1 sleep copied to host RAM: the rise of the engine's RSS (the
         weights in the served dtype), kept for the host-memory budget (and, by its event, in
-        the state store). No rise: nothing is learned."""
+        the state store) where it can be the weights; otherwise nothing is learned and the
+        checkpoint's size (else the reservation) stays the figure."""
         pgid = victim.pgid()
         if pgid is None:
             return
+        host = self._ledger.host
         rise = await measure_rss(pgid) - before
-        if rise <= 0:
-            log.info("sleep_host_unmeasured", model=victim.name, rss_rise_bytes=rise)
+        why = await host.implausible(victim, rise)
+        checkpoint = None if why else host.record(victim, rise)
+        if checkpoint is None:
+            log.info(
+                "sleep_host_unmeasured",
+                model=victim.name,
+                rss_rise_bytes=rise,
+                reason=why or "its checkpoint is not sized yet",
+                budget_bytes=host.held_asleep(victim),
+            )
             return
-        self._ledger.host.record(victim.name, rise)
-        self._events.emit(Kind.SLEEP_MEASURED, victim.name, level=1, host_bytes=rise)
+        self._events.emit(
+            Kind.SLEEP_MEASURED,
+            victim.name,
+            level=1,
+            host_bytes=rise,
+            fingerprint=checkpoint.fingerprint,
+            checkpoint_bytes=checkpoint.size,
+        )
 
     async def _check_residue(self, victim: Instance) -> None:
         """Measure what a sleeping engine still holds on its GPUs; remembered for the next

@@ -84,7 +84,7 @@ class StateStore:
         self.engines: list[EngineRecord] = []  # as recorded by the previous run
         self.desired = Desired({}, frozenset())  # likewise
         self.overheads: dict[str, records.Overhead] = {}  # GPU overheads learned, likewise
-        self.host_measured: dict[str, int] = {}  # level-1 sleeps' host RAM, likewise
+        self.host_measured: dict[str, records.HostMeasured] = {}  # level-1 sleeps' host RAM
         self.read_ok = False  # whether the previous run's records could be read at all
         self._live: dict[str, EngineRecord] = {}  # this run's engines, as written
         self._rewrite = False  # a new file replaced a corrupt one: write everything again

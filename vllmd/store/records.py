@@ -330,18 +330,26 @@ def overheads(conn: sqlite3.Connection) -> dict[str, Overhead]:
     return found
 
 
-def host_measured(conn: sqlite3.Connection) -> dict[str, int]:
-    """Each model's host RAM at a level-1 sleep, as its last measured one raised its engine's
-    RSS (event `sleep_measured`)."""
+@dataclass(frozen=True, slots=True)
+class HostMeasured:
+    """A level-1 sleep's host RAM and its weights' fingerprint (None: from an older vllmd)."""
+
+    nbytes: int
+    fingerprint: str | None = None
+
+
+def host_measured(conn: sqlite3.Connection) -> dict[str, HostMeasured]:
+    """Each model's last level-1 sleep measured (event `sleep_measured`)."""
     rows = conn.execute(
         "SELECT model, fields FROM events WHERE id IN (SELECT MAX(id) FROM events "
         "WHERE kind = 'sleep_measured' GROUP BY model)"
     )
     found = {}
     for model, fields in rows:
-        nbytes = json.loads(fields).get("host_bytes")
+        data = json.loads(fields)
+        nbytes, key = data.get("host_bytes"), data.get("fingerprint")
         if isinstance(nbytes, int) and nbytes > 0:
-            found[model] = nbytes
+            found[model] = HostMeasured(nbytes, key if isinstance(key, str) else None)
     return found
 
 

@@ -27,7 +27,7 @@ from vllmd.instance.status import ModelStatus
 from vllmd.overrides import Overrides
 from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
-from vllmd.store.records import Overhead
+from vllmd.store.records import HostMeasured, Overhead
 from vllmd.supervisor.admission import Admission
 
 if TYPE_CHECKING:  # the reload's module is loaded by the first reload (see vllmd.supervisor.reload)
@@ -51,7 +51,7 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self._actors: dict[str, anyio.CancelScope] = {}
 
-    def learned(self, overheads: Mapping[str, Overhead], host: Mapping[str, int]) -> None:
+    def learned(self, overheads: Mapping[str, Overhead], host: Mapping[str, HostMeasured]) -> None:
         """What an earlier run measured, per model: GPU overheads (the next starts use them)
         and the host RAM of a level-1 sleep (the next plans do)."""
         self._ledger.learn_overheads(overheads)
@@ -151,6 +151,9 @@ class Supervisor:
         self._index()
         self._placer.attach(instance)
         self._start_actor(instance)
+        # Its checkpoint sized anew (in a thread); a host-RAM figure for other weights forgotten.
+        assert self._tg is not None
+        self._tg.start_soon(self._ledger.host.replaced, instance, name=f"size {model.name}")
         self._ctx.events.emit(Kind.MODEL_ADDED, model.name, replaced=old is not None)
         return instance
 
