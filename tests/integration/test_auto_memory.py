@@ -30,3 +30,18 @@ async def test_a_model_not_downloaded_is_refused_naming_memory(tmp_path: Path) -
     assert "not in the engine's HF cache yet" in message and "set memory" in message
     assert served.status_code == 200, served.text
     assert [e.model for e in spawned] == ["now"]  # nothing was started for "later"
+
+
+async def test_a_preloaded_model_not_downloaded_stays_stopped(tmp_path: Path) -> None:
+    """preload (or a loaded-on-purpose mark) does not start what cannot be sized: no failed
+    model, no model_failed alert; requests get the 503."""
+    cache = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    config = fake_config(tmp_path, {"later": {"memory": "auto", "env": cache, "preload": True}})
+    async with running(config, {}) as run:
+        async with client(run) as http:
+            refused = await http.post("/v1/completions", json={"model": "later", "prompt": "x"})
+        kinds = [e.kind.value for e in run.events.history]
+        state = run.supervisor.instances["later"].state
+    assert refused.status_code == 503
+    assert state.value == "stopped"
+    assert "start_failed" not in kinds and "model_failed" not in kinds

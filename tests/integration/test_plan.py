@@ -100,6 +100,11 @@ def test_an_unsized_model_is_shown_with_its_reason(tmp_path: Path) -> None:
     plan = build_plan(config, {}, {})
     (model,) = plan["devices"][0]["models"]
     assert model["source"] == "unsized" and model["memory_bytes"] is None
+    with_one = fake_config(
+        tmp_path, {"later": {"memory": "auto", "env": cache}, "now": {"memory": "3GiB"}}
+    )
+    (device,) = build_plan(with_one, {}, {})["devices"]
+    assert device["together"] == [] and not device["all_fit"]  # unsized: fits nothing yet
     assert "later: not sized yet: fake/later is not in the engine's HF cache yet" in plan_text(plan)
 
 

@@ -75,13 +75,39 @@ def test_sliding_window_layers_keep_window_plus_a_batch() -> None:
     window = 4096
     sliding = estimate(shape(sliding_window=window), 0, Settings(max_model_len=32768))
     per_layer = 2 * 8 * 128 * 2
-    assert sliding.kv == 32 * (window - 1 + 8192 + 1) * per_layer  # rounded up to blocks
+    blocks = -(-(window - 1 + 8192) // 16) + 1  # vLLM's SlidingWindowSpec: one block more
+    assert sliding.kv == 32 * blocks * 16 * per_layer
 
 
 def test_qwen_ignores_its_sliding_window_when_disabled() -> None:
     full = estimate(shape(), 0, Settings(max_model_len=32768))
     off = shape(sliding_window=4096, use_sliding_window=False)
     assert estimate(off, 0, Settings(max_model_len=32768)).kv == full.kv
+
+
+def test_gemma3s_length_is_not_scaled_again() -> None:
+    """vLLM skips rope scaling for Gemma 3: its max_position_embeddings is the scaled one."""
+    rope = {"rope_type": "linear", "factor": 8.0}
+    gemma3 = shape(model_type="gemma3_text", max_position_embeddings=131072, rope_scaling=rope)
+    assert gemma3.max_len == 131072
+    assert shape(rope_scaling=rope, max_position_embeddings=4096).max_len == 32768  # others
+
+
+def test_model_max_length_overrides_as_in_command_r() -> None:
+    command_r = shape(model_type="cohere", max_position_embeddings=8192, model_max_length=131072)
+    assert command_r.max_len == 131072
+
+
+def test_a_short_layer_types_list_leaves_the_rest_full() -> None:
+    few = shape(layer_types=["sliding_attention"] * 2, sliding_window=128, num_hidden_layers=4)
+    assert few.windows == (128, 128, None, None)
+
+
+def test_a_sliding_window_pattern_keeps_every_nth_layer_full() -> None:
+    cohere2 = shape(
+        model_type="cohere2", sliding_window=4096, sliding_window_pattern=4, num_hidden_layers=8
+    )
+    assert cohere2.windows == (4096, 4096, 4096, None) * 2
 
 
 def test_gemma2_slides_every_other_layer() -> None:

@@ -228,7 +228,7 @@ def check_models(
         if len(kinds) > 1:
             problems.append(f"models.{model.name}.devices: mixes cpu and gpu devices")
         elif kinds == {"cpu"}:
-            if model.memory > 0:
+            if model.memory > 0 and model.sizing is None:  # (a sized one has its KV cache)
                 _check_cpu_kv_cache(model, problems)
             _check_cores(model, devices, problems)
         elif kinds == {"gpu"}:

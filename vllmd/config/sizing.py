@@ -58,7 +58,7 @@ def size_model(
         problems.append(f"{key}.memory: cannot estimate {model.model}: {exc}; set memory")
         return model
     files = weights_bytes(model.model, environ) if shape is not None else None
-    if shape is None or files is None:
+    if shape is None or not files:  # (0: a directory without weight files, not copied yet)
         where = "directory" if os.path.isabs(model.model) else "HF cache"
         return replace(model, unsized=f"{model.model} is not in the engine's {where} yet")
     settings = Settings(
@@ -109,10 +109,14 @@ def too_long(model: ModelConfig, device: str, room: int) -> str:
     )
 
 
+def unsized(model: ModelConfig) -> bool:
+    """memory = "auto" and the model could not be sized: no reservation, no start."""
+    return model.memory_auto and model.memory <= 0
+
+
 def require_sized(model: ModelConfig) -> None:
-    """Raises ModelUnavailable (503) for a model with memory = "auto" that could not be sized:
-    no reservation, no start."""
-    if model.memory_auto and model.memory <= 0:
+    """Raises ModelUnavailable (503) for an `unsized` model."""
+    if unsized(model):
         raise ModelUnavailable(unsized_message(model))
 
 

@@ -110,9 +110,10 @@ def memory_flags(
             )
         fraction = math.floor(budget / smallest * 10_000) / 10_000
         return ["--gpu-memory-utilization", f"{fraction:.4f}"]
-    if model.sizing is not None:  # sized from the files: the weights in the served dtype
-        weights = model.sizing.estimate.weights
     kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - weights
+    if model.sizing is not None:  # sized from the files: what is left beside the workspace
+        est = model.sizing.estimate
+        kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - est.weights - est.workspace
     if kv_bytes <= 0:
         raise ConfigError(
             [
@@ -167,8 +168,10 @@ def build_launch(
         argv += ["--host", address.host, "--port", str(address.port)]
         if address.api_key:
             argv += ["--api-key", address.api_key]
-    if model.max_model_len is not None:
-        argv += ["--max-model-len", str(model.max_model_len)]
+    # A model sized from its files is told the length its KV cache was sized for.
+    length = model.sizing.estimate.max_model_len if model.sizing else model.max_model_len
+    if length is not None:
+        argv += ["--max-model-len", str(length)]
     argv += ["--dtype", model.dtype]
     argv += memory_flags(model, placement, weights)
     gpus = [d for d in placement if d.kind == "gpu"]

@@ -18,7 +18,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from vllmd.config.sizing import require_sized
+from vllmd.config.sizing import require_sized, unsized
 from vllmd.context import Context
 from vllmd.errors import InsufficientMemory, InvalidState, ShuttingDown, VllmdError, failure
 from vllmd.events import Kind
@@ -383,7 +383,11 @@ class Placer:
 
     def _preload(self) -> None:
         wanted = self._ctx.overrides.loaded_on_purpose  # before a daemon restart, say
-        preload = [i for i in self._instances.values() if i.model.preload or wanted(i.name)]
+        preload = [
+            i
+            for i in self._instances.values()
+            if (i.model.preload or wanted(i.name)) and not unsized(i.model)  # (503s instead)
+        ]
         for inst in sorted(preload, key=lambda i: -i.model.priority):
             self._ticket(inst)
 

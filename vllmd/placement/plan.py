@@ -32,19 +32,21 @@ def build_plan(
         if declared is not None and declared.memory:
             total = min(declared.memory, total) if total else declared.memory
         usable = total - headroom if total else None
-        held = {m.name: _held(m, measured) for m in models}
+        held = {m.name: _held(m, measured) for m in models if m.memory > 0}  # (unsized: none)
         together = [
             [a, b] for a, b in combinations(sorted(held), 2) if _fits(held[a] + held[b], usable)
         ]
         for model in models:
             if usable is None:
                 break  # a device of unknown size: nothing to judge
+            if model.name not in held:
+                continue  # not sized yet: said apart
             if held[model.name] > usable:
                 warnings.append(
                     f'{model.name} can never fit device "{name}": {format_size(held[model.name])}'
                     f" > {format_size(usable)} after the headroom"
                 )
-            elif len(models) > 1 and not any(model.name in pair for pair in together):
+            elif len(held) > 1 and not any(model.name in pair for pair in together):
                 warnings.append(f'{model.name} cannot be resident with any other model on "{name}"')
         devices.append(
             {
@@ -54,7 +56,7 @@ def build_plan(
                 "usable_bytes": usable,
                 "models": [_model(m, measured.get(m.name)) for m in models],
                 "together": together,
-                "all_fit": _fits(sum(held.values()), usable),
+                "all_fit": len(held) == len(models) and _fits(sum(held.values()), usable),
             }
         )
     return {"headroom_bytes": headroom, "devices": devices, "warnings": warnings}

@@ -34,8 +34,10 @@ DTYPE_BYTES = {
     "fp8_inc": 1,
 }
 # vLLM's defaults for the OpenAI server (vllm/engine/arg_utils.py `_set_default_args`).
+# On GPUs of 70 GiB and more the server's max_num_seqs is 1024 (vllm/engine/arg_utils.py
+# `get_batch_defaults`): the larger figures are taken, an overestimate on smaller devices.
 GPU_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 4096
-MAX_NUM_SEQS = 256
+GPU_MAX_NUM_SEQS, CPU_MAX_NUM_SEQS = 1024, 256
 CUDA_GRAPHS = 512 * MiB  # piecewise graphs of a 7-8B model take 0.3-0.6 GiB (vLLM's log)
 
 
@@ -159,8 +161,11 @@ def _kv_per_sequence(shape: ModelShape, settings: Settings, dtype: str, length: 
     windows = shape.windows or (None,) * shape.layers
     total = 0
     for window in windows:
-        tokens = length if window is None else min(length, window - 1 + batched)
-        total += math.ceil(tokens / BLOCK) * BLOCK * per_token
+        if window is None:
+            total += math.ceil(length / BLOCK) * BLOCK * per_token
+        else:  # SlidingWindowSpec.max_memory_usage_bytes: one block more than the tokens'
+            tokens = min(length, window - 1 + batched)
+            total += (math.ceil(tokens / BLOCK) + 1) * BLOCK * per_token
     return total
 
 
@@ -168,7 +173,8 @@ def _workspace(shape: ModelShape, settings: Settings, act_bytes: int) -> int:
     tp = max(1, settings.devices)
     tokens = _batched_tokens(settings)
     activations = tokens * (4 * shape.hidden + 2 * shape.ffn // tp) * act_bytes
-    logits = 2 * (settings.max_num_seqs or MAX_NUM_SEQS) * shape.vocab * 4
+    seqs = settings.max_num_seqs or (GPU_MAX_NUM_SEQS if settings.gpu else CPU_MAX_NUM_SEQS)
+    logits = 2 * seqs * shape.vocab * 4
     graphs = CUDA_GRAPHS if settings.gpu and not settings.enforce_eager else 0
     return activations + (0 if shape.encoder_only else logits) + graphs
 

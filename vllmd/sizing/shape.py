@@ -185,12 +185,18 @@ def _ffn(config: Mapping[str, Any], hidden: int) -> int:
 
 
 def _max_len(config: Mapping[str, Any]) -> int | None:
-    lengths = [v for v in (_first_int(config, key) for key in MAX_LEN_KEYS) if v is not None]
+    """The model's own length as vLLM derives it (vllm/config/model.py
+    `_get_and_verify_max_len`): the smallest of the keys, rope scaling applied (not for Gemma
+    3, whose max_position_embeddings is scaled already), then `model_max_length` (Command-R,
+    Cohere 2) as an override."""
+    keys = [key for key in MAX_LEN_KEYS if key != "model_max_length"]
+    lengths = [v for v in (_first_int(config, key) for key in keys) if v is not None]
+    override = _first_int(config, "model_max_length")
     if not lengths:
-        return None
+        return override
     length = min(lengths)
     scaling = config.get("rope_scaling") or config.get("rope_parameters")
-    if isinstance(scaling, dict):
+    if isinstance(scaling, dict) and "gemma3" not in str(config.get("model_type", "")):
         rope_type = scaling.get("rope_type") or scaling.get("type")
         factor = scaling.get("factor")
         # vLLM leaves these alone: their max_position_embeddings is the scaled length already.
@@ -200,7 +206,7 @@ def _max_len(config: Mapping[str, Any]) -> int | None:
             if rope_type == "yarn":
                 length = _first_int(scaling, "original_max_position_embeddings") or length
             length = int(length * factor)
-    return length
+    return override or length
 
 
 def _quantization(config: Mapping[str, Any]) -> str | None:
@@ -231,13 +237,15 @@ def _windows(config: Mapping[str, Any], layers: int, architecture: str) -> tuple
                 f"{architecture} has {', '.join(unknown)} layers, whose per-sequence state "
                 "this estimate does not model"
             )
-        return tuple(window if ATTENTION_LAYERS[str(k)] else None for k in kinds[:layers])
+        listed = [window if ATTENTION_LAYERS[str(k)] else None for k in kinds[:layers]]
+        return (*listed, *[None] * (layers - len(listed)))  # unlisted layers: full (safe)
     if window is None or config.get("use_sliding_window") is False:
         return (None,) * layers
     model_type = config.get("model_type")
     if model_type == "gemma2":  # every other layer, from the first (transformers' Gemma2Config)
         return tuple(window if i % 2 == 0 else None for i in range(layers))
-    if model_type in ("gemma3", "gemma3_text"):
-        pattern = _first_int(config, "sliding_window_pattern") or 6
+    pattern = _first_int(config, "sliding_window_pattern")
+    if model_type in ("gemma3", "gemma3_text") or pattern:  # every pattern-th layer is full
+        pattern = pattern or 6
         return tuple(window if (i + 1) % pattern else None for i in range(layers))
-    return (window,) * layers
+    return (window,) * layers  # Mistral's configs: every layer slides
