@@ -68,7 +68,7 @@ def test_the_plan_shows_parts_pairs_and_what_never_fits(tmp_path: Path) -> None:
     assert a["source"] == "estimate" and a["memory_bytes"] == config.models["a"].memory
     est = a["estimate"]
     assert est["max_model_len"] == 256 and est["kv_sequences"] == 1
-    assert est["weights_bytes"] == 2 * MiB and est["kv_bytes"] == 256 * 2 * 64 * 2 * 2
+    assert est["weights_bytes"] == 2 * MiB and est["kv_bytes"] == (256 + 128) * 2 * 64 * 2 * 2
     parts = sum(est[k] for k in ("weights_bytes", "kv_bytes", "workspace_bytes", "overhead_bytes"))
     assert a["memory_bytes"] - MiB < parts <= a["memory_bytes"]
     assert models["big"]["source"] == "explicit" and models["big"]["estimate"] is None

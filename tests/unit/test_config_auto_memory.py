@@ -63,7 +63,7 @@ def test_memory_left_out_is_estimated_from_the_files(tmp_path: Path) -> None:
     assert model.sizing.estimate == expected
     assert model.memory == expected.total
     # weights + one 8192-token sequence (28 layers x 4 KV heads x 128 x 2 x bf16) + the rest
-    assert expected.kv == 8192 * 28 * 4 * 128 * 2 * 2
+    assert expected.kv == (8192 + 16) * 28 * 4 * 128 * 2 * 2  # and the null block
     assert 17 * GiB < model.memory < 19 * GiB
 
 
@@ -87,7 +87,8 @@ def test_kv_sequences_sizes_the_kv_cache(tmp_path: Path) -> None:
     text = '[models.q]\nmodel = "./qwen"\nkv_sequences = 3\n'
     three = load_config(write(tmp_path, text)).models["q"]
     assert one.sizing is not None and three.sizing is not None
-    assert three.sizing.estimate.kv == 3 * one.sizing.estimate.kv
+    null = 16 * one.sizing.estimate.kv_per_token
+    assert three.sizing.estimate.kv - null == 3 * (one.sizing.estimate.kv - null)
     assert problems(tmp_path, '[models.q]\nmodel = "./qwen"\nkv_sequences = 0\n') == [
         "models.q.kv_sequences: must be at least 1, got 0"
     ]

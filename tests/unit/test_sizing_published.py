@@ -91,11 +91,12 @@ def test_sliding_window_models_keep_less_than_full_length() -> None:
     mistral = parse_shape(fixture("mistral-7b")["config"])
     est = estimate(mistral, 0, Settings(max_model_len=32768))
     blocks = -(-(4096 - 1 + 8192) // 16) + 1  # SlidingWindowSpec: one block more
-    assert est.kv == 32 * blocks * 16 * (2 * 8 * 128 * 2)
+    assert est.kv == 32 * (blocks + 1) * 16 * (2 * 8 * 128 * 2)  # and the null block
     gemma = parse_shape(fixture("gemma-2-9b")["config"])
     full = 8192 * 42 * 2 * 8 * 256 * 2
     extra = 21 * 16 * (2 * 8 * 256 * 2)  # window+batch > len: a block more per sliding layer
-    assert estimate(gemma, 0, Settings(max_model_len=8192)).kv == full + extra
+    null = 42 * 16 * (2 * 8 * 256 * 2)  # the block pool's null block
+    assert estimate(gemma, 0, Settings(max_model_len=8192)).kv == full + extra + null
     assert estimate(gemma, 0, Settings(max_model_len=8192, max_num_batched_tokens=2048)).kv < full
 
 

