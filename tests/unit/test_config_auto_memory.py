@@ -11,6 +11,7 @@ import pytest
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml
 from vllmd.config import EngineConfig, check_config, load_config
 from vllmd.config.diff import plan_reload
+from vllmd.config.sizing import keep_sizing
 from vllmd.engine.argv import EngineAddress, PlacedDevice, build_launch
 from vllmd.sizing import Settings, estimate
 from vllmd.sizing.shape import parse_shape
@@ -215,3 +216,21 @@ def test_the_engine_is_told_the_length_and_the_kv_cache_it_was_sized_for(tmp_pat
     assert argv[argv.index("--max-model-len") + 1] == str(est.max_model_len) == "32768"
     kv = int(argv[argv.index("--kv-cache-memory-bytes") + 1])
     assert est.kv <= kv < est.kv + MiB  # the KV cache, not the workspace too (rounding: < 1 MiB)
+
+
+def test_a_reload_while_the_files_are_away_keeps_the_sizing(tmp_path: Path) -> None:
+    """A snapshot pruned or half downloaded at a reload: the model keeps what was sized for the
+    same config, so a reload for another change does not stop it (to leave it unstartable)."""
+    directory = model_dir(tmp_path, "qwen", QWEN_7B, WEIGHTS)
+    text = '[models.q]\nmodel = "./qwen"\n'
+    old = load_config(write(tmp_path, text))
+    (directory / "model.safetensors").unlink()
+    new = load_config(write(tmp_path, text))
+    assert new.models["q"].memory == 0  # as the files are now
+    kept = keep_sizing(old.models, new)
+    assert kept.models["q"].memory == old.models["q"].memory and not kept.models["q"].unsized
+    assert not plan_reload(old, kept).changed
+    assert kept.model_for("q") is kept.models["q"]
+    # Another change to the model's config: what was sized says nothing of it.
+    other = load_config(write(tmp_path, text + "kv_sequences = 2\n"))
+    assert keep_sizing(old.models, other).models["q"].memory == 0

@@ -12,12 +12,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 
-from vllmd.config.schema import DeviceConfig, EngineConfig, ModelConfig
+import structlog
+
+from vllmd.config.schema import Config, DeviceConfig, EngineConfig, ModelConfig
 from vllmd.errors import ModelUnavailable
 from vllmd.sizing import Settings, Sizing, Unsized, read_shape
 from vllmd.units import format_size
 from vllmd.weights import CPU_ENGINE_FIXED_COST, weights_bytes
+
+log = structlog.get_logger("vllmd.config")
 
 
 def size_models(
@@ -112,6 +117,21 @@ def too_long(model: ModelConfig, device: str, room: int) -> str:
 def unsized(model: ModelConfig) -> bool:
     """memory = "auto" and the model could not be sized: no reservation, no start."""
     return model.memory_auto and model.memory <= 0
+
+
+def keep_sizing(old: Mapping[str, ModelConfig], new: Config) -> Config:
+    """`new` where a model it could not size (its files gone from the cache, a new revision
+    half downloaded) keeps what `old` sized for the same checkpoint, unchanged otherwise: a
+    reload for another change must not stop a model that serves, to leave it unstartable."""
+    models = dict(new.models)
+    for name, model in new.models.items():
+        before = old.get(name)
+        if unsized(model) and before is not None and before.sizing is not None:
+            kept = replace(model, memory=before.memory, sizing=before.sizing, unsized="")
+            if kept == replace(before, unsized=""):
+                log.warning("sizing_kept", model=name, why=model.unsized)
+                models[name] = kept
+    return replace(new, models=MappingProxyType(models))
 
 
 def require_sized(model: ModelConfig) -> None:

@@ -11,6 +11,7 @@ import anyio
 import structlog
 
 from vllmd.config import load_config
+from vllmd.config.sizing import keep_sizing
 from vllmd.context import Context
 from vllmd.errors import ConfigError
 from vllmd.events import Kind
@@ -49,6 +50,7 @@ class Reloader:
             self._notifier.reloading()
             try:
                 new = await anyio.to_thread.run_sync(load_config, path)
+                new = keep_sizing(self._ctx.config.models, new)
                 # Here, not at start: most daemons never reload (docs/performance.md).
                 try:
                     from vllmd.config.diff import plan_reload
