@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml
+from tests.unit.config_files import problems, write
 from vllmd.config import EngineConfig, check_config, load_config
 from vllmd.config.diff import plan_reload
 from vllmd.config.sizing import keep_sizing
@@ -43,16 +44,6 @@ def model_dir(root: Path, name: str, config: dict[str, Any], weights: int) -> Pa
     with (directory / "model.safetensors").open("wb") as f:
         f.truncate(weights)
     return directory
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "vllmd.toml"
-    path.write_text(text)
-    return path
-
-
-def problems(tmp_path: Path, text: str) -> list[str]:
-    return check_config(write(tmp_path, text), nvml=FakeNvml())
 
 
 def test_memory_left_out_is_estimated_from_the_files(tmp_path: Path) -> None:

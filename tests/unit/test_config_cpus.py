@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.fake_pynvml import FakeNvml
-from vllmd.config import check_config, load_config
+from tests.unit.config_files import problems, write
+from vllmd.config import load_config
 from vllmd.config.cpus import cpulist, default_cpus, parse_cpulist
 from vllmd.config.diff import plan_reload
 
@@ -19,16 +19,6 @@ CPU = '[devices.cpu0]\nkind = "cpu"\nmemory = "64GiB"\n'
 
 def model(name: str = "m", extra: str = "", devices: str = '["cpu0"]') -> str:
     return f'[models.{name}]\nmodel = "org/{name}"\nmemory = "4GiB"\ndevices = {devices}\n{extra}'
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "vllmd.toml"
-    path.write_text(text)
-    return path
-
-
-def problems(tmp_path: Path, text: str) -> list[str]:
-    return check_config(write(tmp_path, text), nvml=FakeNvml())
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.fake_pynvml import FakeNvml
-from vllmd.config import EngineConfig, check_config, load_config
+from tests.unit.config_files import problems, write
+from vllmd.config import EngineConfig, load_config
 from vllmd.errors import ConfigError
 
 ETC = Path(__file__).resolve().parents[2] / "etc"
@@ -19,17 +19,6 @@ WHY = (
     ": on a GPU, memory is the engine's whole footprint per device, CUDA context and NCCL "
     "buffers included, so vLLM would have no room for weights and KV cache; raise memory"
 )
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "vllmd.toml"
-    path.write_text(text)
-    return path
-
-
-def problems(tmp_path: Path, text: str) -> list[str]:
-    # No GPUs: the host's own (if any) must not change what these tests see.
-    return check_config(write(tmp_path, text), nvml=FakeNvml())
 
 
 def model(name: str, memory: str, devices: str = '["0"]') -> str:
