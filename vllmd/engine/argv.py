@@ -100,6 +100,9 @@ def memory_flags(
         smallest = min(d.total for d in placement)
         overhead = max(d.overhead for d in placement)
         budget = model.memory - overhead
+        if model.sizing is not None:  # sized from its files: the parts, whatever the overhead
+            est = model.sizing.estimate
+            budget = est.weights + est.kv + est.workspace
         if budget <= 0:
             raise ConfigError(
                 [

@@ -21,13 +21,8 @@ from vllmd.placement.cores import CoreSlices, cores_needed, device_cores
 from vllmd.placement.host_ram import HostRam
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
-from vllmd.placement.scheduler import (
-    DeviceView,
-    ModelView,
-    Snapshot,
-    held_bytes,
-    over_reservation,
-)
+from vllmd.placement.reservation import reservation
+from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot, held_bytes, over_reservation
 from vllmd.store.records import Overhead
 
 S = InstanceState
@@ -143,7 +138,7 @@ class Ledger:
         learned: dict[str, object] = {}
         gpus, device_type = self._gpus_of(inst)
         # Bounded: a reading that makes no sense (half the reservation or more) teaches nothing.
-        if requested is not None and 0 <= used - requested < inst.model.memory // 2:
+        if requested is not None and 0 <= used - requested < self.reservation(inst) // 2:
             self._overhead[inst.name] = Overhead(used - requested, gpus, device_type)
             learned = {"overhead_bytes": used - requested, "gpus": gpus}
             learned["device_type"] = device_type
@@ -151,7 +146,7 @@ class Ledger:
             Kind.MEASURED,
             inst.name,
             used_bytes=used,
-            over_reservation_bytes=over_reservation(used, inst.model.memory),
+            over_reservation_bytes=over_reservation(used, self.reservation(inst)),
             **learned,
         )
         return used
@@ -179,6 +174,10 @@ class Ledger:
             fields = {"device": name, "cause": unseen.cause, "fix": unseen.fix}
             log.warning("gpu_pids_unseen", model=inst.name, why=unseen.why, **fields)
             self._ctx.events.emit(Kind.GPU_PIDS_UNSEEN, inst.name, why=unseen.why, **fields)
+
+    def reservation(self, inst: Instance) -> int:
+        """What the model holds per device when resident (placement/reservation.py)."""
+        return reservation(inst.model, lambda: self.overhead(inst))
 
     def overhead(self, inst: Instance) -> int:
         """What the model's engine is expected to allocate per GPU beyond its fraction: what
@@ -215,7 +214,9 @@ class Ledger:
     def held(self, inst: Instance) -> int:
         """What the instance holds on each of its devices now (the accounting's view)."""
         residue = self._residue.get(inst.name, self._ctx.config.scheduler.sleep_residue)
-        return held_bytes(inst.state, inst.model.memory, self._measured.get(inst.name, 0), residue)
+        return held_bytes(
+            inst.state, self.reservation(inst), self._measured.get(inst.name, 0), residue
+        )
 
     def can_sleep(self, inst: Instance) -> bool:
         """Whether the model can be put to sleep (the one answer: sleep mode on its devices,
@@ -378,7 +379,7 @@ class Ledger:
         return ModelView(
             name=inst.name,
             devices=model.devices,
-            memory=model.memory,
+            memory=self.reservation(inst),
             state=inst.state,
             measured=self._measured.get(inst.name, 0),
             residue=self._residue.get(inst.name, self._ctx.config.scheduler.sleep_residue),

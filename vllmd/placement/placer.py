@@ -212,7 +212,7 @@ class Placer:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(give_up_when_unwanted)
-                need = {d: inst.model.memory for d in inst.model.devices}
+                need = dict.fromkeys(inst.model.devices, self.ledger.reservation(inst))
                 try:
                     await self.meter.wait_released(
                         inst.name, need, inst.last_pids, self._ctx.config.engine.stop_timeout

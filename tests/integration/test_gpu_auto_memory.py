@@ -1,0 +1,73 @@
+"""memory = "auto" on a GPU (the fake H100: 600 MiB reserved by the driver, 512 MiB of CUDA
+context per engine outside its fraction): the fraction is the estimate's parts, the
+reservation the parts and the overhead, which the first start measures: from then on the
+model reserves what its engine takes, and no footprint is over its reservation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import client, running
+from tests.integration.test_gpu_memory import H100, _config, _events, _h100, _post_all
+from vllmd.placement.reservation import gpu_parts
+
+pytestmark = pytest.mark.anyio
+MiB, GiB = 1024**2, 1024**3
+QWEN_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "torch_dtype": "bfloat16",
+}
+
+
+def _model_dir(tmp_path: Path) -> str:
+    directory = tmp_path / "qwen"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(QWEN_7B))
+    with (directory / "model.safetensors").open("wb") as f:
+        f.truncate(15_231_233_024)
+    return str(directory)
+
+
+async def test_an_estimated_model_reserves_what_its_engine_was_measured_to_take(
+    tmp_path: Path,
+) -> None:
+    gpu = _h100(tmp_path)
+    spec = {"model": _model_dir(tmp_path), "memory": "auto", "max_model_len": 8192}
+    config = _config(tmp_path, {"q": spec})
+    model = config.models["q"]
+    parts = gpu_parts(model)
+    assert model.memory == math.ceil((parts + GiB) / MiB) * MiB  # engine.gpu_overhead at first
+    async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
+        await _post_all(http, "q")
+        first = run.supervisor.accounts()[0].models["q"]
+        await run.supervisor.unload(run.supervisor.instances["q"])
+        await _post_all(http, "q")
+        second = run.supervisor.accounts()[0].models["q"]
+        history = list(run.events.history)
+    one, two = (e.fields for e in _events(history, "measured", "q"))
+    cuda_total = H100["total"] - H100["reserved"]
+    fraction_bytes = math.ceil(math.floor(parts / cuda_total * 10_000) / 10_000 * cuda_total)
+    # The fraction is the parts, whatever the overhead: the same at both starts.
+    for measured in (one, two):
+        assert measured["used_bytes"] == pytest.approx(
+            fraction_bytes + H100["context"], abs=8 * MiB
+        )
+        assert measured["over_reservation_bytes"] == 0
+    assert one["overhead_bytes"] == pytest.approx(H100["context"], abs=8 * MiB)
+    # Reserved: the estimate with 1 GiB until the first start measured 512 MiB, then with that
+    # from the moment it was measured.
+    refined = math.ceil((parts + one["overhead_bytes"]) / MiB) * MiB
+    assert first == second == refined < model.memory
+    assert two["used_bytes"] <= refined + 64 * MiB
