@@ -225,3 +225,16 @@ def test_a_reload_while_the_files_are_away_keeps_the_sizing(tmp_path: Path) -> N
     # Another change to the model's config: what was sized says nothing of it.
     other = load_config(write(tmp_path, text + "kv_sequences = 2\n"))
     assert keep_sizing(old.models, other).models["q"].memory == 0
+
+
+@pytest.mark.parametrize("name", ["model.gguf", "mistral"])
+def test_a_local_checkpoint_without_config_json_names_memory(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name.endswith(".gguf"):
+        path.write_bytes(b"GGUF")
+    else:
+        path.mkdir()
+        (path / "params.json").write_text("{}")
+    (found,) = problems(tmp_path, f'[models.m]\nmodel = "./{name}"\n')
+    assert found.startswith("models.m.memory: cannot estimate ")
+    assert found.endswith("no config.json (a GGUF file or a Mistral-format checkpoint); set memory")

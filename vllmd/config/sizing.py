@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from types import MappingProxyType
 
 import structlog
@@ -62,6 +63,12 @@ def size_model(
     except Unsized as exc:
         problems.append(f"{key}.memory: cannot estimate {model.model}: {exc}; set memory")
         return model
+    if shape is None and _unsizable(model.model):
+        problems.append(
+            f"{key}.memory: cannot estimate {model.model}: no config.json (a GGUF file or a "
+            "Mistral-format checkpoint); set memory"
+        )
+        return model
     files = weights_bytes(model.model, environ) if shape is not None else None
     if shape is None or not files:  # (0: a directory without weight files, not copied yet)
         where = "directory" if os.path.isabs(model.model) else "HF cache"
@@ -89,6 +96,12 @@ def size_model(
                 problems.append(problem)
                 break
     return sized
+
+
+def _unsizable(model: str) -> bool:
+    """A local checkpoint there in full that has no config.json to size it from."""
+    path = Path(model)
+    return path.is_file() or (path / "params.json").is_file()
 
 
 def too_long(model: ModelConfig, device: str, room: int) -> str:
