@@ -176,3 +176,32 @@ async def test_vllmctl_reload_reports_a_bad_file_and_exits_1(tmp_path: Path) -> 
     assert ok.returncode == 0 and ok.stdout.decode().strip() == "reloaded: nothing changed"
     assert bad.returncode == 1
     assert "models.m2" in bad.stderr.decode()
+
+
+async def test_a_reload_while_a_sized_models_files_are_away_keeps_it_serving(
+    tmp_path: Path,
+) -> None:
+    """memory = "auto" sized the model at start; its weights vanish (a pruned cache, a revision
+    half downloaded); a reload for another model keeps its engine (same pid), not a stop into
+    a 503."""
+    import json
+
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}
+    shape |= {"num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 256}
+    shape |= {"max_position_embeddings": 256, "torch_dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(shape))
+    (directory / "model.safetensors").write_bytes(b"\0" * 4096)
+    sized = '[models.s]\nmodel = "./tiny"\ndevices = ["cpu0"]\ncpus = 0\n'
+    path = _write(tmp_path, sized)
+    async with running(load_config(path)) as run, client(run) as http, control(run) as ctl:
+        assert (await http.post("/v1/completions", json=_req("s"))).status_code == 200
+        pid = run.supervisor.status(run.supervisor.get("s")).pid
+        (directory / "model.safetensors").unlink()
+        path.write_text(path.read_text() + _model("other"))
+        answer = await ctl.post("/v1/reload")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["restarted"] == [] and answer.json()["added"] == ["other"]
+        assert (await http.post("/v1/completions", json=_req("s"))).status_code == 200
+        assert run.supervisor.status(run.supervisor.get("s")).pid == pid

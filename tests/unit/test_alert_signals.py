@@ -187,6 +187,18 @@ def test_model_state_signals_read_the_statuses() -> None:
     assert read(s, rule("model_kv_cache_usage_ratio")) == {}  # not read from engines yet
 
 
+def test_over_reservation_is_against_the_reservation_now() -> None:
+    """A model sized from its files reserves its parts and the overhead its engine measured,
+    not its config's memory: a footprint within that is no over-reservation."""
+    obs = Observations(Clock())
+    sized = status(
+        "qwen", measured_bytes=4 * GiB + 300 * 2**20, reserved_bytes=4 * GiB + 290 * 2**20
+    )
+    over = status("llama", measured_bytes=5 * GiB, reserved_bytes=4 * GiB)
+    s = signals(obs, [sized, over])
+    assert read(s, rule("model_memory_over_reservation_bytes")) == {"qwen": 0, "llama": GiB}
+
+
 def test_device_signals_read_accounts_and_snapshots() -> None:
     obs = Observations(Clock())
     accounts = [account("0", 80 * GiB, 60 * GiB, foreign=2 * GiB), account("1", 80 * GiB, None)]

@@ -218,13 +218,18 @@ def test_a_reload_while_the_files_are_away_keeps_the_sizing(tmp_path: Path) -> N
     (directory / "model.safetensors").unlink()
     new = load_config(write(tmp_path, text))
     assert new.models["q"].memory == 0  # as the files are now
-    kept = keep_sizing(old.models, new)
+    kept = keep_sizing(old, new)
     assert kept.models["q"].memory == old.models["q"].memory and not kept.models["q"].unsized
     assert not plan_reload(old, kept).changed
     assert kept.model_for("q") is kept.models["q"]
     # Another change to the model's config: what was sized says nothing of it.
     other = load_config(write(tmp_path, text + "kv_sequences = 2\n"))
-    assert keep_sizing(old.models, other).models["q"].memory == 0
+    assert keep_sizing(old, other).models["q"].memory == 0
+    # Another engine overhead or a device it can no longer fit: not kept either.
+    overhead = load_config(write(tmp_path, '[engine]\ngpu_overhead = "3GiB"\n' + text))
+    assert keep_sizing(old, overhead).models["q"].memory == 0
+    small = '[devices."0"]\nmemory = "10GiB"\n' + text
+    assert keep_sizing(old, load_config(write(tmp_path, small))).models["q"].memory == 0
 
 
 @pytest.mark.parametrize("name", ["model.gguf", "mistral"])

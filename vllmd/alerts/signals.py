@@ -258,7 +258,8 @@ class Signals:
             # Only while an engine runs: a stopped model's last measurement is history.
             if st.state not in MEASURED or not st.measured_bytes:
                 return None
-            return float(over_reservation(st.measured_bytes, st.model.memory))
+            reserved = st.reserved_bytes or st.model.memory
+            return float(over_reservation(st.measured_bytes, reserved))
         return None  # model_kv_cache_usage_ratio: not read from the engines yet
 
 

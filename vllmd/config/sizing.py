@@ -73,14 +73,7 @@ def size_model(
     if shape is None or not files:  # (0: a directory without weight files, not copied yet)
         where = "directory" if os.path.isabs(model.model) else "HF cache"
         return replace(model, unsized=f"{model.model} is not in the engine's {where} yet")
-    settings = Settings(
-        dtype=model.dtype,
-        max_model_len=model.max_model_len,
-        kv_sequences=model.kv_sequences,
-        devices=len(model.devices),
-        gpu=gpu,
-        overhead=engine.first_overhead(len(model.devices)) if gpu else CPU_ENGINE_FIXED_COST,
-    ).with_args(model.args)
+    settings = _settings(model, engine, gpu)
     try:
         sizing = Sizing.of(shape, files, settings)
     except ValueError as exc:
@@ -88,14 +81,31 @@ def size_model(
         problems.append(f"{key}.{which}: cannot estimate {model.model}: {exc}")
         return model
     sized = replace(model, memory=sizing.estimate.total, sizing=sizing)
+    problem = _never_fits(sized, devices, headroom)
+    if problem:
+        problems.append(problem)
+    return sized
+
+
+def _settings(model: ModelConfig, engine: EngineConfig, gpu: bool) -> Settings:
+    return Settings(
+        dtype=model.dtype,
+        max_model_len=model.max_model_len,
+        kv_sequences=model.kv_sequences,
+        devices=len(model.devices),
+        gpu=gpu,
+        overhead=engine.first_overhead(len(model.devices)) if gpu else CPU_ENGINE_FIXED_COST,
+    ).with_args(model.args)
+
+
+def _never_fits(model: ModelConfig, devices: Mapping[str, DeviceConfig], headroom: int) -> str:
     for name in model.devices:
         device = devices.get(name)
         if device is not None and device.memory:
-            problem = too_long(sized, name, device.memory - headroom)
+            problem = too_long(model, name, device.memory - headroom)
             if problem:
-                problems.append(problem)
-                break
-    return sized
+                return problem
+    return ""
 
 
 def _unsizable(model: str) -> bool:
@@ -132,18 +142,25 @@ def unsized(model: ModelConfig) -> bool:
     return model.memory_auto and model.memory <= 0
 
 
-def keep_sizing(old: Mapping[str, ModelConfig], new: Config) -> Config:
+def keep_sizing(old: Config, new: Config) -> Config:
     """`new` where a model it could not size (its files gone from the cache, a new revision
-    half downloaded) keeps what `old` sized for the same checkpoint, unchanged otherwise: a
-    reload for another change must not stop a model that serves, to leave it unstartable."""
+    half downloaded) keeps what `old` sized, where nothing the estimate rests on changed: its
+    config, the settings its sizing was made with (the engine's overhead among them), the
+    engine's environment (where the HF cache is), and it still fits its devices. A reload for
+    another change must not stop a model that serves, to leave it unstartable."""
     models = dict(new.models)
     for name, model in new.models.items():
-        before = old.get(name)
-        if unsized(model) and before is not None and before.sizing is not None:
-            kept = replace(model, memory=before.memory, sizing=before.sizing, unsized="")
-            if kept == replace(before, unsized=""):
-                log.warning("sizing_kept", model=name, why=model.unsized)
-                models[name] = kept
+        before = old.models.get(name)
+        if not unsized(model) or before is None or before.sizing is None:
+            continue
+        kept = replace(model, memory=before.memory, sizing=before.sizing, unsized="")
+        same = kept == replace(before, unsized="") and old.engine.env == new.engine.env
+        same = same and _settings(model, new.engine, before.sizing.settings.gpu) == (
+            before.sizing.settings
+        )
+        if same and not _never_fits(kept, new.devices, new.scheduler.headroom):
+            log.warning("sizing_kept", model=name, why=model.unsized)
+            models[name] = kept
     return replace(new, models=MappingProxyType(models))
 
 

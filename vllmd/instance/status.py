@@ -26,3 +26,4 @@ class ModelStatus:
     load_seconds: float | None  # how long the last start took
     sleep_level: int  # the level it sleeps at, while sleeping
     pinned: bool = False  # in the config or at run time (`vllmctl pin`)
+    reserved_bytes: int = 0  # its reservation per device now (0: `model.memory`)

@@ -9,6 +9,7 @@ and eviction decisions are the scheduler's.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterator, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -77,12 +78,16 @@ class Supervisor:
         return instance
 
     def status(self, instance: Instance) -> ModelStatus:
-        return instance.status(
+        status = instance.status(
             queue_depth=self.admission.depth(instance.name),
             held=self._ledger.held(instance),
             measured=self._ledger.measured(instance.name),
             pinned=self._pinned(instance),
         )
+        if instance.model.sizing is None:
+            return status
+        # Sized from its files: its reservation follows the measured overhead (ledger).
+        return replace(status, reserved_bytes=self._ledger.reservation(instance))
 
     def statuses(self) -> Iterator[ModelStatus]:
         return (self.status(i) for i in list(self._instances.values()))

@@ -50,7 +50,7 @@ class Reloader:
             self._notifier.reloading()
             try:
                 new = await anyio.to_thread.run_sync(load_config, path)
-                new = keep_sizing(self._ctx.config.models, new)
+                new = keep_sizing(self._ctx.config, new)
                 # Here, not at start: most daemons never reload (docs/performance.md).
                 try:
                     from vllmd.config.diff import plan_reload
