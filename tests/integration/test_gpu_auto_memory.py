@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration.harness import client, running
@@ -56,6 +57,9 @@ async def test_an_estimated_model_reserves_what_its_engine_was_measured_to_take(
         await _post_all(http, "q")
         second = run.supervisor.accounts()[0].models["q"]
         history = list(run.events.history)
+        transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as ctl:
+            plan = (await ctl.get("/v1/plan")).json()
     one, two = (e.fields for e in _events(history, "measured", "q"))
     cuda_total = H100["total"] - H100["reserved"]
     fraction_bytes = math.ceil(math.floor(parts / cuda_total * 10_000) / 10_000 * cuda_total)
@@ -71,3 +75,5 @@ async def test_an_estimated_model_reserves_what_its_engine_was_measured_to_take(
     refined = math.ceil((parts + one["overhead_bytes"]) / MiB) * MiB
     assert first == second == refined < model.memory
     assert two["used_bytes"] <= refined + 64 * MiB
+    (shown,) = plan["devices"][0]["models"]
+    assert (shown["memory_bytes"], shown["reserved_bytes"]) == (model.memory, refined)

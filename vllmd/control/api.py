@@ -212,9 +212,10 @@ class ControlAPI:
     def plan(self) -> dict[str, Any]:
         """Each device's models in their parts, estimated and measured (placement/plan.py)."""
         totals = {dev.name: dev.total or None for dev in self._supervisor.accounts()}
-        statuses = self._supervisor.statuses()
+        statuses = list(self._supervisor.statuses())
         measured = {st.name: st.measured_bytes for st in statuses if st.measured_bytes}
-        return build_plan(self._ctx.config, totals, measured)
+        reserved = {st.name: st.reserved_bytes for st in statuses if st.reserved_bytes}
+        return build_plan(self._ctx.config, totals, measured, reserved)
 
     def status(self) -> dict[str, Any]:
         by_state: dict[str, int] = {}

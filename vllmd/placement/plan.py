@@ -18,10 +18,16 @@ from vllmd.units import format_size
 
 
 def build_plan(
-    config: Config, totals: Mapping[str, int | None], measured: Mapping[str, int]
+    config: Config,
+    totals: Mapping[str, int | None],
+    measured: Mapping[str, int],
+    reserved: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """`totals`: each device's memory (a GPU's CUDA total, or its declared cap; None: not
-    known); `measured`: each model's last measured footprint per device."""
+    known); `measured`: each model's last measured footprint per device; `reserved`: the
+    daemon's reservation now where it differs from `memory` (a sized GPU model's, refined by
+    its measured overhead)."""
+    reserved = reserved or {}
     headroom = config.scheduler.headroom
     names = sorted({d for m in config.models.values() for d in m.devices})
     devices, warnings = [], []
@@ -32,7 +38,11 @@ def build_plan(
         if declared is not None and declared.memory:
             total = min(declared.memory, total) if total else declared.memory
         usable = total - headroom if total else None
-        held = {m.name: _held(m, measured) for m in models if m.memory > 0}  # (unsized: none)
+        held = {  # (unsized: none)
+            m.name: max(reserved.get(m.name, m.memory), measured.get(m.name, 0))
+            for m in models
+            if m.memory > 0
+        }
         together = [
             [a, b] for a, b in combinations(sorted(held), 2) if _fits(held[a] + held[b], usable)
         ]
@@ -54,7 +64,7 @@ def build_plan(
                 "kind": declared.kind if declared is not None else "gpu",
                 "total_bytes": total,
                 "usable_bytes": usable,
-                "models": [_model(m, measured.get(m.name)) for m in models],
+                "models": [_model(m, measured.get(m.name), reserved.get(m.name)) for m in models],
                 "together": together,
                 "all_fit": len(held) == len(models) and _fits(sum(held.values()), usable),
             }
@@ -62,21 +72,17 @@ def build_plan(
     return {"headroom_bytes": headroom, "devices": devices, "warnings": warnings}
 
 
-def _held(model: ModelConfig, measured: Mapping[str, int]) -> int:
-    """What the model holds when resident: its reservation, or more once measured above it."""
-    return max(model.memory, measured.get(model.name, 0))
-
-
 def _fits(need: int, usable: int | None) -> bool:
     return usable is not None and need <= usable
 
 
-def _model(model: ModelConfig, measured: int | None) -> dict[str, Any]:
+def _model(model: ModelConfig, measured: int | None, reserved: int | None) -> dict[str, Any]:
     sizing = model.sizing
     source = "explicit" if not model.memory_auto else "estimate" if sizing else "unsized"
     entry: dict[str, Any] = {
         "name": model.name,
         "memory_bytes": model.memory or None,
+        "reserved_bytes": reserved or model.memory or None,
         "source": source,
         "measured_bytes": measured,
         "estimate": None,
