@@ -5,7 +5,6 @@ model reserves what its engine takes, and no footprint is over its reservation."
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,38 +13,19 @@ import pytest
 
 from tests.integration.harness import client, running
 from tests.integration.test_gpu_memory import H100, _config, _events, _h100, _post_all
+from tests.unit.test_config_auto_memory import QWEN_7B, WEIGHTS, model_dir
 from vllmd.placement.reservation import gpu_parts
 
 pytestmark = pytest.mark.anyio
 MiB, GiB = 1024**2, 1024**3
-QWEN_7B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 3584,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "intermediate_size": 18944,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "torch_dtype": "bfloat16",
-}
-
-
-def _model_dir(tmp_path: Path) -> str:
-    directory = tmp_path / "qwen"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(QWEN_7B))
-    with (directory / "model.safetensors").open("wb") as f:
-        f.truncate(15_231_233_024)
-    return str(directory)
 
 
 async def test_an_estimated_model_reserves_what_its_engine_was_measured_to_take(
     tmp_path: Path,
 ) -> None:
     gpu = _h100(tmp_path)
-    spec = {"model": _model_dir(tmp_path), "memory": "auto", "max_model_len": 8192}
+    directory = str(model_dir(tmp_path, "qwen", QWEN_7B, WEIGHTS))
+    spec: dict[str, object] = {"model": directory, "memory": "auto", "max_model_len": 8192}
     config = _config(tmp_path, {"q": spec})
     model = config.models["q"]
     parts = gpu_parts(model)
