@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--plan",
         action="store_true",
-        help="also print each model's memory in its parts and which fit together",
+        help="print the plan instead of ok: each model's memory in its parts, which fit together",
     )
     check.add_argument("--json", action="store_true", help="the plan as JSON (with --plan)")
     return p
