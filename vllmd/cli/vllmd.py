@@ -10,6 +10,7 @@ import gc
 import json
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ import structlog
 
 from vllmd import __version__
 from vllmd.cli.render import plan_text
-from vllmd.config import Config, check_config, check_devices, load_config, read_devices
+from vllmd.config import Config, ModelConfig, check_config, check_devices, load_config, read_devices
 from vllmd.daemon import serve as serve_daemon
+from vllmd.devices import DeviceSnapshot
 from vllmd.errors import ConfigError, VllmdError
 from vllmd.log import configure
+from vllmd.placement.overheads import expected_overhead
 from vllmd.placement.plan import build_plan
+from vllmd.placement.reservation import reservation
 from vllmd.store import recorded_footprints
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -79,7 +83,22 @@ def offline_plan(config: Config) -> dict[str, Any]:
     footprints as the state store last recorded them (none where it cannot be read)."""
     devices = anyio.run(lambda: read_devices(config))
     totals = {name: d.total or None for name, d in devices.items() if d.up}
-    return build_plan(config, totals, recorded_footprints(config.daemon.state_dir))
+    recorded = recorded_footprints(config.daemon.state_dir)
+    reserved = {}
+    for name, model in config.models.items():
+        gpus = sum(_kind(config, devices, d) == "gpu" for d in model.devices)
+        overhead = expected_overhead(recorded.overheads.get(name), gpus, None, config.engine)
+        reserved[name] = _reservation(model, overhead)
+    return build_plan(config, totals, recorded.footprints, reserved)
+
+
+def _reservation(model: ModelConfig, overhead: int) -> int:
+    return reservation(model, lambda: overhead)
+
+
+def _kind(config: Config, devices: Mapping[str, DeviceSnapshot], name: str) -> str:
+    declared = config.devices.get(name)
+    return declared.kind if declared else devices[name].kind if name in devices else "gpu"
 
 
 def serve(path: Path, log_format: str | None) -> int:

