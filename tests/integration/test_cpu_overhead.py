@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from tests.integration.harness import FAKE_ENGINE, client, running
+from tests.integration.test_plan import TINY
 from tests.unit.config_files import write
 from tests.unit.test_config_auto_memory import model_dir
 from vllmd.config import load_config
@@ -27,19 +28,6 @@ MiB = 1024**2
 HOLD = 256 * MiB
 MEMORY = CPU_ENGINE_FIXED_COST + 64 * MiB  # explicit: 64 MiB beside the prior's fixed cost
 VLLMD = [sys.executable, "-m", "vllmd.cli.entry"]
-# A tiny Llama's shape (the demo's tiny-chat, make demo-models).
-TINY: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "intermediate_size": 256,
-    "vocab_size": 512,
-    "max_position_embeddings": 512,
-    "torch_dtype": "float32",
-}
 
 
 def _config_text(tmp_path: Path, models: dict[str, str]) -> str:
