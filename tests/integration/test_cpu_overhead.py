@@ -60,7 +60,7 @@ async def _ask(run: Any, model: str) -> None:
         assert r.status_code == 200, r.text
 
 
-async def test_the_fixed_cost_is_learned_alone_and_sizes_the_next_kv_cache(
+async def test_the_fixed_cost_is_learned_alone_and_not_beside_another_engine(
     tmp_path: Path,
 ) -> None:
     argv_file = tmp_path / "argv"
@@ -86,7 +86,8 @@ async def test_the_fixed_cost_is_learned_alone_and_sizes_the_next_kv_cache(
     assert HOLD - 64 * MiB < learned < HOLD + 128 * MiB
     assert (first["gpus"], first["device_type"]) == (0, "cpu")
     assert "overhead_bytes" not in beside and "overhead_bytes" not in again  # not alone
-    assert _kv_flags(argv_file) == [64 * MiB, 64 * MiB, MEMORY - learned]
+    # An explicit memory keeps the prior's KV cache (what check-config judged).
+    assert _kv_flags(argv_file) == [64 * MiB] * 3
 
 
 async def test_an_estimated_cpu_model_reserves_what_its_engine_was_measured_to_take(

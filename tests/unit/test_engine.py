@@ -169,13 +169,16 @@ def test_cpu_reservation_too_small_for_any_kv_cache_is_a_config_error(tmp_path: 
         build_launch(cfg.models["m"], cfg.engine, UDS, CPU, {}, weights=GiB)
 
 
-def test_cpu_kv_cache_is_what_the_measured_fixed_cost_leaves(tmp_path: Path) -> None:
-    """Once a start measured the engine's fixed cost (the ledger places it as the device's
-    overhead), the KV cache is the reservation less that and the weights, not the prior."""
+def test_explicit_cpu_memory_keeps_the_prior_whatever_was_measured(tmp_path: Path) -> None:
+    """A learned fixed cost (placed as the device's overhead) does not change an explicit
+    memory's KV cache: check-config judged it against the prior, and a cost learned before
+    the weights were downloaded holds them too."""
     cfg = _config(tmp_path, {"devices": ["cpu0"]})
-    measured = (replace(CPU[0], overhead=GiB + 7),)
-    argv = build_launch(cfg.models["m"], cfg.engine, UDS, measured, {}, weights=100).argv
-    assert int(argv[argv.index("--kv-cache-memory-bytes") + 1]) == 3 * GiB - 7 - 100
+    for overhead in (GiB + 7, 3 * GiB + 900 * 1024**2):
+        measured = (replace(CPU[0], overhead=overhead),)
+        argv = build_launch(cfg.models["m"], cfg.engine, UDS, measured, {}, weights=100).argv
+        kv = int(argv[argv.index("--kv-cache-memory-bytes") + 1])
+        assert kv == 4 * GiB - CPU_ENGINE_FIXED_COST - 100
 
 
 def test_environment_precedence_and_cleaning(tmp_path: Path) -> None:

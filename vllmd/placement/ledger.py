@@ -121,12 +121,9 @@ class Ledger:
         return placement
 
     def _cpu_alone(self, inst: Instance) -> bool:
-        """No other engine holds host memory on a cpu device (its pages would share PSS)."""
+        """No other engine holds memory (its libtorch pages, GPU engine or not, share PSS)."""
         return not any(
-            other.name != inst.name
-            and other.state in HOLDING
-            and any(self._kind(d) == "cpu" for d in other.model.devices)
-            for other in self._instances.values()
+            other.name != inst.name and other.state in HOLDING for other in self._instances.values()
         )
 
     async def measure(self, inst: Instance) -> int | None:

