@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
+from collections.abc import Mapping, MutableMapping, Set
 from json.encoder import encode_basestring_ascii
-from typing import Literal
+from pathlib import PurePath
+from typing import Any, Literal
 
 import structlog
 
@@ -18,8 +21,10 @@ def configure(level: str = "info", fmt: LogFormat | None = None) -> None:
     """Set up structlog once, at the CLI edge. `fmt=None` picks console for a TTY."""
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    renderers: list[structlog.types.Processor] = (
+        [as_json_values, structlog.dev.ConsoleRenderer()]
+        if fmt == "console"
+        else [structlog.processors.JSONRenderer(default=json_default)]
     )
     structlog.configure(
         processors=[
@@ -27,7 +32,7 @@ def configure(level: str = "info", fmt: LogFormat | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
@@ -37,6 +42,41 @@ def configure(level: str = "info", fmt: LogFormat | None = None) -> None:
     )
     # uvicorn and httpx use stdlib logging; keep their noise out, errors in.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def json_default(value: object) -> Any:
+    """What JSON cannot encode itself: read-only maps as objects, sets as sorted arrays, paths
+    as strings; anything else as structlog would (its `__structlog__`, else its repr)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Set):
+        return sorted(value, key=str)
+    if isinstance(value, PurePath):
+        return str(value)
+    custom = getattr(value, "__structlog__", None)
+    return custom() if callable(custom) else repr(value)
+
+
+class _Json:
+    """A value the console shows as JSON: it prints a value's repr, Python's for a map."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: object) -> None:
+        self.text = json.dumps(value, default=json_default, ensure_ascii=False)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def as_json_values(
+    _logger: object, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The console's processor: maps, lists and sets shown as JSON, as the JSON log has them."""
+    for key, value in event.items():
+        if isinstance(value, Mapping | list | tuple | Set):
+            event[key] = _Json(value)
+    return event
 
 
 # The processor chain `configure` sets for JSON, by type: the line `RequestLog` can render.

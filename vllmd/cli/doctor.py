@@ -11,22 +11,25 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import psutil
 import structlog
 
-from vllmd.config import Config, Listen, load_config
+from vllmd.cli.check import Check, Status, failed, report
+from vllmd.cli.ports import port_checks
+from vllmd.config import Config, load_config
+from vllmd.config.reader import Table
+from vllmd.config.sections import parse_daemon
 from vllmd.devices import DeclaredProbe, DeviceSnapshot, NvmlProbe
 from vllmd.engine.version import VLLM_VERSION, interpreter, run_python
-from vllmd.errors import ConfigError, ListenFailed
+from vllmd.errors import ConfigError
 from vllmd.units import format_size
 
-Status = Literal["PASS", "WARN", "FAIL"]
 # The daemon's `no_process_list` finding (vllmd.placement.ledger.NO_PROCESS_LIST), as doctor
 # says it from here: the cause (budgeted by reservation), the fix.
 UNLISTED = (
@@ -36,39 +39,25 @@ UNLISTED = (
     "nothing to fix in vllmd's unit or container; a driver that lists compute processes "
     "(`nvidia-smi --query-compute-apps=pid,used_memory --format=csv`) gives measured footprints",
 )
+__all__ = ["Check", "examine", "failed", "report"]
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the trailing NUL
 FIND_MODULE = (
     "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec(sys.argv[1]) else 1)"
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
-    status: Status
-    name: str
-    detail: str
-    fix: str = ""
-    more: tuple[str, ...] = ()  # further lines of detail (each config problem)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def report(checks: list[Check]) -> str:
-    lines = []
-    for check in checks:
-        lines.append(f"{check.status}  {check.name}: {check.detail}")
-        lines += [f"        {line}" for line in check.more]
-        if check.fix and check.status != "PASS":
-            lines.append(f"      fix: {check.fix}")
-    failed = sum(c.status == "FAIL" for c in checks)
-    warned = sum(c.status == "WARN" for c in checks)
-    lines.append(f"{failed} failed, {warned} warnings, {len(checks) - failed - warned} passed")
-    return "\n".join(lines)
-
-
-def failed(checks: list[Check]) -> bool:
-    return any(c.status == "FAIL" for c in checks)
+def config_socket(path: Path) -> Path | None:
+    """The `daemon.control_socket` of the config at `path`, resolved as the daemon resolves it;
+    read from the file alone, so a config with problems elsewhere still names its socket.
+    None when the file cannot be read as TOML (its check says why)."""
+    path = path.absolute()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    problems: list[str] = []
+    daemon = Table(data, "", problems).table("daemon") or Table({}, "daemon", problems)
+    return parse_daemon(daemon, path.parent).control_socket
 
 
 def examine(
@@ -103,7 +92,7 @@ def examine(
     checks.append(attribution_check(status, gpus))
     if config is not None:
         checks += fit_checks(config, devices)
-        checks += port_checks(config, up)
+        checks += port_checks(config, status)
     return checks
 
 
@@ -353,27 +342,3 @@ def fit_checks(config: Config, devices: Mapping[str, DeviceSnapshot]) -> list[Ch
             where = ", ".join(model.devices)
             checks.append(Check("PASS", name, f"{need} on {where}: size unknown, checked at start"))
     return checks
-
-
-def port_checks(config: Config, up: bool) -> list[Check]:
-    listeners = [("gateway port", config.gateway.listen, "gateway.listen")]
-    if config.metrics.listen is not None:
-        listeners.append(("metrics port", config.metrics.listen, "metrics.listen"))
-    return [_port_check(name, listen, key, up) for name, listen, key in listeners]
-
-
-def _port_check(name: str, listen: Listen, key: str, up: bool) -> Check:
-    if up:
-        return Check("PASS", name, f"{listen} in use by vllmd")
-    from vllmd.daemon import bind  # the daemon's own bind: same family, same options
-
-    try:
-        bind(listen, key).close()
-    except ListenFailed as exc:
-        return Check(
-            "FAIL",
-            name,
-            str(exc),
-            f"stop what listens there (`ss -ltnp 'sport = :{listen.port}'`) or change {key}",
-        )
-    return Check("PASS", name, f"{listen} is free")

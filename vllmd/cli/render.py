@@ -23,6 +23,9 @@ PS_COLUMNS = (
 # The state names (as the control API spells them) whose UPTIME column is shown: an engine
 # is up and serving or resting. The CLI reads JSON, not vllmd's state type, so the set is its.
 UPTIME_SHOWN = frozenset({"ready", "draining", "sleeping", "waking"})
+# Those whose measured footprint is what the engine uses now (the daemon's MEASURED set): the
+# view keeps the figure of the last start after a stop, and a sleeping engine's is its awake one.
+USED_SHOWN = frozenset({"ready", "draining"})
 
 
 def size(n: int | None) -> str:
@@ -83,6 +86,13 @@ def uptime(model: Mapping[str, Any], now: float) -> str:
     return span(now - float(since))
 
 
+def used(model: Mapping[str, Any]) -> str:
+    """USED: the footprint now, so none without an engine running awake."""
+    if model.get("state") not in USED_SHOWN or not model.get("pid"):
+        return NONE
+    return size(model.get("measured_bytes"))
+
+
 def ps_row(model: Mapping[str, Any], now: float) -> list[str]:
     pid = model.get("pid")
     return [
@@ -90,7 +100,7 @@ def ps_row(model: Mapping[str, Any], now: float) -> list[str]:
         str(model["state"]),
         ",".join(model.get("devices") or []) or NONE,
         size(reserved(model)),
-        size(model.get("measured_bytes")),
+        used(model),
         str(pid) if pid else NONE,
         uptime(model, now),
         ago(model.get("last_used"), now),
@@ -193,7 +203,7 @@ def event_line(event: Mapping[str, Any], tz: tzinfo | None = None) -> str:
     """One event: local ISO time, id, kind, model, then its own fields as key=value."""
     when = datetime.fromtimestamp(float(event["time"]), tz).astimezone(tz)
     fields = " ".join(
-        f"{key}={_value(value)}"
+        f"{key}={_quoted(_value(value, key.endswith('_bytes')))}"
         for key, value in event.items()
         if key not in ("id", "time", "kind", "model")
     )
@@ -201,8 +211,21 @@ def event_line(event: Mapping[str, Any], tz: tzinfo | None = None) -> str:
     return (head + str(event.get("model") or NONE) + (" " + fields if fields else "")).rstrip()
 
 
-def _value(value: object) -> str:
-    text = "" if value is None else str(value)
+def _value(value: object, is_bytes: bool) -> str:
+    """A field's value as text: a map as `k=v,k=v`, a list as `a,b`, byte counts (a `_bytes`
+    field's numbers) as sizes; never a Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={_value(v, is_bytes)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ",".join(_value(v, is_bytes) for v in value)
+    if is_bytes and isinstance(value, int) and not isinstance(value, bool):
+        return format_size(value)
+    return str(value)
+
+
+def _quoted(text: str) -> str:
     return f'"{text}"' if not text or any(c.isspace() for c in text) else text
 
 
