@@ -18,7 +18,7 @@ from vllmd.control.api import ControlAPI, refusal
 from vllmd.control.listener import UnixServer
 from vllmd.devices import CompositeProbe, DeclaredProbe, DeviceProbe, NvmlProbe
 from vllmd.engine.kernel_log import KernelLogOpener, Kmsg
-from vllmd.engine.process import EngineProcess, RuntimeOptions, Spawner, spawn
+from vllmd.engine.process import DescendantsSink, EngineProcess, RuntimeOptions, Spawner, spawn
 from vllmd.engine.reaper import Reaper
 from vllmd.engine.version import EngineVersions, VersionProbe, installed_version
 from vllmd.events import EventBus
@@ -74,7 +74,7 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
         config,
         events=events,
         probe=seams.probe or CompositeProbe(NvmlProbe(), DeclaredProbe(config.devices)),
-        spawner=seams.spawner or _spawner(seams.reaper, seams.kernel_log),
+        spawner=seams.spawner or _spawner(seams.reaper, seams.kernel_log, store.note_descendants),
         options=RuntimeOptions(
             runtime_dir=runtime_dir,
             connect_timeout=config.gateway.upstream_connect_timeout,
@@ -122,8 +122,8 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
     )
 
 
-def _spawner(reaper: Reaper, kernel_log: KernelLogOpener) -> Spawner:
+def _spawner(reaper: Reaper, kernel_log: KernelLogOpener, sink: DescendantsSink) -> Spawner:
     async def spawn_engine(argv: Sequence[str], env: Mapping[str, str]) -> EngineProcess:
-        return await spawn(argv, env, reaper=reaper, kernel_log=kernel_log)
+        return await spawn(argv, env, reaper=reaper, kernel_log=kernel_log, sink=sink)
 
     return spawn_engine

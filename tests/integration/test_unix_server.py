@@ -1,6 +1,7 @@
 """The control listener's limits, with small bounds injected: a slow client is cut off, a
-connection over the limit is closed at once, a large request is refused, a streamed answer
-ends when its client leaves, and a kept-alive connection serves one request after another."""
+connection over the limit (none idle to make room) is closed at once, a large request is
+refused, a streamed answer ends when its client leaves, and a kept-alive connection serves
+one request after another."""
 
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ class Recorder:
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.stream_closed = anyio.Event()
+        self.release = anyio.Event()  # ends the `/hold` requests
 
     async def __call__(self, request: Request) -> Reply | Streamed:
         self.requests.append(request)
         if request.segments == ("stream",):
             return Streamed(self._forever())
+        if request.segments == ("hold",):
+            await self.release.wait()
         body = f"{request.method} {'/'.join(request.segments)} {request.peer.uid}".encode()
         return Reply(200, body, "text/plain")
 
@@ -105,17 +109,26 @@ async def test_a_client_slower_than_the_request_timeout_is_cut_off(tmp_path: Pat
     assert handler.requests == []
 
 
-async def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
-    async with serving(tmp_path, max_connections=2) as (path, _):
-        held = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+async def test_connections_over_the_limit_with_none_idle_are_closed_at_once(
+    tmp_path: Path,
+) -> None:
+    """Both slots busy (answers under way) and nothing to take: one more connection is closed
+    without an answer; once they are done the next one is served."""
+    limits = {"max_connections": 3, "reserved": 1, "daemon_uid": os.getuid()}
+    async with serving(tmp_path, **limits) as (path, handler):
+        held = [socket.socket(socket.AF_UNIX) for _ in range(3)]
         try:
             for each in held:
                 each.connect(str(path))
-            await anyio.sleep(0.1)
+                each.sendall(b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n")
+            with anyio.fail_after(5):
+                while len(handler.requests) < 3:  # noqa: ASYNC110 - the listener's doing
+                    await anyio.sleep(0.02)
             extra = await anyio.to_thread.run_sync(
                 lambda: _raw(path, b"GET /v1/status HTTP/1.1\r\nhost: x\r\n\r\n")
             )
         finally:
+            handler.release.set()
             for each in held:
                 each.close()
         await anyio.sleep(0.1)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import anyio
+import pytest
 import structlog
 
 from vllmd.engine.output import EngineOutput
@@ -35,3 +37,44 @@ def test_the_engine_is_about_to_serve_once_vllm_says_so() -> None:
     assert out.serving
     out.mark_start()
     assert not out.serving
+
+
+async def _followed(out: EngineOutput, cursor: int) -> list[str]:
+    with anyio.fail_after(2):
+        return [line async for line in out.follow(cursor)]
+
+
+@pytest.mark.anyio
+async def test_close_ends_every_follower_now_and_later_with_the_last_line() -> None:
+    """A model removed by a reload: its followers (`vllmctl logs -f`) get what came before,
+    then the given last line, and end; one that starts following later too."""
+    out = EngineOutput(structlog.get_logger(), lines=10)
+    out.append("before")
+    _, cursor = out.tail(0)
+    got: list[str] = []
+
+    async def follower() -> None:
+        got.extend(await _followed(out, cursor))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower)
+        await anyio.sleep(0.05)  # it waits for a line
+        out.append("one")
+        out.append("two")
+        out.close("model a was removed by a reload")
+        out.append("after the close")  # the engine's last words: in the ring, not followed
+    later = await _followed(out, 0)
+    assert got == ["one", "two", "model a was removed by a reload"]
+    assert later == ["before", "one", "two", "model a was removed by a reload"]
+    assert out.tail(1)[0] == ["after the close"]
+
+
+@pytest.mark.anyio
+async def test_a_follower_that_fell_behind_the_ring_gets_what_it_holds_then_the_end() -> None:
+    out = EngineOutput(structlog.get_logger(), lines=3)
+    _, cursor = out.tail(0)
+    for i in range(5):
+        out.append(str(i))
+    out.close("gone")
+    out.close("closed twice: the first last line stays")
+    assert await _followed(out, cursor) == ["2", "3", "4", "gone"]

@@ -21,7 +21,7 @@ from tests.integration.harness import eventually
 from vllmd.config import ModelConfig
 from vllmd.events import EventBus, Kind
 from vllmd.overrides import Overrides
-from vllmd.store import StateStore
+from vllmd.store import StateStore, schema
 from vllmd.store import records as state_db
 from vllmd.store.db import BOUND, DEGRADED_HOLD
 from vllmd.store.records import Desired, EngineRecord, HostMeasured, Overhead, Row
@@ -213,7 +213,7 @@ async def test_a_database_of_a_newer_schema_is_left_alone_and_the_store_degraded
     tmp_path: Path,
 ) -> None:
     with sqlite3.connect(tmp_path / "vllmd.db") as conn:
-        conn.execute(f"PRAGMA user_version = {state_db.SCHEMA_VERSION + 1}")
+        conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     store = _store(tmp_path)
     await store.open()
     assert store.degraded()
@@ -257,9 +257,9 @@ async def test_a_stalled_disk_overflows_the_bound_counted_and_degraded_never_blo
 
 
 def test_migrations_bring_a_new_file_to_the_current_schema(tmp_path: Path) -> None:
-    conn, fresh = state_db.connect(tmp_path / "vllmd.db")
+    conn, fresh = schema.connect(tmp_path / "vllmd.db")
     assert not fresh
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == state_db.SCHEMA_VERSION
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"events", "engines", "pins", "loaded_on_purpose"} <= tables
@@ -372,7 +372,7 @@ async def test_a_database_this_run_could_not_open_keeps_its_desired_state(
         await first.drain()
         tg.cancel_scope.cancel()
     with sqlite3.connect(tmp_path / "vllmd.db") as conn:  # now a newer vllmd's
-        conn.execute(f"PRAGMA user_version = {state_db.SCHEMA_VERSION + 1}")
+        conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     second = _store(tmp_path)
     await second.open()
     assert second.degraded() and second.desired.loaded_on_purpose == {"a"}  # read, read-only
@@ -391,7 +391,7 @@ def test_each_models_last_learned_gpu_overhead_is_read_back(tmp_path: Path) -> N
     """The overhead a cold start measured (event `measured`) outlives the daemon: the newest
     one per model is read at open, with its GPU count; measurements without it (cpu engines,
     wakes) are not overheads."""
-    conn, _ = state_db.connect(tmp_path / state_db.FILENAME)
+    conn, _ = schema.connect(tmp_path / schema.FILENAME)
     rows = [
         (1, "measured", "a", {"used_bytes": 10, "overhead_bytes": 700, "gpus": 1}),
         (2, "measured", "b", {"used_bytes": 10}),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -25,15 +25,8 @@ from vllmd.alerts import AlertEngine
 from vllmd.context import Context
 from vllmd.control.errors import STATUSES, ControlError
 from vllmd.control.listener import Peer, Reply, Request, Streamed
-from vllmd.control.query import (
-    Since,
-    allow,
-    bool_param,
-    flag,
-    float_param,
-    int_param,
-    parse_since,
-)
+from vllmd.control.query import allow, bool_param, float_param
+from vllmd.control.streams import EventLog, logs
 from vllmd.errors import (
     ConfigError,
     InsufficientMemory,
@@ -54,9 +47,6 @@ from vllmd.supervisor.views import model_view
 
 log = structlog.get_logger("vllmd.control")
 VERBS = frozenset({"load", "unload", "sleep", "wake", "restart", "pin", "unpin"})
-MAX_TAIL = 2000
-DEFAULT_EVENTS = 100
-MAX_EVENTS = 1000
 
 
 def control_error(exc: VllmdError) -> ControlError:
@@ -92,8 +82,9 @@ def refusal(status: int, code: str, message: str) -> Reply:
     return reply(status, {"error": {"code": code, "message": message}})
 
 
-def ndjson(item: object) -> bytes:
-    return json.dumps(item, default=str).encode() + b"\n"
+def found(answer: dict[str, Any] | Streamed) -> Reply | Streamed:
+    """A reader's answer (`streams.py`): a stream as it is, an object as a 200."""
+    return answer if isinstance(answer, Streamed) else reply(200, answer)
 
 
 class ControlAPI:
@@ -114,10 +105,10 @@ class ControlAPI:
         self._ctx = ctx
         self._supervisor = supervisor
         self._events: EventBus = ctx.events
+        self._event_log = EventLog(ctx.events, store)
         self._metrics = metrics
         self._daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self._started = time.time()
-        self._followers = 0
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -166,7 +157,7 @@ class ControlAPI:
             return reply(200, {"alerts": self._alerts.active()})
         if route == ["events"]:
             allow(method, "GET")
-            return await self._events_reply(request)
+            return found(await self._event_log.read(request.query))
         if route == ["models"]:
             allow(method, "GET")
             return reply(200, {"models": [self._view(st) for st in self._supervisor.statuses()]})
@@ -176,7 +167,7 @@ class ControlAPI:
             return reply(200, self._view(self._supervisor.status(instance)))
         if route[0] == "models" and len(route) == 3 and route[2] == "logs":
             allow(method, "GET")
-            return self._logs(self._supervisor.get(route[1]), request)
+            return found(logs(self._supervisor.get(route[1]), request.query))
         if route[0] == "models" and len(route) == 3 and route[2] in VERBS:
             allow(method, "POST")
             return await self._verb(request, route[1], route[2])
@@ -231,61 +222,6 @@ class ControlAPI:
             "models_by_state": by_state,
             "alerts_firing": self._alerts.firing_count(),
         }
-
-    def _logs(self, instance: Instance, request: Request) -> Reply | Streamed:
-        tail = min(int_param(request.query, "tail", 100, 0, 10**9), MAX_TAIL)  # the ring's size
-        output = instance.output
-        lines, cursor = output.tail(tail)
-        if not flag(request.query, "follow"):
-            return reply(200, {"model": instance.name, "lines": lines})
-
-        async def stream() -> AsyncIterator[bytes]:
-            for line in lines:
-                yield ndjson({"line": line})
-            async for line in output.follow(cursor):  # nothing after the tail is lost
-                yield ndjson({"line": line})
-
-        return Streamed(stream())
-
-    async def _events_reply(self, request: Request) -> Reply | Streamed:
-        """The event log: the store's (it outlives restarts), else the bus's recent history."""
-        raw = request.query.get("since")
-        since = parse_since(raw)
-        limit = int_param(request.query, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
-        follow = flag(request.query, "follow")
-        newest = raw is None  # no `since`: the latest `limit`; else the first after it
-        everything = follow and raw is not None  # a follower gets all after `since`, then more
-
-        async def backlog(since: Since, count: int) -> list[dict[str, Any]]:
-            if self._store is not None:
-                return await self._store.events(
-                    after_id=since.after_id, from_time=since.from_time, limit=count, newest=newest
-                )
-            found = [d for d in (e.as_dict() for e in self._events.history) if since.keeps(d)]
-            return found[-count:] if newest else found[:count]
-
-        if not follow:
-            return reply(200, {"events": await backlog(since, limit)})
-        self._followers += 1
-        name = f"control-follower-{self._followers}"
-
-        async def stream() -> AsyncIterator[bytes]:
-            # Subscribed before the backlog is read: an event in between comes once.
-            with self._events.subscribe(name, bound=1000) as events:
-                last, page = 0, since
-                while True:  # a follower from `since` gets all of it, page by page
-                    past = await backlog(page, MAX_EVENTS if everything else limit)
-                    for each in past:
-                        yield ndjson(each)
-                    last = past[-1]["id"] if past else last
-                    if not everything or len(past) < MAX_EVENTS:
-                        break
-                    page = Since(after_id=last)
-                async for event in events:
-                    if event.id > last:
-                        yield ndjson(event.as_dict())
-
-        return Streamed(stream())
 
     # --- verbs ---------------------------------------------------------------------------------
 

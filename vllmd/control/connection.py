@@ -13,29 +13,39 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 import h11
 import structlog
-from anyio.abc import SocketStream
+from anyio.abc import SocketAttribute, SocketStream
 
 from vllmd.control.listener import Handler, Peer, Refusal, Reply, Request, Streamed
+from vllmd.control.slots import Slot, unread_bytes
 
 log = structlog.get_logger("vllmd.control")
 
 
 class ControlConnection:
     def __init__(
-        self, handler: Handler, refuse: Refusal, max_request: int, request_timeout: float
+        self,
+        handler: Handler,
+        refuse: Refusal,
+        max_request: int,
+        request_timeout: float,
+        stall_timeout: float,
     ) -> None:
         self._handler = handler
         self._refuse = refuse
         self._max_request = max_request
         self._request_timeout = request_timeout
+        self._stall_timeout = stall_timeout
 
-    async def run(self, stream: SocketStream, peer: Peer) -> None:
-        """Answer requests until the client leaves or a request ends the connection."""
+    async def run(self, stream: SocketStream, peer: Peer, slot: Slot) -> None:
+        """Answer requests until the client leaves or a request ends the connection; `slot`
+        is told when the connection is idle, busy or streaming."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_request)
-        while await self._one_request(stream, conn, peer):
+        while await self._one_request(stream, conn, peer, slot):
             conn.start_next_cycle()
 
-    async def _one_request(self, stream: SocketStream, conn: h11.Connection, peer: Peer) -> bool:
+    async def _one_request(
+        self, stream: SocketStream, conn: h11.Connection, peer: Peer, slot: Slot
+    ) -> bool:
         """Read one request, answer it; whether the connection stays open for another. Each
         request (head and body) must arrive within request_timeout of the connection's start
         or the previous answer: a silent client does not keep a slot."""
@@ -43,8 +53,10 @@ class ControlConnection:
         try:
             with anyio.fail_after(self._request_timeout):
                 if not conn.trailing_data[0]:
+                    slot.idle()  # until its first bytes: another connection may take the slot
                     conn.receive_data(await _receive(stream))
                 idle = False
+                slot.busy()
                 event = await _next_event(stream, conn)
                 if isinstance(event, h11.ConnectionClosed):
                     return False
@@ -89,7 +101,7 @@ class ControlConnection:
                     stream, conn, response, close=False, head_only=request.method == "HEAD"
                 )
         else:
-            await _send_streamed(stream, conn, response, self._request_timeout)
+            await _send_streamed(stream, conn, response, slot, self._stall_timeout)
             return False
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
@@ -170,10 +182,18 @@ async def _send_reply(
 
 
 async def _send_streamed(
-    stream: SocketStream, conn: h11.Connection, response: Streamed, write_timeout: float
+    stream: SocketStream,
+    conn: h11.Connection,
+    response: Streamed,
+    slot: Slot,
+    stall_timeout: float,
 ) -> None:
     """Send `response` chunk by chunk until it ends or the client leaves (seen by reading:
-    a follower may wait a long time between lines)."""
+    a follower may wait a long time between lines). A client that reads nothing of it for
+    `stall_timeout` (a send blocked that long, or nothing of what waits read) is cut off,
+    without the chunked end: it can tell the answer was not whole."""
+    raw = stream.extra(SocketAttribute.raw_socket)
+    slot.streaming(lambda: unread_bytes(raw))
     head = conn.send(
         h11.Response(
             status_code=response.status,
@@ -192,11 +212,17 @@ async def _send_streamed(
         tg.start_soon(client_leaves)
         try:
             async for chunk in response.chunks:
-                if chunk:
-                    with anyio.fail_after(write_timeout):  # a follower that stopped reading
-                        await stream.send(conn.send(h11.Data(data=chunk)) or b"")
+                if not chunk:
+                    continue
+                if slot.stalled_for() >= stall_timeout:
+                    raise TimeoutError(f"the client read nothing for {stall_timeout:g} s")
+                with anyio.fail_after(stall_timeout):  # a follower that stopped reading
+                    await stream.send(conn.send(h11.Data(data=chunk)) or b"")
+                slot.sent()
             await stream.send(conn.send(h11.EndOfMessage()) or b"")
         except anyio.get_cancelled_exc_class():
+            if slot.evicted:  # stalled, and its slot taken: cut off, no clean end
+                raise
             # The daemon is stopping: end the stream properly (a follower can tell a clean
             # end from a broken connection), then go.
             # (or the client has left already)

@@ -5,8 +5,9 @@ control API has its own small server: anyio's listener, h11 for the protocol (th
 already brings; `connection.py`, loaded at the first connection). It binds the socket itself
 (mode and group set before anyone can connect; a stale file removed, a live one refused), takes
 over no signals, and cuts off what a local client must not do to the daemon: a request over
-`max_request` bytes, one whose head and body take longer than `request_timeout`, connections
-beyond `max_connections`.
+`max_request` bytes, one whose head and body take longer than `request_timeout`, a streamed
+answer its client reads nothing of for `stall_timeout`, connections beyond `max_connections`
+or a uid's share of them (`slots.py`: the oldest idle or stalled connection makes room).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import anyio
 import structlog
 from anyio.abc import SocketStream, TaskStatus
 
+from vllmd.control.slots import PER_UID, RESERVED, STALL_GRACE, Slot, Slots
 from vllmd.errors import ListenFailed
 
 log = structlog.get_logger("vllmd.control")
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
+STALL_TIMEOUT = 30.0  # a streamed answer's client read nothing for this long: cut off
 MAX_CONNECTIONS = 64
 ACCEPT_RETRY = 0.5  # after accept() failed for want of file descriptors
 _UCRED = struct.Struct("3i")
@@ -145,14 +148,30 @@ class UnixServer:
         *,
         max_request: int = MAX_REQUEST,
         request_timeout: float = REQUEST_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        per_uid: int = PER_UID,
+        reserved: int = RESERVED,
+        stall_grace: float = STALL_GRACE,
+        daemon_uid: int | None = None,
+        credentials: Callable[[socket.socket], Peer] = peer_of,
     ) -> None:
+        """`daemon_uid` (default: this process's) and root may use the `reserved` slots;
+        `credentials` tells a connection's peer (a test's seam: SO_PEERCRED otherwise)."""
         self._handler = handler
         self._refuse = refuse
         self._max_request = max_request
         self._request_timeout = request_timeout
-        self._max_connections = max_connections
-        self._connections = 0
+        self._stall_timeout = stall_timeout
+        self._credentials = credentials
+        uid = os.getuid() if daemon_uid is None else daemon_uid
+        self.slots = Slots(
+            max_connections,
+            per_uid=per_uid,
+            reserved=reserved,
+            privileged=frozenset({0, uid}),
+            stall_grace=stall_grace,
+        )
 
     async def serve(
         self, sock: socket.socket, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -175,20 +194,39 @@ class UnixServer:
                         log.warning("control_accept_failed", error=str(exc))
                         await anyio.sleep(ACCEPT_RETRY)
                         continue
-                    if self._connections >= self._max_connections:
-                        client.close()  # over the limit: cut off at once
+                    try:
+                        peer = self._credentials(client)
+                    except OSError:
+                        client.close()
                         continue
-                    self._connections += 1
-                    tg.start_soon(self._connection, client)
+                    scope = anyio.CancelScope()
+                    slot = self.slots.take(peer.uid, scope.cancel)
+                    if slot is None:
+                        log.debug("control_connection_refused", uid=peer.uid, pid=peer.pid)
+                        client.close()  # over the limit, nobody to make room: cut off at once
+                        continue
+                    tg.start_soon(self._connection, client, peer, slot, scope)
 
-    async def _connection(self, client: socket.socket) -> None:
+    async def _connection(
+        self, client: socket.socket, peer: Peer, slot: Slot, scope: anyio.CancelScope
+    ) -> None:
+        with scope:  # cancelled when another connection takes this one's slot
+            try:
+                await self._serve_one(client, peer, slot)
+            finally:
+                self.slots.release(slot)
+        if slot.evicted:
+            log.debug("control_connection_evicted", uid=peer.uid, pid=peer.pid)
+
+    async def _serve_one(self, client: socket.socket, peer: Peer, slot: Slot) -> None:
         try:
-            peer = peer_of(client)
             stream = await SocketStream.from_socket(client)
         except OSError:
             client.close()
-            self._connections -= 1
             return
+        except BaseException:  # evicted (cancelled) at once
+            client.close()
+            raise
         # At the first connection, not at start: h11 and the protocol's code are a share of
         # the daemon's start-up, and the control API is often not called for hours.
         try:
@@ -196,8 +234,12 @@ class UnixServer:
 
             async with stream:
                 await ControlConnection(
-                    self._handler, self._refuse, self._max_request, self._request_timeout
-                ).run(stream, peer)
+                    self._handler,
+                    self._refuse,
+                    self._max_request,
+                    self._request_timeout,
+                    self._stall_timeout,
+                ).run(stream, peer, slot)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
             pass  # the client left
         except (OSError, TimeoutError) as exc:
@@ -205,5 +247,3 @@ class UnixServer:
         except Exception:
             # A bug must cost one connection, never the daemon (this task group is its).
             log.exception("control_connection_failed")
-        finally:
-            self._connections -= 1

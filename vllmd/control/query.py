@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from vllmd.control.errors import ControlError
+
+# The event log's ids are SQLite INTEGERs: signed 64-bit, so no id lies beyond this.
+MAX_EVENT_ID = 2**63 - 1
+_WHOLE = re.compile(r"-?[0-9]+")  # ASCII digits only: int() takes more (other scripts, "1_0")
 
 
 def allow(method: str, allowed: str) -> None:
@@ -35,11 +40,11 @@ def int_param(query: dict[str, str], key: str, default: int, low: int, high: int
     raw = query.get(key)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ControlError("bad_request", f"{key}={raw!r} is not a whole number") from None
-    if not low <= value <= high:
+    if not _WHOLE.fullmatch(raw):
+        raise ControlError("bad_request", f"{key}={raw!r} is not a whole number")
+    # The length first: int() of thousands of digits is an error of its own.
+    value = int(raw) if len(raw.lstrip("-0")) <= 30 else None
+    if value is None or not low <= value <= high:
         raise ControlError("bad_request", f"{key} must be between {low} and {high}")
     return value
 
@@ -75,6 +80,11 @@ def parse_since(raw: str | None) -> Since:
     if raw is None:
         return Since()
     if raw.isascii() and raw.isdecimal():
+        # The length first: int() of thousands of digits is an error of its own.
+        if len(raw.lstrip("0")) > len(str(MAX_EVENT_ID)) or int(raw) > MAX_EVENT_ID:
+            raise ControlError(
+                "bad_request", f"since is beyond the largest event id ({MAX_EVENT_ID})"
+            )
         return Since(after_id=int(raw))
     try:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))

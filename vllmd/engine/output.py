@@ -28,6 +28,7 @@ class EngineOutput:
         self._seen = 0  # lines ever read
         self._start = 0  # _seen when the current engine was spawned
         self._appended = anyio.Event()  # set (and replaced) on every new line: followers wait
+        self._closed: tuple[int, str] | None = None  # (_seen then, the followers' last line)
 
     def mark_start(self) -> None:
         """A new engine process: `since_start` covers only its lines from now on."""
@@ -60,22 +61,37 @@ class EngineOutput:
         appended, self._appended = self._appended, anyio.Event()
         appended.set()
 
+    def close(self, last_line: str) -> None:
+        """No more lines for followers (the model is gone): each one, now or later, gets what
+        came before this call, then `last_line`, and ends. The ring itself is kept."""
+        if self._closed is None:
+            self._closed = (self._seen, last_line)
+            self._appended.set()  # wake the followers that wait (a set Event stays set)
+
     def tail(self, n: int) -> tuple[list[str], int]:
         """The last `n` lines kept (fewer when fewer are), and the cursor to `follow` from."""
         return (list(self.lines)[-n:] if n > 0 else []), self._seen
 
     async def follow(self, cursor: int) -> AsyncIterator[str]:
-        """Every line appended after `cursor` (from `tail`), as it comes (`vllmctl logs -f`).
-        A follower that falls more than the ring behind skips what the ring no longer holds."""
-        seen = cursor
+        """Every line appended after `cursor` (from `tail`), as it comes (`vllmctl logs -f`),
+        until `close`: then its last line, and the end. A follower that falls more than the
+        ring behind skips what the ring no longer holds."""
+        seen = cursor  # lines are numbered from 0 in the order they came
         while True:
-            if self._seen == seen:
-                await self._appended.wait()
-            fresh = self._seen - seen
-            kept = list(self.lines)[-min(fresh, len(self.lines)) :]
-            seen = self._seen
-            for line in kept:
-                yield line
+            closed = self._closed
+            end = self._seen if closed is None else closed[0]
+            if seen < end:
+                ring = list(self.lines)
+                first = self._seen - len(ring)  # the number of the ring's oldest line
+                kept = ring[max(seen - first, 0) : end - first]
+                seen = end
+                for line in kept:
+                    yield line
+                continue  # more may have come (or a close) while the follower read these
+            if closed is not None:
+                yield closed[1]
+                return
+            await self._appended.wait()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.lines)

@@ -4,7 +4,9 @@ The only module that creates, signals or reaps processes. vLLM runs as three pro
 server, EngineCore, Worker); killing only the API server leaves the others holding memory, so
 every signal goes to the whole process group, and descendants that left the group are found
 through the process tree (the daemon is a child subreaper, so orphans re-parent to it, and the
-`Reaper` collects those that die).
+`Reaper` collects those that die). The tree is noted every TREE_WATCH while the engine runs, and
+what of it is alive told to the state store (a `DescendantsSink`): after a daemon crash, recovery
+kills those too, by pid and start time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # imported where used: the daemon's start has no engine yet
 ENGINE_OOM_SCORE_ADJ = 500
 MAX_LINE = 16 * 1024
 KILL_WAIT = 10.0  # after SIGKILL, only a process stuck in the kernel (a driver) takes longer
+TREE_WATCH = 10.0  # how often a running engine's process tree is noted (beside the session's)
 # Set in every engine's environment; inherited by all it forks, so its orphans are known.
 MARKER_ENV = "VLLMD_INSTANCE"
 
@@ -74,6 +77,11 @@ class ProcessRecord:
         }
 
 
+# Told an engine's living descendants (its leader's pid and start time, then pid -> start time)
+# each time they change, and None once the engine is gone: the state store, for crash recovery.
+DescendantsSink = Callable[[int, float, Mapping[int, float] | None], None]
+
+
 @dataclass
 class EngineProcess:
     """One spawned engine: its leader process, process group and known descendants."""
@@ -84,7 +92,11 @@ class EngineProcess:
     descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
     reaper: Reaper | None = None  # told the groups of descendants that left the engine's
     kernel_log: KernelLog | None = None  # opened before the spawn; closed by kill()
+    sink: DescendantsSink | None = None  # told the living descendants as they change
+    tree_watch: float = TREE_WATCH
     _oom_killed: set[int] = field(default_factory=set, init=False)  # pids the kernel named
+    _told: dict[int, float] | None = field(default=None, init=False)  # what the sink last got
+    _watching: bool = field(default=False, init=False)
 
     @property
     def pid(self) -> int:
@@ -95,7 +107,22 @@ class EngineProcess:
         return frozenset({self.record.pid, *self.descendants})
 
     async def wait(self) -> int:
-        return await self.process.wait()
+        """The leader's exit status, once it exits. Meanwhile (in the first caller) the process
+        tree is noted every `tree_watch`, so a process that leaves the engine's group later in
+        its life is known to kill() and recorded by the sink."""
+        if self._watching:
+            return await self.process.wait()
+        self._watching = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_tree)
+            status = await self.process.wait()
+            tg.cancel_scope.cancel()
+        return status
+
+    async def _watch_tree(self) -> None:
+        while True:
+            await anyio.sleep(self.tree_watch)
+            await self.remember_descendants()
 
     @property
     def returncode(self) -> int | None:
@@ -134,6 +161,11 @@ class EngineProcess:
         if self.reaper is not None:
             for _, pgid in found.values():
                 self.reaper.adopt(pgid)
+        if self.sink is not None:
+            living = await anyio.to_thread.run_sync(_living, dict(self.descendants))
+            if living != self._told:
+                self._told = living
+                self.sink(self.record.pid, self.record.create_time, living)
 
     async def terminate(self, stop_timeout: float) -> None:
         """SIGTERM the group, wait up to stop_timeout, SIGKILL the group and every known
@@ -165,6 +197,9 @@ class EngineProcess:
             if self.returncode is None or left:
                 log.error("engine_processes_survive_sigkill", pgid=self.record.pgid)
             await self.process.aclose()
+            if self.sink is not None and self._told is not None:
+                self._told = None
+                self.sink(self.record.pid, self.record.create_time, None)
             await self._read_kernel_log()
             if self.kernel_log is not None:
                 self.kernel_log.close()
@@ -218,6 +253,11 @@ def kill_pids(pids: Mapping[int, float]) -> None:
                 proc.kill()
 
 
+def _living(pids: Mapping[int, float]) -> dict[int, float]:
+    """Those of `pids` alive with the same start time (a pid reused since is not theirs)."""
+    return {pid: created for pid, created in pids.items() if _alive(pid, created)}
+
+
 def _wait_gone(pgid: int, pids: Mapping[int, float], timeout: float) -> None:
     """Poll until the group and the pids are gone (dead: the Reaper collects the zombies
     among the daemon's children)."""
@@ -258,10 +298,13 @@ async def spawn(
     *,
     reaper: Reaper | None = None,
     kernel_log: KernelLogOpener = Kmsg,
+    sink: DescendantsSink | None = None,
+    tree_watch: float = TREE_WATCH,
 ) -> EngineProcess:
     """Start an engine in a new session (its own process group), output piped to us. The
     reaper, when given, adopts the engine's group; the kernel log is opened first, so an OOM
-    kill at any time of the engine's life can be attributed to it."""
+    kill at any time of the engine's life can be attributed to it; the sink, when given, is
+    told its living descendants as they are seen (every `tree_watch` while it runs)."""
     log_reader = await anyio.to_thread.run_sync(kernel_log)
     wrapped = [
         "/bin/sh",
@@ -299,6 +342,8 @@ async def spawn(
         marker=env.get(MARKER_ENV),
         reaper=reaper,
         kernel_log=log_reader,
+        sink=sink,
+        tree_watch=tree_watch,
     )
 
 

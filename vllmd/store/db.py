@@ -4,8 +4,8 @@ It is a queued subscriber of the event bus (docs/design.md "State store"): event
 the bus's bounded queue and are written in batches from a worker thread, so a slow or stalled disk
 never slows a request or a transition; what it cannot keep up with overflows the bound and is
 counted in `vllmd_events_dropped_total{subscriber="store"}`. From the events it keeps the engine
-records crash recovery needs (a `spawned` event adds one, a stop removes it), and from the
-`Overrides` the desired state (runtime pins, models loaded on purpose).
+records crash recovery needs (a `spawned` event adds one, a stop removes it; `note_descendants`
+its other processes), and from the `Overrides` the desired state (pins, models loaded on purpose).
 
 It owns event ids (the bus's `next_id`). Each run reserves ids ahead in the file (a floor,
 moved on as ids are used; set to the last id at a clean stop) and the next run starts past the
@@ -29,7 +29,7 @@ import itertools
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from vllmd.events import Event, EventBus
 from vllmd.overrides import Overrides
-from vllmd.store import records
+from vllmd.store import records, schema
+from vllmd.store.processes import EngineProcesses, Seen
 from vllmd.store.records import Desired, EngineRecord, Row
 
 log = structlog.get_logger("vllmd.store")
@@ -68,7 +69,7 @@ class StateStore:
         write: Writer = records.write,  # tests: a disk that stalls or fails
         max_pages: int | None = None,  # tests: a disk that is full at this many pages
     ) -> None:
-        self.path = directory / records.FILENAME
+        self.path = directory / schema.FILENAME
         self._retention = retention
         self._clock = clock
         self._write = write
@@ -87,6 +88,7 @@ class StateStore:
         self.host_measured: dict[str, records.HostMeasured] = {}  # level-1 sleeps' host RAM
         self.read_ok = False  # whether the previous run's records could be read at all
         self._live: dict[str, EngineRecord] = {}  # this run's engines, as written
+        self._processes = EngineProcesses()  # theirs beside the leader, as the daemon saw them
         self._rewrite = False  # a new file replaced a corrupt one: write everything again
         self._pending: list[Event] = []
         self._wake = anyio.Event()
@@ -122,7 +124,7 @@ class StateStore:
                 )
 
     def _open(self) -> None:
-        self._writer, fresh = records.connect(self.path, max_pages=self._max_pages)
+        self._writer, fresh = schema.connect(self.path, max_pages=self._max_pages)
         if fresh:  # the old file (and its ids) moved aside as corrupt
             self._problem_at = self._clock()
         first = records.reserve_ids(self._writer, RESERVE, _clock_id() if fresh else 0)
@@ -137,7 +139,7 @@ class StateStore:
             self._prune()
 
     def _read_only(self) -> None:
-        conn = records.reader(self.path)
+        conn = schema.reader(self.path)
         try:
             self.engines = records.engines(conn)
             self.desired = records.desired(conn)
@@ -200,14 +202,16 @@ class StateStore:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            while (self._pending or self._desired_dirty) and not self._closed:
+            while self._unwritten() and not self._closed:
                 batch = self._pending[:BATCH]
                 desired = self._desired() if self._desired_dirty else None
                 self._desired_dirty = False
+                seen = self._processes.take()
                 try:
-                    await self._in_writer(self._write_batch, batch, desired)
+                    await self._in_writer(self._write_batch, batch, desired, seen)
                 except (OSError, sqlite3.Error) as exc:
                     self._desired_dirty |= desired is not None or self._rewrite
+                    self._processes.failed(seen)
                     self._fail(str(exc))
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF[1])
@@ -218,6 +222,9 @@ class StateStore:
                 if self._failing is not None:
                     log.info("state_store_recovered", after=self._failing)
                     self._failing = None
+
+    def _unwritten(self) -> bool:
+        return bool(self._pending or self._desired_dirty or self._processes.changed)
 
     async def _in_writer(self, work: Callable[..., None], *args: Any) -> None:
         """`work` on the writer thread; a daemon that stops does not wait for a hung disk."""
@@ -235,29 +242,38 @@ class StateStore:
             return None
         return Desired(self._overrides.runtime_pins(), self._overrides.on_purpose())
 
-    def _write_batch(self, batch: Sequence[Event], desired: Desired | None) -> None:
+    def note_descendants(
+        self, pid: int, start_time: float, processes: Mapping[int, float] | None
+    ) -> None:
+        """The engine whose leader is `pid` (started at `start_time`) has these other processes
+        now (pid -> start time); None once it is gone. Written into its record."""
+        self._processes.note((pid, start_time), processes)
+        self._wake.set()
+
+    def _write_batch(self, batch: Sequence[Event], desired: Desired | None, seen: Seen) -> None:
         """In the writer thread: one transaction. A corrupt file is moved aside (the batch is
         then retried on a new one, with this run's engines and desired state again)."""
         if self._closed:
             return
         if self._writer is None:
-            self._writer, fresh = records.connect(self.path, max_pages=self._max_pages)
+            self._writer, fresh = schema.connect(self.path, max_pages=self._max_pages)
             self._reader_stale = True
             self._rewrite |= fresh
         rows = [Row(e.id, e.time, str(e.kind), e.model, e.fields) for e in batch]
         engines = records.engine_changes(batch)
         if self._rewrite:
             engines = {**self._live, **engines}
+        engines = seen.apply(engines, self._live)
         top = rows[-1].id if rows else 0
         floor = top + RESERVE if top > self._floor - RESERVE // 2 else None
         try:
             self._write(self._writer, rows, engines, desired, floor)
         except sqlite3.DatabaseError as exc:
-            if records.is_corruption(exc):
+            if schema.is_corruption(exc):
                 self._writer.close()
                 self._writer = None
                 self._rewrite = True
-                aside = records.move_aside(self.path)
+                aside = schema.move_aside(self.path)
                 log.error("state_db_corrupt", path=str(self.path), moved_to=str(aside))
             raise
         self._rewrite = False
@@ -369,7 +385,7 @@ class StateStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._reader.close()
                 self._reader = None
-            self._reader = records.reader(self.path)
+            self._reader = schema.reader(self.path)
             self._reader_stale = False
         try:
             return records.events(self._reader, **query)

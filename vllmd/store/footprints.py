@@ -9,7 +9,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllmd.store.records import FILENAME, Overhead, overheads, reader
+from vllmd.store.records import Overhead, overheads
+from vllmd.store.schema import FILENAME, reader
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,9 @@ if alive, has the recorded start time: a pid reused by another program is never 
 leader that is gone may leave members of its group alive, but once the whole group was gone its
 number may name another program's group: then only members that show they are the engine's
 (its marker in their environment, or vLLM's renamed processes started within WINDOW of it)
-are killed.
+are killed. Beside the group, the engine's other processes the record lists (as the daemon saw
+them while the engine ran) are killed where one is alive with its recorded start time: so a
+process that left the engine's group is not left behind, and a pid reused since is not touched.
 """
 
 from __future__ import annotations
@@ -58,24 +60,45 @@ def find(records: Iterable[EngineRecord], boot: str, window: float = WINDOW) -> 
 
     found = []
     groups: dict[int, list[psutil.Process]] = {}
+    running: dict[int, float] = {}  # pid -> start time, zombies left out
     for proc in psutil.process_iter(["pid", "create_time", "status"]):
         with contextlib.suppress(psutil.Error, OSError):
             if proc.info["status"] != psutil.STATUS_ZOMBIE:
                 groups.setdefault(os.getpgid(proc.pid), []).append(proc)
+                running[proc.pid] = proc.info["create_time"]
     for record in records:
         if record.boot_id != boot:
             continue  # another boot: those numbers name other processes now
-        members = groups.get(record.pgid, [])
-        leader = next((p for p in members if p.pid == record.pid), None)
-        if leader is not None:
-            if abs(leader.info["create_time"] - record.start_time) > _SAME_START:
-                continue  # the pid was reused by another program
-            ours = [p for p in members if p.info["create_time"] >= record.start_time - _SAME_START]
-        else:  # the group's number may have been reused since: each member must show it is ours
-            ours = [p for p in members if _engines_own(p, record, window)]
-        if ours:
-            found.append(Orphans(record, {p.pid: p.info["create_time"] for p in ours}))
+        pids = _group_members(record, groups.get(record.pgid, []), window)
+        pids.update(descendants_alive(record, running))
+        if pids:
+            found.append(Orphans(record, pids))
     return found
+
+
+def _group_members(
+    record: EngineRecord, members: list[psutil.Process], window: float
+) -> dict[int, float]:
+    """The members of the recorded group that are the engine's: pid -> start time."""
+    leader = next((p for p in members if p.pid == record.pid), None)
+    if leader is not None:
+        if abs(leader.info["create_time"] - record.start_time) > _SAME_START:
+            return {}  # the pid was reused by another program
+        ours = [p for p in members if p.info["create_time"] >= record.start_time - _SAME_START]
+    else:  # the group's number may have been reused since: each member must show it is ours
+        ours = [p for p in members if _engines_own(p, record, window)]
+    return {p.pid: p.info["create_time"] for p in ours}
+
+
+def descendants_alive(record: EngineRecord, running: Mapping[int, float]) -> dict[int, float]:
+    """The engine's recorded processes that are alive now (`running`: pid -> start time):
+    those whose pid runs with the recorded start time. A pid that runs with another start
+    time was reused by another program: never the engine's."""
+    return {
+        pid: running[pid]
+        for pid, created in record.descendants
+        if pid in running and abs(running[pid] - created) <= _SAME_START
+    }
 
 
 def _engines_own(proc: psutil.Process, record: EngineRecord, window: float) -> bool:
