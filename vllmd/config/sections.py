@@ -122,7 +122,6 @@ def parse_gateway(table: Table, base_dir: Path) -> GatewayConfig:
         api_keys_file=keys_file,
         allow_unauthenticated=table.flag("allow_unauthenticated", d.allow_unauthenticated),
         max_body=table.size("max_body", d.max_body),
-        client_body_timeout=table.duration("client_body_timeout", d.client_body_timeout),
         max_connections=table.integer("max_connections", d.max_connections, minimum=1),
         queue_timeout=table.duration("queue_timeout", d.queue_timeout),
         max_queue=table.integer("max_queue", d.max_queue, minimum=0),

@@ -18,7 +18,6 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     413: "invalid_request_error",
     405: "invalid_request_error",
-    408: "invalid_request_error",
 }
 
 
