@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: dev demo-models run test test-fast lint clean system-tools install bench bench-tools \
-	gpu-swaps bench-cores
+	gpu-swaps bench-cores bench-rss
 
 dev: $(VENV)/.dev-done system-tools
 
@@ -87,6 +87,13 @@ gpu-swaps: dev
 BENCH_CORES_ARGS ?=
 bench-cores: dev demo-models
 	$(PY) bench/cpu_slices.py $(BENCH_CORES_ARGS)
+
+# The daemon's RSS over 9 rounds of mixed bursts (plain, streams, clients that leave, 8 MB
+# answers) with and without the bound on buffered answers, what gc.collect() and
+# malloc_trim(0) give back after them, and the peak during one 200 MB answer. ~1-2 minutes.
+BENCH_RSS_ARGS ?=
+bench-rss: $(VENV)/.bench-done bench-tools
+	$(PY) bench/rss_bursts.py $(BENCH_RSS_ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check vllmd tests bench tools

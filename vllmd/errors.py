@@ -9,6 +9,7 @@
     │   ├── InsufficientMemory the model does not fit and nothing can be evicted for it
     │   ├── QueueFull          the model's (or the host's) request queue is full
     │   ├── QueueTimeout       the request waited `queue_timeout` for the model
+    │   ├── ModelUnloaded      unloaded by an operator while the request waited for it
     │   └── ShuttingDown       the daemon is stopping and starts nothing more
     ├── StartFailed            the engine exited or timed out while starting
     ├── EngineUnavailable      an engine's own route (sleep, wake, metrics) failed or
@@ -87,6 +88,16 @@ class QueueFull(ModelUnavailable):
 
 class QueueTimeout(ModelUnavailable):
     code = "queue_timeout"
+
+
+class ModelUnloaded(ModelUnavailable):
+    """An operator unloaded the model while the request waited for its start: nothing is
+    wrong with it, and a request a moment later starts it again."""
+
+    code = "model_unloaded"
+
+    def __init__(self, message: str, retry_after: float | None = 5.0) -> None:
+        super().__init__(message, retry_after)
 
 
 class ShuttingDown(ModelUnavailable):

@@ -57,7 +57,7 @@ class Kind(StrEnum):
     RELEASE_UNVERIFIED = "release_unverified"  # problem
     MODEL_ADDED = "model_added"  # replaced (bool)
     MODEL_REMOVED = "model_removed"  # by a reload
-    RELOADED = "reloaded"  # added, removed, restarted, live (model names)
+    RELOADED = "reloaded"  # added, removed, restarted, live (model names); keys (key paths)
     RELOAD_FAILED = "reload_failed"  # problems
     ORPHANS_KILLED = "orphans_killed"  # pids, pgid, survivors: a previous run's engine
     ALERT = "alert"  # alertname, alertstate (pending|firing|resolved), labels, value

@@ -4,6 +4,7 @@ ones restart, removed ones stop, new ones appear; a bad file changes nothing and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -99,12 +100,41 @@ async def test_reload_keeps_unchanged_engines_restarts_changed_ones_removes_and_
         "removed": ["gone"],
         "restarted": ["grow"],
         "live": ["keep"],
+        "changed": [
+            "models.gone",
+            "models.grow.memory",
+            "models.keep.aliases",
+            "models.keep.idle_ttl",
+            "models.new",
+        ],
     }
     assert keep.pid == pids["keep"] and keep.model.idle_ttl == 3600
     assert grow.pid is not None and grow.pid != pids["grow"] and grow.held_bytes == 4 * 2**30
     assert new.state.value == "stopped"
     assert gone.status_code == 404 and by_alias.status_code == 200
     assert gauge == 1.0
+
+
+async def test_a_reload_of_gateway_keys_names_them_and_never_a_value(tmp_path: Path) -> None:
+    """api_keys and max_queue are applied without touching a model: the reply and the
+    `reloaded` event name both key paths, and the key itself appears in neither."""
+    secret = "sk-reload-secret-0123456789"
+    path = _write(tmp_path, _model("m"))
+    keyed = f'queue_timeout = "20s"\napi_keys = ["{secret}"]\nmax_queue = 7'
+    async with running(load_config(path)) as run, client(run) as http, control(run) as ctl:
+        path.write_text(path.read_text().replace('queue_timeout = "20s"', keyed))
+        answer = await ctl.post("/v1/reload")
+        events = await ctl.get("/v1/events")
+        (event,) = [e for e in run.events.history if e.kind == "reloaded"]
+        keyless = await http.post("/v1/completions", json=_req("m"))
+        auth = {"Authorization": f"Bearer {secret}"}
+        with_key = await http.post("/v1/completions", json=_req("m"), headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["changed"] == ["gateway.api_keys", "gateway.max_queue"]
+    assert event.fields["keys"] == ["gateway.api_keys", "gateway.max_queue"]
+    assert secret not in answer.text and secret not in events.text
+    assert secret not in json.dumps(event.as_dict())
+    assert (keyless.status_code, with_key.status_code) == (401, 200)  # applied, not only told
 
 
 async def test_a_bad_file_or_a_refused_key_changes_nothing_and_names_the_problem(
@@ -184,8 +214,6 @@ async def test_a_reload_while_a_sized_models_files_are_away_keeps_it_serving(
     """memory = "auto" sized the model at start; its weights vanish (a pruned cache, a revision
     half downloaded); a reload for another model keeps its engine (same pid), not a stop into
     a 503."""
-    import json
-
     directory = tmp_path / "tiny"
     directory.mkdir()
     shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}

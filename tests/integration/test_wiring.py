@@ -39,7 +39,7 @@ async def test_a_model_added_to_a_running_daemon_is_served_under_its_names(
     assert [(e.model, e.fields["replaced"]) for e in added] == [("b", False)]
 
 
-async def test_a_changed_model_replaces_the_running_one_and_an_unchanged_one_keeps_running(
+async def test_a_changed_model_restarts_the_running_one_in_place_and_an_unchanged_one_keeps_running(
     tmp_path: Path,
 ) -> None:
     config = fake_config(tmp_path, {"a": {}})
@@ -56,7 +56,7 @@ async def test_a_changed_model_replaces_the_running_one_and_an_unchanged_one_kee
         answered = await http.post("/v1/completions", json=_req("a"))
         status = run.supervisor.status(new)
     assert same is old and unchanged_pid == old_pid
-    assert new is not old and stopped_before_replacement is S.STOPPED
+    assert new is old and stopped_before_replacement is S.STOPPED
     assert answered.status_code == 200
     assert status.state is S.READY and status.pid != old_pid
     assert status.held_bytes == 4 * 2**30

@@ -171,6 +171,11 @@ def test_bad_size_names_the_key(tmp_path: Path) -> None:
     assert found == ['models.qwen.memory: "20 G" is not a size (e.g. "20GiB", "20GB")']
 
 
+def test_a_client_body_timeout_of_zero_is_refused_by_name(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[gateway]\nclient_body_timeout = "0s"\n')
+    assert found == ["gateway.client_body_timeout: must be longer than 0"]
+
+
 def test_bad_duration_names_the_key(tmp_path: Path) -> None:
     found = problems(tmp_path, '[engine]\nstop_timeout = "5 minutes"\n')
     assert found == ['engine.stop_timeout: "5 minutes" is not a duration (e.g. "90s", "1h30m")']

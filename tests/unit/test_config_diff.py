@@ -68,3 +68,102 @@ def test_keys_that_need_a_daemon_restart_are_refused_naming_the_key(tmp_path: Pa
     assert len(refused) == 2
     assert refused[0].startswith("gateway.max_connections: cannot change on reload (")
     assert refused[1].startswith("daemon.state_dir: cannot change on reload (")
+
+
+SECRET = "sk-very-secret-key"
+
+
+def _file(tmp_path: Path, **sections: object) -> Config:
+    """A whole config file's data: one cpu device, model m, and `sections` merged over it."""
+    data: dict[str, object] = {
+        "devices": {"cpu0": {"kind": "cpu", "memory": "64GiB"}},
+        "models": {"m": {"model": "fake/m", "devices": ["cpu0"], "memory": "3GiB"}},
+    }
+    return parse_config({**data, **sections}, tmp_path)
+
+
+def test_keys_name_every_changed_key_outside_the_models_and_no_value(tmp_path: Path) -> None:
+    """The keys a reload applies without touching a model are listed too, by path only."""
+    old = _file(tmp_path)
+    new = _file(
+        tmp_path,
+        gateway={"api_keys": [SECRET], "max_queue": 9, "queue_timeout": "1m"},
+        engine={"health_failures": 7},
+        devices={"cpu0": {"kind": "cpu", "memory": "32GiB"}},
+    )
+    plan = plan_reload(old, new)
+    assert plan.keys == (
+        "devices.cpu0.memory",
+        "engine.health_failures",
+        "gateway.api_keys",
+        "gateway.max_queue",
+        "gateway.queue_timeout",
+    )
+    assert plan.changed and (plan.restart, plan.live, plan.added, plan.removed) == ((),) * 4
+    assert SECRET not in repr(plan)
+
+
+def test_keys_name_a_model_or_device_added_or_removed_and_a_map_not_its_entries(
+    tmp_path: Path,
+) -> None:
+    old = _config(tmp_path, a={}, gone={})
+    new = _config(
+        tmp_path,
+        a={"args": ["--enforce-eager"], "env": {"HF_TOKEN": SECRET}, "priority": 2},
+        new={},
+    )
+    devices = {**new.devices, "cpu1": dataclasses.replace(new.devices["cpu0"], name="cpu1")}
+    new = dataclasses.replace(new, devices=devices)
+    plan = plan_reload(old, new)
+    assert plan.keys == (
+        "devices.cpu1",
+        "models.a.args",
+        "models.a.env",
+        "models.a.priority",
+        "models.gone",
+        "models.new",
+    )
+    assert plan_reload(new, old).keys == (
+        "devices.cpu1",
+        "models.a.args",
+        "models.a.env",
+        "models.a.priority",
+        "models.gone",
+        "models.new",
+    )
+    assert SECRET not in repr(plan)
+
+
+def test_keys_name_alerts_and_rules_in_the_files_spelling(tmp_path: Path) -> None:
+    old = _file(tmp_path)
+    rules = [
+        {"name": "VllmdModelRestarts", "threshold": 5, "for": "1m"},
+        {"name": "Mine", "signal": "model_restarts", "op": ">", "threshold": 1},
+        {"name": "VllmdEvictionThrash", "enabled": False},
+    ]
+    new = _file(tmp_path, alerts={"interval": "30s", "labels": {"team": "x"}, "rules": rules})
+    assert plan_reload(old, new).keys == (
+        "alerts.interval",
+        "alerts.labels",
+        "alerts.rules.Mine",
+        "alerts.rules.VllmdEvictionThrash",
+        "alerts.rules.VllmdModelRestarts.for",
+        "alerts.rules.VllmdModelRestarts.threshold",
+    )
+
+
+def test_what_the_file_does_not_say_is_no_changed_key(tmp_path: Path) -> None:
+    """The file's own path and what sizing worked out are not keys: a model restarted for a
+    new estimate alone is restarted, and names no key."""
+    old = _file(tmp_path)
+    moved = dataclasses.replace(old, path=tmp_path / "elsewhere.toml")
+    model = old.models["m"]
+    auto = dataclasses.replace(model, memory_auto=True, memory=2 * 2**30)
+    estimated = dataclasses.replace(old, models={"m": auto})
+    reestimated = dataclasses.replace(
+        old, models={"m": dataclasses.replace(auto, memory=5 * 2**30, unsized="not there yet")}
+    )
+    assert plan_reload(old, moved).keys == () and not plan_reload(old, moved).changed
+    plan = plan_reload(estimated, reestimated)
+    assert plan.keys == () and plan.restart == ("m",) and plan.changed
+    assert plan_reload(old, estimated).keys == ("models.m.memory",)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vllmd.engine.upstream import ConnectError, Pool, ReadError
+from vllmd.engine.answers import ConnectError, ReadError
+from vllmd.engine.upstream import Pool
 
 pytestmark = pytest.mark.anyio
 

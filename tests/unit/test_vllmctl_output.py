@@ -195,6 +195,24 @@ def test_event_line_of_a_host_event_shows_a_dash_for_the_model() -> None:
     assert line == "1970-01-01T00:00:00+00:00 #1 control -"
 
 
+def test_reload_summary_lists_the_changed_keys_and_says_nothing_changed_only_then() -> None:
+    """A reload that changed only keys outside the models (api_keys, queue settings) says which,
+    not "nothing changed"."""
+    empty = {"reloaded": True, "added": [], "removed": [], "restarted": [], "live": []}
+    keys_only = {**empty, "changed": ["gateway.api_keys", "gateway.max_queue"]}
+    both = {
+        **empty,
+        "restarted": ["a"],
+        "live": ["b"],
+        "changed": ["models.a.args", "models.b.pinned"],
+    }
+    assert render.reload_summary({**empty, "changed": []}) == "reloaded: nothing changed"
+    assert render.reload_summary(keys_only) == "reloaded: keys gateway.api_keys, gateway.max_queue"
+    assert render.reload_summary(both) == (
+        "reloaded: restarted a; changed b; keys models.a.args, models.b.pinned"
+    )
+
+
 @pytest.mark.parametrize(
     ("given", "sent"),
     [

@@ -153,6 +153,8 @@ def reload_summary(body: Mapping[str, Any]) -> str:
     parts = [f"{what} {', '.join(body[key])}" for what, key in kinds if body.get(key)]
     if body.get("live"):
         parts.append(f"changed {', '.join(body['live'])}")
+    if body.get("changed"):  # every changed key path, never a value
+        parts.append(f"keys {', '.join(body['changed'])}")
     return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
 
 

@@ -60,6 +60,8 @@ class GatewayConfig:
     api_keys_file: Path | None = None
     allow_unauthenticated: bool = False
     max_body: int = 32 * 1024**2
+    # Longest pause between two reads of a request body (nginx's client_body_timeout): 408.
+    client_body_timeout: float = 10.0
     max_connections: int = 1024
     queue_timeout: float = 300.0
     max_queue: int = 256

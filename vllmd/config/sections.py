@@ -86,6 +86,14 @@ def _retention(table: Table, default: float) -> float:
     return seconds
 
 
+def _positive(table: Table, name: str, default: float) -> float:
+    seconds = table.duration(name, default)
+    if seconds <= 0:
+        table.problem(name, "must be longer than 0")
+        return default
+    return seconds
+
+
 def _file_mode(value: Any) -> int:
     # TOML has octal integers (0o660) too; a decimal 660 lands above 0o777 and is refused.
     if isinstance(value, int) and not isinstance(value, bool):
@@ -122,6 +130,7 @@ def parse_gateway(table: Table, base_dir: Path) -> GatewayConfig:
         api_keys_file=keys_file,
         allow_unauthenticated=table.flag("allow_unauthenticated", d.allow_unauthenticated),
         max_body=table.size("max_body", d.max_body),
+        client_body_timeout=_positive(table, "client_body_timeout", d.client_body_timeout),
         max_connections=table.integer("max_connections", d.max_connections, minimum=1),
         queue_timeout=table.duration("queue_timeout", d.queue_timeout),
         max_queue=table.integer("max_queue", d.max_queue, minimum=0),

@@ -313,6 +313,7 @@ class ControlAPI:
                 "removed": list(plan.removed),
                 "restarted": list(plan.restart),
                 "live": list(plan.live),
+                "changed": list(plan.keys),  # every changed key path, never a value
             },
         )
 

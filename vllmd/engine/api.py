@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vllmd.config import EngineConfig
-from vllmd.engine.argv import EngineAddress
-from vllmd.engine.upstream import (
+from vllmd.engine.answers import (
     ConnectError,
     ConnectTimeout,
-    Pool,
     ReadError,
     RemoteProtocolError,
     UpstreamError,
     UpstreamResponse,
     content_type,
 )
+from vllmd.engine.argv import EngineAddress
+from vllmd.engine.upstream import Pool
 from vllmd.errors import EngineUnavailable
 
 if TYPE_CHECKING:
@@ -78,7 +78,15 @@ def make_client(
 
 
 class Upstream(Protocol):
-    """The proxy's path to one engine."""
+    """The proxy's path to one engine; `reads` counts the reads of its answers (the engine's
+    progress, sampled by the liveness check)."""
+
+    @property
+    def reads(self) -> int: ...
+
+    def abort(self) -> None:
+        """Fail every answer in progress at once (its engine is being restarted)."""
+        ...
 
     async def post(
         self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]
@@ -129,6 +137,14 @@ class TransportUpstream:
             [(b"authorization", f"Bearer {address.api_key}".encode())] if address.api_key else []
         )
         self._timeout = {"connect": connect_timeout, "read": None, "write": None, "pool": None}
+        self.reads = 0
+
+    def abort(self) -> None:
+        pass  # the test's transport: its answers end as the test says
+
+    def note_read(self) -> None:
+        """One more read of an answer (its `_HttpxResponse` tells)."""
+        self.reads += 1
 
     async def post(
         self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]
@@ -148,16 +164,18 @@ class TransportUpstream:
             "POST", url, headers=headers, content=body, extensions={"timeout": self._timeout}
         )
         try:
-            return _HttpxResponse(await self._transport.handle_async_request(request))
+            return _HttpxResponse(await self._transport.handle_async_request(request), self)
         except httpx.HTTPError as exc:
             raise upstream_error(exc) from exc
 
 
 class _HttpxResponse:
-    __slots__ = ("_response", "headers", "status_code")
+    __slots__ = ("_raw", "_response", "_upstream", "headers", "status_code")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, upstream: TransportUpstream) -> None:
         self._response = response
+        self._upstream = upstream
+        self._raw: AsyncIterator[bytes] | None = None  # one iterator: abuffer() then the rest
         self.status_code = response.status_code
         self.headers = list(response.headers.raw)
 
@@ -165,24 +183,44 @@ class _HttpxResponse:
         return content_type(self.headers)
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._next()) is not None:
+            yield chunk
+
+    async def _next(self) -> bytes | None:
         import httpx
 
+        if self._raw is None:
+            response = self._response  # (one read already, as a mock's plain answer is, is whole)
+            read = response.is_stream_consumed
+            self._raw = _once(response.content) if read else response.aiter_raw()
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            chunk = await anext(self._raw)
+        except StopAsyncIteration:
+            return None
         except httpx.HTTPError as exc:
             raise upstream_error(exc) from exc
+        self._upstream.note_read()
+        return chunk
 
     async def aread(self) -> bytes:
-        import httpx
+        return (await self.abuffer(1 << 62))[0]
 
-        try:
-            return await self._response.aread()
-        except httpx.HTTPError as exc:
-            raise upstream_error(exc) from exc
+    async def abuffer(self, limit: int) -> tuple[bytes, bool]:
+        chunks = []
+        size = 0
+        while (chunk := await self._next()) is not None:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return b"".join(chunks), False
+        return b"".join(chunks), True
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 class EngineAPI:

@@ -9,10 +9,9 @@ hooks) the proxy does not use; a protocol of ~200 lines sends a request in one w
 hands body chunks over as they arrive. httpx stays vllmd's client for everything else
 (health, warm-up, sleep, metrics) and the tests' seam (`make_client(transport=...)`).
 
-Errors are `UpstreamError`s named as httpx names them (`ConnectError`, `ConnectTimeout`,
-`ReadError`, `RemoteProtocolError`); the tests' httpx path translates its errors into them,
-so the proxy has one error vocabulary for either client, and the daemon does not import
-httpx until it talks to an engine or an Alertmanager (docs/performance.md "Start-up").
+Errors are vllmd.engine.answers' (named as httpx names them; the tests' httpx path translates
+its errors into them), so the proxy has one error vocabulary for either client, and the
+daemon does not import httpx until it talks to an engine (docs/performance.md "Start-up").
 
 Idle connections are kept LIFO (the warmest first); one the engine closed is known at once
 (`connection_lost`) and never reused, nor one idle longer than KEEP_IDLE (the engine's uvicorn
@@ -22,41 +21,32 @@ went out: the request is sent once more on another connection. Later than that t
 may have taken the request (a POST is not sent twice): the error stands. Bytes the engine
 sends when no answer is expected end the connection, never reach the next answer. Reading
 pauses while a slow client leaves more than `HIGH_WATER` bytes unsent, so a stream never
-piles up in the daemon.
+piles up in the daemon. An answer's head over MAX_HEAD is a `RemoteProtocolError` (httptools
+would hold a header that never ends whole, however long).
+
+`Pool.reads` counts reads on its connections: the progress the liveness check samples.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol, cast
+from typing import cast
 
 import httptools
 
-
-class UpstreamError(Exception):
-    """The engine could not be reached, or broke off or garbled its answer."""
-
-
-class ConnectError(UpstreamError):
-    """No connection to the engine."""
-
-
-class ConnectTimeout(ConnectError):
-    """No connection to the engine in time."""
-
-
-class ReadError(UpstreamError):
-    """The connection failed or closed before the answer ended."""
-
-
-class RemoteProtocolError(UpstreamError):
-    """The engine's answer is not HTTP/1.1 as the proxy speaks it."""
-
+from vllmd.engine.answers import (
+    ConnectError,
+    ConnectTimeout,
+    ReadError,
+    RemoteProtocolError,
+    Response,
+    UpstreamError,
+)
 
 HIGH_WATER = 256 * 1024
+MAX_HEAD = 64 * 1024  # bytes of an answer's status line and headers (the gateway's request bound)
 KEEP_IDLE = 4.0  # seconds a connection may sit idle and still be used (uvicorn's is 5)
 RETRY_WINDOW = 0.1  # seconds after sending in which a lost connection is the keep-alive race
 MAX_IDLE = 512  # above the busiest moment, else a burst of 256 clients churns connections
@@ -72,6 +62,9 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.received = False  # any byte of the current answer
+        self.reads = 0  # reads of its answers (its pool sums them: the engine's progress)
+        self._head_size = 0  # bytes of the current answer's parsed head lines
+        self._unfinished = 0  # bytes read while its head was still unfinished
         self._paused = False
         self._head: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -96,12 +89,21 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         self.received = True
+        self.reads += 1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(RemoteProtocolError("the engine upgraded the connection"))
+            return
         except httptools.HttpParserError as exc:
-            self._fail(RemoteProtocolError(f"bad answer from the engine: {exc}"))
+            cause = exc.__context__  # an error of a callback's (a head too large)
+            error = cause if isinstance(cause, UpstreamError) else None
+            self._fail(error or RemoteProtocolError(f"bad answer from the engine: {exc}"))
+            return
+        if not self.status:  # the head is still unfinished: all of this was head
+            self._unfinished += len(data)  # (httptools holds a header line that never ends)
+            if self._unfinished > MAX_HEAD:
+                self._fail(_head_too_large())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -118,6 +120,9 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.expecting:  # (a second answer in the same read is not this request's)
             self.headers.append((name, value))
+            self._head_size += len(name) + len(value) + 4  # ": " and the line break
+            if self._head_size > MAX_HEAD:
+                raise _head_too_large()
 
     def on_headers_complete(self) -> None:
         if not self.expecting:
@@ -168,6 +173,7 @@ class Connection(asyncio.Protocol):
             raise self.error or ReadError("the engine closed the connection")
         self.received = self.complete = False
         self.status, self.headers, self._chunks = 0, [], deque()
+        self._head_size = self._unfinished = 0
         self.expecting = True
         self._head = self._loop.create_future()
         self.sent_at = self._loop.time()
@@ -232,68 +238,13 @@ class Connection(asyncio.Protocol):
             self.abort()
 
 
+def _head_too_large() -> RemoteProtocolError:
+    return RemoteProtocolError(f"the engine's answer head is over {MAX_HEAD} bytes")
+
+
 def _wake(future: asyncio.Future[None] | None) -> None:
     if future is not None and not future.done():
         future.set_result(None)
-
-
-class UpstreamResponse(Protocol):
-    """An engine's answer with its body still to come: the part of `httpx.Response` the
-    proxy uses (`headers` raw, as the engine sent them)."""
-
-    status_code: int
-    headers: list[tuple[bytes, bytes]]
-
-    def content_type(self) -> bytes: ...
-    def aiter_raw(self) -> AsyncIterator[bytes]: ...
-    async def aread(self) -> bytes: ...
-    async def aclose(self) -> None: ...
-
-
-def content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            return value
-    return b""
-
-
-class Response:
-    """An answer on one of the pool's connections."""
-
-    __slots__ = ("_conn", "_done", "headers", "status_code")
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._done = False
-        self.status_code = conn.status
-        self.headers = conn.headers  # raw (name, value) pairs as the engine sent them
-
-    def content_type(self) -> bytes:
-        return content_type(self.headers)
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        while (data := await self._conn.chunk()) is not None:
-            yield data
-
-    async def aread(self) -> bytes:
-        conn = self._conn
-        data = conn.whole()  # no async generator or wait for an answer read whole already
-        if data is not None:
-            return data
-        chunks = []
-        while (data := await conn.chunk()) is not None:
-            chunks.append(data)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Synchronous, so a cancelled caller still closes: an unfinished answer's connection
-        is aborted (the engine sees the client leave and stops generating). Once only."""
-        if not self._done:
-            self._done = True
-            self._conn.release()
 
 
 class Pool:
@@ -312,7 +263,9 @@ class Pool:
         self._host, self._port = host, port
         self._connect_timeout = connect_timeout
         self._idle: list[Connection] = []
+        self._open: set[Connection] = set()  # every connection not lost yet, idle or in use
         self._closed = False
+        self._reads_gone = 0  # reads on its connections already lost
         # Every request starts with these bytes after its request line.
         self._fixed = b"host: engine\r\n" + (b"authorization: " + auth + b"\r\n" if auth else b"")
         self._lines: dict[str, bytes] = {}
@@ -324,7 +277,15 @@ class Pool:
             conn.mark_idle()
             self._idle.append(conn)
 
+    @property
+    def reads(self) -> int:
+        """Reads on its connections so far: the engine's progress on answers."""
+        return self._reads_gone + sum(conn.reads for conn in self._open)
+
     def forget(self, conn: Connection) -> None:
+        if conn in self._open:
+            self._open.remove(conn)
+            self._reads_gone += conn.reads
         if conn in self._idle:
             self._idle.remove(conn)
 
@@ -333,6 +294,13 @@ class Pool:
         self._closed = True
         while self._idle:
             self._idle.pop().abort()
+
+    def abort(self) -> None:
+        """Close every connection, those in use too: their answers fail (a `ReadError`) at
+        once, as when the engine dies."""
+        self.close()
+        for conn in list(self._open):
+            conn.abort()
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -348,6 +316,10 @@ class Pool:
             raise ConnectTimeout("no connection to the engine in time") from None
         except OSError as exc:
             raise ConnectError(str(exc) or type(exc).__name__) from None
+        if self._closed:  # aborted while it connected
+            conn.abort()
+            raise ConnectError("the engine's connections are closed")
+        self._open.add(conn)
         return conn
 
     def encode(self, route: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import time
+from typing import cast
 
 import structlog
 
@@ -33,13 +34,14 @@ from vllmd.gateway.routes import match as match_route
 from vllmd.httpserver.asgi import (
     HTTPError,
     Receive,
+    ReceiveWithin,
     Scope,
     Send,
     send_bytes,
     send_error,
     send_json,
 )
-from vllmd.httpserver.exchange import NO_EXTENSIONS, ON_DISCONNECT
+from vllmd.httpserver.exchange import NO_EXTENSIONS, ON_DISCONNECT, RECEIVE_TIMEOUT
 from vllmd.instance.instance import Instance
 from vllmd.log import RequestLog
 from vllmd.metrics import Metrics
@@ -78,6 +80,7 @@ class Gateway:
         self._config: Config | None = None  # what the settings below were read from
         self._keys: tuple[bytes, ...] = ()
         self._max_body = 0
+        self._body_timeout = 0.0
         self._settings()
         self.accepting = False  # from open() (the daemon serves) until close() (shutdown)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,6 +102,7 @@ class Gateway:
             self._config = config
             self._keys = tuple(k.encode() for k in config.gateway.api_keys)
             self._max_body = config.gateway.max_body
+            self._body_timeout = config.gateway.client_body_timeout
         return config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,7 +122,8 @@ class Gateway:
                         self._authorize(scope)
                     await self._proxy(scope, receive, send, hit[0], hit[1])
                     return
-            elif method == "GET" and await self._get(scope, send, path):
+            elif (method == "GET" or method == "HEAD") and await self._get(scope, send, path):
+                # (HEAD: the server sends the head of GET's answer, content-length included)
                 return
             await self._no_route(send, method, path)
         except HTTPError as exc:
@@ -189,8 +194,9 @@ class Gateway:
             request_id = self._ids.next()
         model_label = ""
         outcome = FAILED  # until the request is answered, refused or left
+        extensions = scope.get("extensions", NO_EXTENSIONS)
         try:
-            body = await self._read_body(receive, length)
+            body = await self._read_body(receive, length, RECEIVE_TIMEOUT in extensions)
             payload = json_object(body)
             name = path_model if path_model is not None else body_model(payload)
             try:
@@ -215,7 +221,7 @@ class Gateway:
             # more than the rest of the gateway's own work (docs/performance.md). Under a
             # server without that extension the request is forwarded unwatched.
             outcome = GONE  # a request cancelled or never sent: the client left
-            watch = scope.get("extensions", NO_EXTENSIONS).get(ON_DISCONNECT)
+            watch = extensions.get(ON_DISCONNECT)
             if watch is None:
                 outcome = await self._forward(scope, send, route, body, instance, request_id)
             else:
@@ -246,14 +252,25 @@ class Gateway:
                 self._observations.request(model_label, status, ttfb, self._ctx.clock())
             self._log.request(request_id, model_label, route, status, seconds)
 
-    async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
+    async def _read_body(self, receive: Receive, length: bytes | None, timed: bool) -> bytes:
+        """The whole body. Under vllmd's server (`timed`) each wait for more of it is bounded
+        by `client_body_timeout`, so a client that stops sending gives its connection up (the
+        answer to a body not all in closes it); elsewhere it is read without a deadline."""
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self.metrics.rejected("", Code.BODY_TOO_LARGE)
             raise gateway_error(Code.BODY_TOO_LARGE, f"request body over {self._max_body} bytes")
+        within = cast(ReceiveWithin, receive) if timed else None
+        timeout = self._body_timeout
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await (receive() if within is None else within(timeout))
+            except TimeoutError:
+                self.metrics.rejected("", Code.REQUEST_TIMEOUT)
+                raise gateway_error(
+                    Code.REQUEST_TIMEOUT, f"no more of the request body came for {timeout:g} s"
+                ) from None
             if message["type"] == "http.disconnect":
                 raise ClientGone
             chunk = message.get("body", b"")

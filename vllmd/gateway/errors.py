@@ -21,8 +21,9 @@ class Code(StrEnum):
     INVALID_API_KEY = "invalid_api_key"  # api_keys are set and none was presented
     NOT_FOUND = "not_found"  # no such route
     MODEL_NOT_FOUND = "model_not_found"  # no model has that name or alias
+    REQUEST_TIMEOUT = "request_timeout"  # the body stalled past gateway.client_body_timeout
     BODY_TOO_LARGE = "body_too_large"  # over gateway.max_body
-    INVALID_STATE = "invalid_state"  # the model was unloaded while the request waited
+    INVALID_STATE = "invalid_state"  # the model's state did not allow it (a bug if seen)
     INTERNAL_ERROR = "internal_error"  # a vllmd error that has no code of its own here
     START_FAILED = "start_failed"  # the engine exited or timed out while starting
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine failed the request it was sent
@@ -31,6 +32,7 @@ class Code(StrEnum):
     INSUFFICIENT_MEMORY = "insufficient_memory"
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
+    MODEL_UNLOADED = "model_unloaded"  # unloaded by an operator while the request waited
     SHUTTING_DOWN = "shutting_down"
 
 
@@ -40,6 +42,7 @@ STATUSES: dict[Code, int] = {
     Code.INVALID_API_KEY: 401,
     Code.NOT_FOUND: 404,
     Code.MODEL_NOT_FOUND: 404,
+    Code.REQUEST_TIMEOUT: 408,
     Code.BODY_TOO_LARGE: 413,
     Code.INVALID_STATE: 500,
     Code.INTERNAL_ERROR: 500,
@@ -50,6 +53,7 @@ STATUSES: dict[Code, int] = {
     Code.INSUFFICIENT_MEMORY: 503,
     Code.QUEUE_FULL: 503,
     Code.QUEUE_TIMEOUT: 503,
+    Code.MODEL_UNLOADED: 503,
     Code.SHUTTING_DOWN: 503,
 }
 

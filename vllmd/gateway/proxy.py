@@ -4,9 +4,12 @@ Knows an engine only as an `Upstream` (its pooled transport) and a model name fo
 and messages: no supervisor, no leases, no queues. The gateway acquires the instance and
 watches the client's disconnect; this module moves the bytes.
 
-Bytes are relayed unbuffered when the engine streams (SSE) and read whole otherwise, so a
-plain answer carries an exact `content-length`. An engine failure becomes a 502
-`engine_unavailable` while no header is sent yet, and one final SSE error event after that.
+Bytes are relayed unbuffered when the engine streams (SSE). Otherwise an answer of up to
+MAX_BUFFERED bytes is read whole, so it carries an exact `content-length` (the common case);
+a larger one is passed through as it arrives (with the engine's `content-length` if it sent
+one, else chunked), so the daemon never holds more of it than that. An engine failure becomes
+a 502 `engine_unavailable` while no header is sent yet; after that, one final SSE error event
+in a stream, and a cut connection in a passed-through answer.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import json
 import time
 from collections.abc import Iterable
 
+from vllmd.engine.answers import UpstreamError, UpstreamResponse
 from vllmd.engine.api import Upstream
-from vllmd.engine.upstream import UpstreamError, UpstreamResponse
 from vllmd.gateway.errors import Code, gateway_error
 from vllmd.httpserver.asgi import Send
 from vllmd.metrics import Metrics
@@ -52,6 +55,8 @@ RESPONSE_DROP = frozenset(
     }
 )
 
+
+MAX_BUFFERED = 1024 * 1024  # bytes of a plain answer read whole before it is relayed
 
 # The status to count and the time to first byte (None when no byte came from the engine).
 Forwarded = tuple[int, float | None]
@@ -103,7 +108,7 @@ class Proxy:
         streaming = response.content_type().startswith(b"text/event-stream")
         if not streaming:
             try:
-                data = await response.aread()
+                data, whole = await response.abuffer(MAX_BUFFERED)
             except UpstreamError as exc:  # nothing sent yet: still a proper error answer
                 raise gateway_error(
                     Code.ENGINE_UNAVAILABLE,
@@ -111,6 +116,8 @@ class Proxy:
                 ) from None
             seconds = time.perf_counter() - sent
             self.metrics.first_byte(model, seconds)
+            if not whole:
+                return await pass_through(send, response, headers, data), seconds
             headers.append((b"content-length", str(len(data)).encode()))
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
@@ -138,6 +145,27 @@ class Proxy:
             status = 502  # what metrics and the log count: the engine failed this request
         await send({"type": "http.response.body", "body": b""})
         return status, ttfb
+
+
+async def pass_through(
+    send: Send, response: UpstreamResponse, headers: list[tuple[bytes, bytes]], first: bytes
+) -> int:
+    """Relay a plain answer too large to hold, `first` being what was read of it, the rest as
+    it arrives. Returns the status to count: 502 when the engine broke off (the answer is
+    then left unfinished: the server cuts the connection, so the client cannot take a part
+    of it for the whole)."""
+    length = next((v for k, v in response.headers if k.lower() == b"content-length"), None)
+    if length is not None:
+        headers.append((b"content-length", length))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": first, "more_body": True})
+    try:
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except UpstreamError:
+        return 502
+    await send({"type": "http.response.body", "body": b""})
+    return response.status_code
 
 
 def stream_error(last: bytes, model: str, exc: Exception) -> bytes:

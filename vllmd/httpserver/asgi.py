@@ -10,6 +10,8 @@ from typing import Any
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
+# vllmd's server's receive, called with a timeout (its RECEIVE_TIMEOUT extension).
+ReceiveWithin = Callable[[float], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 ERROR_TYPES = {
@@ -18,6 +20,7 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     413: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
 }
 
 

@@ -14,28 +14,19 @@ from urllib.parse import unquote
 import httptools
 import structlog
 
-from vllmd.httpserver.exchange import ON_DISCONNECT, READ_HIGH, STATUS_LINES, Exchange
+from vllmd.httpserver.closing import BodyOnly, Lingering, body_framing
+from vllmd.httpserver.exchange import (
+    ON_DISCONNECT,
+    READ_HIGH,
+    RECEIVE_TIMEOUT,
+    Exchange,
+)
+from vllmd.httpserver.plain import BAD_REQUEST, HEAD_TOO_LARGE, INTERNAL_ERROR, UNAVAILABLE
 
 if TYPE_CHECKING:
     from vllmd.httpserver.server import Server
 
 log = structlog.get_logger("vllmd.http")
-
-
-def _plain(status: int, text: str) -> bytes:
-    """A complete answer of the server's own (uvicorn's plain-text ones), closing."""
-    body = text.encode()
-    return (
-        STATUS_LINES[status]
-        + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-        + b"content-length: %d\r\n\r\n%s" % (len(body), body)
-    )
-
-
-BAD_REQUEST = _plain(400, "Invalid HTTP request received.")
-HEAD_TOO_LARGE = _plain(431, "Request header fields too large.")
-UNAVAILABLE = _plain(503, "Service Unavailable")
-INTERNAL_ERROR = _plain(500, "Internal Server Error")
 
 
 class Connection(asyncio.Protocol):
@@ -63,7 +54,8 @@ class Connection(asyncio.Protocol):
         self.next_up: Exchange | None = None  # begun while the worker was still busy
         self.idle: asyncio.Future[None] | None = None  # the worker waits for a request
         self.queue: deque[Exchange] = deque()  # pipelined requests after `current`
-        self.extensions = {ON_DISCONNECT: self.on_disconnect}  # every request's, one dict
+        # Every request's, one dict.
+        self.extensions: dict[str, Any] = {ON_DISCONNECT: self.on_disconnect, RECEIVE_TIMEOUT: True}
         self._in_head = False
         self._begun = 0  # requests whose parsing began
         self._url = b""
@@ -105,18 +97,11 @@ class Connection(asyncio.Protocol):
         begun = self._begun
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No websockets, no h2c: the request is served as plain HTTP/1.1 (as uvicorn
-            # does), and the connection closes after it, the parser being past its end.
-            self.closing = True
-            self._pause_reading()
-            if self.parsing is not None:
-                self.parsing.end_body()
+        except httptools.HttpParserUpgrade as exc:
+            self._past_upgrade(data, exc.args[0])
             return
         except httptools.HttpParserError:
-            self._malformed(
-                BAD_REQUEST if self._head_size <= self.server.max_head else HEAD_TOO_LARGE
-            )
+            self._unparsable()
             return
         # A head begun in an earlier packet and still unfinished (httptools holds its bytes,
         # a header value that never ends included) is bounded too. A packet in which a head
@@ -125,6 +110,36 @@ class Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.server.max_head:
                 self._malformed(HEAD_TOO_LARGE)
+
+    def _unparsable(self) -> None:
+        self._malformed(BAD_REQUEST if self._head_size <= self.server.max_head else HEAD_TOO_LARGE)
+
+    def _past_upgrade(self, data: bytes, offset: int) -> None:
+        """A request asked for an upgrade (h2c, a websocket: neither is served), and httptools
+        took the end of its head for the end of the request, `data[offset:]` for another
+        protocol. It is served as plain HTTP/1.1 with its body, and the connection closes
+        after it (a proxy in front that took the request for a tunnel's start must not keep
+        a tunnel to vllmd open): a new parser reads the body behind a made-up head of the
+        request's own framing headers; what follows the body is not read."""
+        self.closing = True
+        exchange = self.parsing
+        framing = body_framing(self._headers)
+        if not framing or exchange is None:
+            self._pause_reading()
+            return
+        exchange.body_follows()
+        self.parser = httptools.HttpRequestParser(BodyOnly(self))
+        try:
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + data[offset:])
+        except httptools.HttpParserUpgrade:
+            pass  # a request pipelined behind the body asked for one too: not read
+        except httptools.HttpParserError:
+            self._unparsable()
+
+    def end_upgraded_body(self) -> None:
+        """The body of a request that asked for an upgrade is in (`BodyOnly`)."""
+        self.on_message_complete()
+        self._pause_reading()
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes: the client will send nothing more
@@ -275,7 +290,10 @@ class Connection(asyncio.Protocol):
         exchange.wake()  # its app may still wait in receive(): that is a disconnect now
         self.current = None
         if not exchange.keep_alive or self.closing:
-            self.close()
+            if exchange.complete:
+                self.close()
+            else:
+                self._linger()
         elif self.paused:  # the client reads slower than it asks: nothing more till it reads
             self.deferred = True
         else:
@@ -353,6 +371,20 @@ class Connection(asyncio.Protocol):
         elif self.paused and now - self.paused_at > self.server.send_timeout:
             log.info("client_too_slow", client=self.scope_base.get("client"))
             self.abort()  # the request in hand hears of it as a disconnect
+
+    def _linger(self) -> None:
+        """Close after an answer sent before its request's body was all in. Closing a socket
+        with unread bytes resets it, which can discard the answer still on its way: the
+        write side is shut instead (the client reads the answer, then the end), and what it
+        still sends is read and dropped for a moment (`Lingering`), as nginx does."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        self.closed_at = time.monotonic()  # (the sweeper's backstop: aborted after keep_alive)
+        transport.set_protocol(Lingering(self, transport))
+        transport.write_eof()
+        self.resume_reading()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

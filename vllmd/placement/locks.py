@@ -8,12 +8,15 @@ from collections import Counter
 from collections.abc import Iterable
 from types import TracebackType
 
+import anyio
+
 
 class Locks:
     def __init__(self) -> None:
         self._devices: Counter[str] = Counter()
         self._models: Counter[str] = Counter()
         self.starts = 0  # starts and wakes under way (engine.max_concurrent_starts)
+        self._released: anyio.Event | None = None  # made by the first waiter (in a task)
 
     def hold(
         self, devices: Iterable[str], models: Iterable[str] = (), *, start: bool = False
@@ -32,6 +35,12 @@ class Locks:
     def model_busy(self, name: str) -> bool:
         return name in self._models
 
+    async def released(self) -> None:
+        """Return once a hold is let go (any one)."""
+        if self._released is None:
+            self._released = anyio.Event()
+        await self._released.wait()
+
     def _take(self, hold: Hold) -> None:
         self._devices.update(hold.devices)
         self._models.update(hold.models)
@@ -43,6 +52,9 @@ class Locks:
         self._devices += Counter()  # drop the zeros
         self._models += Counter()
         self.starts -= hold.start
+        if self._released is not None:
+            self._released.set()
+            self._released = None
 
 
 class Hold:

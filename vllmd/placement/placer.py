@@ -37,6 +37,7 @@ from vllmd.placement.scheduler import (
     plan_idle,
     plan_load,
 )
+from vllmd.placement.shrink import Fitter
 from vllmd.placement.tickets import Interrupted, Ticket, settled
 
 S = InstanceState
@@ -55,6 +56,7 @@ class Placer:
         self.locks = Locks()
         self.ledger = Ledger(ctx, instances, self.meter, self.locks)
         self._evictor = Evictor(ctx, instances, self.meter, self.ledger)
+        self.fitter = Fitter(instances, self.ledger, self.locks, self._evictor)  # (reloads)
         self._queue: list[Ticket] = []
         self._launched: set[Ticket] = set()  # being carried out
         self._changed = anyio.Event()  # wakes the planning loop (which replaces it)
@@ -283,6 +285,7 @@ class Placer:
 
     async def _carry_out(self, ticket: Ticket, plan: Plan, hold: Hold) -> None:
         inst = ticket.instance
+        planned = (inst.model.devices, self.ledger.reservation(inst))  # what room is made for
         try:
             gone: set[int] = set()  # the victims' pids, which must leave the GPUs
             for ev in plan.evictions:
@@ -298,12 +301,15 @@ class Placer:
                 self._events.emit(Kind.RELEASE_UNVERIFIED, plan.model, problem=str(exc))
                 raise
             if ticket.done.is_set() or self._instances.get(inst.name) is not inst:
-                return  # cancelled meanwhile (an unload) or replaced (its config changed)
+                return  # cancelled meanwhile (an unload, a removal)
+            if (inst.model.devices, self.ledger.reservation(inst)) != planned:
+                self._finish(ticket, Interrupted())  # a reload changed its config meanwhile:
+                return  # its waiters plan it again, for the new one
             before = inst.transitions
             inst.want_up(self.ledger.launch(inst))
             await inst.until(partial(settled, inst, before))
             if inst.state is S.READY:
-                await self._measure(inst)
+                await self.ledger.measure(inst)  # the larger of it and the reservation is held
                 self._finish(ticket)
             elif inst.state is S.STOPPED and inst.memory_refused and not self._closing:
                 if (gave_up := ticket.refusal()) is not None:
@@ -324,10 +330,6 @@ class Placer:
             self._launched.discard(ticket)
             hold.release()
             self.kick()
-
-    async def _measure(self, inst: Instance) -> None:
-        """Record the engine's real footprint; the larger of it and the reservation is held."""
-        await self.ledger.measure(inst)
 
     def _finish(self, ticket: Ticket, error: VllmdError | None = None) -> None:
         if ticket in self._queue:

@@ -193,7 +193,7 @@ def plan_idle(snap: Snapshot, idle_ttl: Mapping[str, float], sleep_ttl: float) -
             and ttl > 0
             and snap.now - max(m.last_used, m.active_since or 0) >= ttl
         ):
-            level = _sleep_level(snap, m, host_free)
+            level = sleep_level_of(snap, m, host_free)
             if level:
                 host_free -= m.host_bytes if level == 1 else 0
                 out.append(Eviction(m.name, "sleep", "idle", _frees(m, sleep=True), level))
@@ -322,7 +322,7 @@ def _actions(
     host_free = snap.host_memory_free
     sleeping: dict[str, int] = {}  # victim -> sleep level
     for v in victims:
-        level = _sleep_level(snap, v, host_free)
+        level = sleep_level_of(snap, v, host_free)
         if not level:
             continue
 
@@ -346,7 +346,8 @@ def _actions(
     return tuple(out)
 
 
-def _sleep_level(snap: Snapshot, m: ModelView, host_free: int) -> int:
+def sleep_level_of(snap: Snapshot, m: ModelView, host_free: int) -> int:
+    """The level `m` would be put to sleep at now (0: it would be stopped), host RAM allowing."""
     if snap.evict_to != "sleep" or m.sleep_level == 0 or m.state is not S.READY:
         return 0
     if m.sleep_level == 1 and m.host_bytes <= host_free:

@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from vllmd.config import Config, ModelConfig
 from vllmd.context import Context
 from vllmd.devices import DeviceSnapshot
-from vllmd.errors import InvalidState, ModelNotFound, StartFailed, VllmdError
+from vllmd.errors import InvalidState, ModelNotFound, ModelUnloaded, VllmdError
 from vllmd.events import Kind
 from vllmd.instance.instance import Instance
 from vllmd.instance.states import RUNNING, InstanceState
@@ -28,6 +28,7 @@ from vllmd.instance.status import ModelStatus
 from vllmd.overrides import Overrides
 from vllmd.placement.ledger import DeviceAccount
 from vllmd.placement.placer import Placer
+from vllmd.placement.shrink import shrunk_budgets
 from vllmd.store.records import HostMeasured, Overhead
 from vllmd.supervisor.admission import Admission
 
@@ -139,33 +140,40 @@ class Supervisor:
             await instance.run()
 
     async def add(self, model: ModelConfig) -> Instance:
-        """Add a model to the running daemon, or replace a changed one (stopped first: its
-        next request starts it as configured now). An unchanged model is left as it is."""
-        old = self._instances.get(model.name)
+        """Add a model to the running daemon, or give a changed one its new config: its engine
+        (if any) is stopped first, and its next start uses the config as it is now. The
+        instance is kept, so the requests waiting for it go to that start (a new instance
+        would leave them waiting on one no longer served). An unchanged model is left as
+        it is."""
+        instance = self._instances.get(model.name)
         engine = self._ctx.config.engine
-        if old is not None:
-            if old.model == model and old.engine == engine:
-                return old
-            await self._stop(old)
-            self._placer.cancel(
-                old, StartFailed(f"model {model.name}'s config changed while it loaded: retry")
-            )
-            self._actors.pop(model.name).cancel()
-        instance = Instance(model, self._ctx)
-        self._instances[model.name] = instance
-        self._index()
-        self._placer.attach(instance)
-        self._start_actor(instance)
+        replaced = instance is not None
+        if instance is not None:
+            if instance.model == model and instance.engine == engine:
+                return instance
+            await instance.replace(model, engine)
+            self._index()  # (its served names may have changed with it)
+        else:
+            instance = Instance(model, self._ctx)
+            self._instances[model.name] = instance
+            self._index()
+            self._placer.attach(instance)
+            self._start_actor(instance)
         # Its checkpoint sized anew (in a thread); a host-RAM figure for other weights forgotten.
         assert self._tg is not None
         self._tg.start_soon(self._ledger.host.replaced, instance, name=f"size {model.name}")
-        self._ctx.events.emit(Kind.MODEL_ADDED, model.name, replaced=old is not None)
+        self._ctx.events.emit(Kind.MODEL_ADDED, model.name, replaced=replaced)
         return instance
 
     async def apply(self, config: Config, plan: ReloadPlan) -> None:
         """Carry out a reload's plan (`config.diff.plan_reload`): removed models stop and go,
-        engine-changing ones are replaced (and started again if they were running), the
-        rest take their new settings in place, new ones appear (loaded if `preload`)."""
+        engine-changing ones are stopped and take their new config (started again if they
+        were running, or for the requests waiting), the rest take their new settings in
+        place, new ones appear (loaded if `preload`). A device the reload shrinks is then
+        evicted on until it fits (placement/shrink.py); where its pinned models would not
+        fit, ConfigError is raised before anything changes."""
+        old, overrides = self._ctx.config, self._ctx.overrides
+        shrunk = shrunk_budgets(old, config, plan.restart, self._instances, self._ledger, overrides)
         running = {n for n, i in self._instances.items() if i.state in RUNNING}
         self._ctx.use_config(config)
         self._ctx.overrides.reconcile(config.models)
@@ -182,6 +190,7 @@ class Supervisor:
             if name in running or instance.model.preload:
                 self._tg.start_soon(self._load_quietly, instance)
         self._placer.kick()
+        await self._placer.fitter.fit(shrunk)
 
     async def _remove(self, instance: Instance) -> None:
         name = instance.name
@@ -189,6 +198,7 @@ class Supervisor:
         await self._stop(instance)
         self._actors.pop(name).cancel()
         del self._instances[name]
+        instance.output.close(f"model {name} was removed by a reload")  # `logs -f` ends
         self._ctx.overrides.forget(name)
         self._ctx.events.emit(Kind.MODEL_REMOVED, name)
 
@@ -243,6 +253,8 @@ class Supervisor:
         if self._pinned(instance):
             raise InvalidState(f"model {name} is pinned: unpin first (`vllmctl unpin {name}`)")
         self._ctx.overrides.clear_loaded(instance.name)
+        # Its waiters are told at once, 503 with Retry-After: nothing is wrong with the model.
+        self._placer.cancel(instance, ModelUnloaded(f"model {name} was unloaded while it loaded"))
         return self._placer.evict(instance, "stop")
 
     def sleep(self, instance: Instance) -> Awaitable[None]:

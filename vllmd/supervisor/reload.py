@@ -74,5 +74,6 @@ class Reloader:
                 removed=list(plan.removed),
                 restarted=list(plan.restart),
                 live=list(plan.live),
+                keys=list(plan.keys),  # key paths only: api_keys and env hold secrets
             )
             return plan
