@@ -6,8 +6,10 @@ its own plain answers (400, 431, 500, 503) and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +18,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from tests.integration.harness import eventually
 from vllmd.httpserver.asgi import Message, Receive, Scope, Send
 from vllmd.httpserver.connection import Connection
 from vllmd.httpserver.exchange import ON_DISCONNECT
@@ -569,3 +572,26 @@ async def test_an_app_cancelled_after_its_answer_leaves_the_next_request_served(
                 while not answer.endswith(b"GET /next  "):
                     answer += await stream.receive()
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    """Regression: each connection left a reference cycle (its parser's callbacks, its
+    extensions' bound method, its last request) that only a full collection freed: the
+    daemon's RSS grew with the connections it had served (bench/rss_bursts.py)."""
+    gc.collect()
+    gc.disable()
+    try:
+        async with serving(App()) as (port, server):
+            refs: list[weakref.ref[Connection]] = []
+            for n in range(20):
+                async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                    await stream.send(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+                    assert (await stream.receive()).startswith(b"HTTP/1.1 200 OK")
+                    refs += [weakref.ref(conn) for conn in server.connections]
+            await eventually(lambda: not server.connections, timeout=5)
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            alive = sum(ref() is not None for ref in refs)
+    finally:
+        gc.enable()
+    assert len(refs) == 20 and alive == 0

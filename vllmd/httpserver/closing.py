@@ -4,7 +4,8 @@
 head and takes what follows for another protocol; the connection serves it as plain HTTP/1.1
 with its body instead, by feeding a new parser a made-up head of the request's own framing
 headers, then the rest. This hears that parser: the body goes to the connection, the made-up
-head and anything after the body to no one.
+head and anything after the body to no one. The connection closes after that request: a
+proxy in front that took it for a tunnel's start must keep no tunnel to vllmd open.
 
 `Lingering`: the transport's protocol once an answer went out before its request's body was
 all in and the write side is shut: what the client still sends is dropped, up to LINGER_BYTES
@@ -48,6 +49,18 @@ class BodyOnly:
         if not self.done:
             self.done = True
             self.conn.end_upgraded_body()
+
+
+def linger(conn: Connection, transport: asyncio.Transport) -> bool:
+    """Close after an answer sent before its request's body was all in. Closing a socket
+    with unread bytes resets it, which can discard the answer still on its way: the write
+    side is shut instead (the client reads the answer, then the end), and what it still sends
+    is dropped for a moment (`Lingering`). False where that cannot be done: close it."""
+    if transport.is_closing() or not transport.can_write_eof():
+        return False
+    transport.set_protocol(Lingering(conn, transport))
+    transport.write_eof()
+    return True
 
 
 class Lingering(asyncio.Protocol):

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import httptools
 import structlog
 
-from vllmd.httpserver.closing import BodyOnly, Lingering, body_framing
+from vllmd.httpserver.closing import BodyOnly, body_framing, linger
 from vllmd.httpserver.exchange import (
     ON_DISCONNECT,
     READ_HIGH,
@@ -92,6 +92,17 @@ class Connection(asyncio.Protocol):
         if self.idle is not None and not self.idle.done():
             self.idle.set_result(None)  # the worker ends
         self._drained()
+        if self.worker is None:
+            self._release()
+
+    def _release(self) -> None:
+        """Lost, and no app runs for it: let go of what refers back to it (the parser, the
+        extensions, the transport, its last request), so it is freed at once, not by the
+        cycle collector's rare full passes (the daemon's RSS grew: bench/rss_bursts.py)."""
+        del self.parser
+        self.extensions.clear()
+        self.transport = None
+        self.parsing = self.current = self.next_up = None
 
     def data_received(self, data: bytes) -> None:
         begun = self._begun
@@ -115,12 +126,9 @@ class Connection(asyncio.Protocol):
         self._malformed(BAD_REQUEST if self._head_size <= self.server.max_head else HEAD_TOO_LARGE)
 
     def _past_upgrade(self, data: bytes, offset: int) -> None:
-        """A request asked for an upgrade (h2c, a websocket: neither is served), and httptools
-        took the end of its head for the end of the request, `data[offset:]` for another
-        protocol. It is served as plain HTTP/1.1 with its body, and the connection closes
-        after it (a proxy in front that took the request for a tunnel's start must not keep
-        a tunnel to vllmd open): a new parser reads the body behind a made-up head of the
-        request's own framing headers; what follows the body is not read."""
+        """A request asked for an upgrade (h2c, a websocket: neither is served): httptools took
+        `data[offset:]` for another protocol. It is served as plain HTTP/1.1 with its body,
+        then the connection closes (vllmd.httpserver.closing says how and why)."""
         self.closing = True
         exchange = self.parsing
         framing = body_framing(self._headers)
@@ -257,6 +265,8 @@ class Connection(asyncio.Protocol):
             self.worker = self.idle = None
             if self.next_up is not None and not self.lost:
                 self.abort()  # (the server's shutdown) a request begun that no app will answer
+            if self.lost:
+                self._release()
 
     async def _run(self, exchange: Exchange) -> None:
         try:
@@ -373,17 +383,11 @@ class Connection(asyncio.Protocol):
             self.abort()  # the request in hand hears of it as a disconnect
 
     def _linger(self) -> None:
-        """Close after an answer sent before its request's body was all in. Closing a socket
-        with unread bytes resets it, which can discard the answer still on its way: the
-        write side is shut instead (the client reads the answer, then the end), and what it
-        still sends is read and dropped for a moment (`Lingering`), as nginx does."""
-        transport = self.transport
-        if transport is None or transport.is_closing() or not transport.can_write_eof():
+        """Close after an answer sent before its request's body was all in (`linger`)."""
+        if self.transport is None or not linger(self, self.transport):
             self.close()
             return
         self.closed_at = time.monotonic()  # (the sweeper's backstop: aborted after keep_alive)
-        transport.set_protocol(Lingering(self, transport))
-        transport.write_eof()
         self.resume_reading()
 
     def close(self) -> None:

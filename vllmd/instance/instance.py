@@ -115,8 +115,7 @@ class Instance:
         config is in place. The instance stays, so its waiting requests go to the next start;
         a start asked but not begun stops before it spawns (`_run_engine`)."""
         self._replacement = (model, engine)
-        if not (self.state is S.STOPPED and self._want == "up"):
-            self.want_down()  # (FAILED -> STOPPED at once, which adopts it)
+        self.want_down()  # (FAILED -> STOPPED at once, which adopts it)
 
         def over() -> bool:  # adopted on the way to STOPPED (`transition`), or nothing runs
             return self._replacement is None or (self.state is S.STOPPED and not self._keep)
@@ -252,9 +251,12 @@ class Instance:
         else wait out the backoff delay (the loop then starts it again)."""
         if self.state is not S.BACKOFF:  # a failed start: counted only now
             self._enter_backoff(end.value)
-        if not self._keep:  # unloaded meanwhile: stopped, not failed nor restarted
+        if not self._keep or self._replacement is not None:
+            # Unloaded meanwhile, or its config replaced by a reload (an old config's failure
+            # says nothing of the new one): stopped, not failed nor restarted.
+            self._want = "down"
             self._recovery.settled()
-            self.transition(S.STOPPED)  # BACKOFF -> STOPPED
+            self.transition(S.STOPPED)  # BACKOFF -> STOPPED (which adopts a replacement)
             return
         if self._recovery.give_up:
             self._want = "down"

@@ -43,6 +43,7 @@ from vllmd.placement.tickets import Interrupted, Ticket, settled
 S = InstanceState
 log = structlog.get_logger("vllmd.placer")
 DEVICE_REFRESH = 5.0
+Room = tuple[tuple[str, ...], int]  # what room a start's plan makes: its devices, bytes on each
 HEARTBEAT = 1.0  # the loop runs at least this often: the watchdog's sign of its life
 
 
@@ -112,11 +113,9 @@ class Placer:
                 await self._tick.wait()
             if instance.state is not S.READY:
                 raise InvalidState(f"model {name} is {instance.state}: only a ready model sleeps")
-        else:
-            self.cancel(instance, InvalidState(f"model {name} was unloaded while it loaded"))
-            if instance.state in (S.STOPPED, S.FAILED):
-                instance.want_down()  # nothing runs: a failed model becomes stopped
-                return
+        elif instance.state in (S.STOPPED, S.FAILED):  # (its waiters were told: supervisor)
+            instance.want_down()  # nothing runs: a failed model becomes stopped
+            return
         ev = manual_eviction(self.ledger.view(instance), action)
         with self.locks.hold(instance.model.devices if action == "sleep" else (), [name]):
             await self._evictor.evict(ev)
@@ -281,11 +280,12 @@ class Placer:
         self._launched.add(ticket)
         models = {ticket.instance.name, *(ev.model for ev in plan.evictions)}
         hold = self.locks.hold(devices, models, start=plan.kind in ("start", "wake"))
-        self._tg.start_soon(self._carry_out, ticket, plan, hold)
-
-    async def _carry_out(self, ticket: Ticket, plan: Plan, hold: Hold) -> None:
         inst = ticket.instance
         planned = (inst.model.devices, self.ledger.reservation(inst))  # what room is made for
+        self._tg.start_soon(self._carry_out, ticket, plan, hold, planned)
+
+    async def _carry_out(self, ticket: Ticket, plan: Plan, hold: Hold, planned: Room) -> None:
+        inst = ticket.instance
         try:
             gone: set[int] = set()  # the victims' pids, which must leave the GPUs
             for ev in plan.evictions:

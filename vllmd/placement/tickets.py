@@ -48,8 +48,8 @@ class Ticket:
 
 
 def settled(inst: Instance, before: int) -> bool:
-    """A start or wake is over: ready, or not (a failed wake restarting via STOPPED is not)."""
-    return inst.transitions != before and (
-        inst.state in (S.READY, S.BACKOFF, S.FAILED)
-        or (inst.state is S.STOPPED and not inst.wanted_up)
-    )
+    """A start or wake is over: ready, or not (a failed wake restarting via STOPPED is not).
+    A stop asked before the start began (no transition at all) is over too."""
+    if inst.state is S.STOPPED and not inst.wanted_up:
+        return True
+    return inst.transitions != before and inst.state in (S.READY, S.BACKOFF, S.FAILED)
