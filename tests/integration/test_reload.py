@@ -9,61 +9,26 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 
-from tests.integration.harness import FAKE_ENGINE, client, running
+from tests.integration.harness import client, control, fake_model, running, write_fake_config
 from vllmd.config import load_config
-from vllmd.daemon import Running
 
 pytestmark = pytest.mark.anyio
 VLLMCTL = [sys.executable, "-m", "vllmd.cli.vllmctl"]
 
 
 def _write(tmp_path: Path, models: str, listen: str = "127.0.0.1:0") -> Path:
+    gateway, engine = 'queue_timeout = "20s"', 'drain_timeout = "1s"'
     path = tmp_path / "vllmd.toml"
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "state"
-control_socket = "ctl.sock"
-[gateway]
-listen = "{listen}"
-queue_timeout = "20s"
-[engine]
-command = ["{sys.executable}", "{FAKE_ENGINE}"]
-model_flag = "--model"
-stop_timeout = "3s"
-drain_timeout = "1s"
-[devices.cpu0]
-kind = "cpu"
-memory = "64GiB"
-{models}
-"""
-    )
-    return path
+    return write_fake_config(path, models, gateway=gateway, engine=engine, listen=listen)
 
 
 def _model(name: str, extra: str = "") -> str:
-    return f"""
-[models.{name}]
-model = "fake/{name}"
-devices = ["cpu0"]
-memory = "3GiB"
-{extra}
-"""
-
-
-@asynccontextmanager
-async def control(run: Running) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
-    async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=30) as http:
-        yield http
+    return fake_model(name, extra, cpus=None)
 
 
 def _req(model: str) -> dict[str, object]:

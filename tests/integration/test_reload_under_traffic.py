@@ -5,17 +5,21 @@ and otherwise evicts until every device fits (issue 21, items 3, 4 and 5)."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from tests.integration.harness import FAKE_ENGINE, client, eventually, running
+from tests.integration.harness import (
+    client,
+    control,
+    eventually,
+    fake_model,
+    running,
+    write_fake_config,
+)
 from vllmd.config import load_config
 from vllmd.daemon import Running
 from vllmd.events import Kind
@@ -24,49 +28,23 @@ from vllmd.instance.states import InstanceState as S
 pytestmark = pytest.mark.anyio
 
 
-def _write(path: Path, models: str, *, cpu_memory: str = "64GiB", extra: str = "") -> Path:
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "state"
-control_socket = "ctl.sock"
-[gateway]
-listen = "127.0.0.1:0"
-queue_timeout = "20s"
-[engine]
-command = ["{sys.executable}", "{FAKE_ENGINE}"]
-model_flag = "--model"
-stop_timeout = "3s"
-drain_timeout = "1s"
-health_interval = "200ms"
-[scheduler]
-min_residency = "0s"
-{extra}
-[devices.cpu0]
-kind = "cpu"
-memory = "{cpu_memory}"
-{models}
-"""
+def _write(path: Path, models: str, *, cpu_memory: str = "64GiB") -> Path:
+    return write_fake_config(
+        path,
+        models,
+        gateway='queue_timeout = "20s"',
+        engine='drain_timeout = "1s"\nhealth_interval = "200ms"',
+        sections='[scheduler]\nmin_residency = "0s"',
+        cpu_memory=cpu_memory,
     )
-    return path
 
 
 def _model(name: str, extra: str = "") -> str:
-    return f"""
-[models.{name}]
-model = "fake/{name}"
-devices = ["cpu0"]
-memory = "3GiB"
-cpus = 0
-{extra}
-"""
+    return fake_model(name, extra)
 
 
-@asynccontextmanager
-async def _control(run: Running) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
-    async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=60) as http:
-        yield http
+def _control(run: Running) -> httpx.AsyncClient:
+    return control(run, timeout=60)
 
 
 def _req(model: str, max_tokens: int = 2) -> dict[str, object]:

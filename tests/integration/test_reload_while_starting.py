@@ -5,7 +5,6 @@ start with the new one, none failed 502 `start_failed` (issue 21, item 3)."""
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +12,14 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.harness import FAKE_ENGINE, client, eventually, running
+from tests.integration.harness import (
+    client,
+    control,
+    eventually,
+    fake_model,
+    running,
+    write_fake_config,
+)
 from vllmd.config import load_config
 from vllmd.instance.states import InstanceState as S
 
@@ -21,30 +27,10 @@ pytestmark = pytest.mark.anyio
 
 
 def _write(path: Path, argv_file: Path, args: str, delay: str = "2") -> None:
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "state"
-control_socket = "ctl.sock"
-[gateway]
-listen = "127.0.0.1:0"
-queue_timeout = "30s"
-[engine]
-command = ["{sys.executable}", "{FAKE_ENGINE}"]
-model_flag = "--model"
-stop_timeout = "3s"
-health_interval = "200ms"
-[devices.cpu0]
-kind = "cpu"
-memory = "64GiB"
-[models.m]
-model = "fake/m"
-devices = ["cpu0"]
-memory = "3GiB"
-cpus = 0
-args = {args}
-env = {{ FAKE_STARTUP_DELAY = "{delay}", FAKE_ARGV_FILE = "{argv_file}" }}
-"""
+    env = f'env = {{ FAKE_STARTUP_DELAY = "{delay}", FAKE_ARGV_FILE = "{argv_file}" }}'
+    model = fake_model("m", f"args = {args}\n{env}")
+    write_fake_config(
+        path, model, gateway='queue_timeout = "30s"', engine='health_interval = "200ms"'
     )
 
 
@@ -58,8 +44,7 @@ async def test_a_reload_during_a_lazy_load_carries_its_waiters_to_the_new_start(
     answers: list[httpx.Response] = []
     async with running(load_config(path)) as run:
         m = run.supervisor.get("m")
-        transport = httpx.AsyncHTTPTransport(uds=str(run.control_socket))
-        ctl = httpx.AsyncClient(transport=transport, base_url="http://x", timeout=60)
+        ctl = control(run, timeout=60)
 
         async def call(http: httpx.AsyncClient) -> None:
             body = {"model": "m", "prompt": "x", "max_tokens": 2}

@@ -11,8 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.integration.harness import client, eventually, fake_config, running
-from tests.integration.test_control_api import control
+from tests.integration.harness import client, control, eventually, fake_config, running
 from vllmd.events import Kind
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ the tests' httpx path both give one)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 
@@ -56,6 +56,20 @@ def content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
 UNBOUNDED = 1 << 62
 
 
+async def buffer(
+    next_chunk: Callable[[], Awaitable[bytes | None]], limit: int
+) -> tuple[bytes, bool]:
+    """`UpstreamResponse.abuffer` over `next_chunk()` (None at the end of the body)."""
+    chunks = []
+    size = 0
+    while (data := await next_chunk()) is not None:
+        chunks.append(data)
+        size += len(data)
+        if size > limit:
+            return b"".join(chunks), False
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks), True
+
+
 class Source(Protocol):
     """Where a pooled answer's body comes from: one of the pool's connections."""
 
@@ -93,14 +107,7 @@ class Response:
         data = conn.whole()  # no wait for an answer read whole already (at most HIGH_WATER)
         if data is not None:
             return data, True
-        chunks = []
-        size = 0
-        while (data := await conn.chunk()) is not None:
-            chunks.append(data)
-            size += len(data)
-            if size > limit:
-                return b"".join(chunks), False
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks), True
+        return await buffer(conn.chunk, limit)
 
     async def aclose(self) -> None:
         self.close()

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from vllmd.config import EngineConfig
 from vllmd.engine.answers import (
+    UNBOUNDED,
     ConnectError,
     ConnectTimeout,
     ReadError,
     RemoteProtocolError,
     UpstreamError,
     UpstreamResponse,
+    buffer,
     content_type,
 )
 from vllmd.engine.argv import EngineAddress
@@ -203,17 +205,10 @@ class _HttpxResponse:
         return chunk
 
     async def aread(self) -> bytes:
-        return (await self.abuffer(1 << 62))[0]
+        return (await self.abuffer(UNBOUNDED))[0]
 
     async def abuffer(self, limit: int) -> tuple[bytes, bool]:
-        chunks = []
-        size = 0
-        while (chunk := await self._next()) is not None:
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return b"".join(chunks), False
-        return b"".join(chunks), True
+        return await buffer(self._next, limit)
 
     async def aclose(self) -> None:
         await self._response.aclose()
