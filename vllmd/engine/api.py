@@ -218,6 +218,9 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+_CLOSE = {"connection": "close"}
+
+
 class EngineAPI:
     """Calls on one engine's control and probe routes. Probes answer a bool; the others
     raise `EngineUnavailable` (httpx's errors are translated here, and nowhere else)."""
@@ -240,11 +243,13 @@ class EngineAPI:
         return response
 
     async def healthy(self, timeout: float = 2.0) -> bool:
-        """True when GET /health answers 200; refused connections (still starting) are False."""
+        """True when GET /health answers 200; refused connections (still starting) are False.
+        Each check is on a connection of its own (`connection: close`): a kept one would pass
+        while no new one can be made (its socket removed), which the proxy's pool needs."""
         import httpx
 
         try:
-            response = await self.client.get("/health", timeout=timeout)
+            response = await self.client.get("/health", timeout=timeout, headers=_CLOSE)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
