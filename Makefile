@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: dev demo-models run test test-fast lint clean system-tools install bench bench-tools \
-	gpu-swaps bench-cores bench-rss
+	gpu-swaps bench-cores bench-rss soak chaos fuzz
 
 dev: $(VENV)/.dev-done system-tools
 
@@ -94,6 +94,14 @@ bench-cores: dev demo-models
 BENCH_RSS_ARGS ?=
 bench-rss: $(VENV)/.bench-done bench-tools
 	$(PY) bench/rss_bursts.py $(BENCH_RSS_ARGS)
+
+# `make chaos`: faults at random (seeded) under client traffic: engines SIGKILLed and SIGSTOPped,
+# the daemon SIGKILLed mid-load, mid-eviction and mid-write, then restarted. Fails on any
+# orphan, zombie, bad state store or unanswered client. ~2-3 minutes, loopback only.
+# CHAOS_ARGS="--rounds 40 --seed 7 --keep" etc.
+CHAOS_ARGS ?=
+chaos: $(VENV)/.bench-done
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check vllmd tests bench tools
