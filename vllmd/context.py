@@ -13,6 +13,7 @@ from vllmd.engine.process import RuntimeOptions, Spawner
 from vllmd.engine.version import EngineVersions
 from vllmd.events import EventBus
 from vllmd.overrides import Overrides
+from vllmd.store.runs import new_run
 
 
 class Context:
@@ -27,6 +28,7 @@ class Context:
         base_env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         versions: EngineVersions | None = None,
+        run: str = "",
     ) -> None:
         self._config = config
         self.events = events
@@ -36,6 +38,9 @@ class Context:
         self.base_env = base_env
         self.clock = clock
         self.versions = versions or EngineVersions()  # each engine command's vLLM version
+        # This run's id, listed in the state dir before any engine is spawned: every engine's
+        # marker names it, so a later run's crash recovery finds all the engine's processes.
+        self.run = run or new_run()
         self.overrides = Overrides()  # what operators changed at run time, over the config
 
     @property

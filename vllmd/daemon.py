@@ -144,8 +144,11 @@ async def serve(
         async with anyio.create_task_group() as tg:
             await tg.start(reaper.run)
             await tg.start(store.run, parts.events, parts.ctx.overrides)
-            # A previous run's engines that outlived it go before anything is scheduled.
-            await store.forget_engines(await recover(store.engines, parts.ctx.probe, parts.events))
+            # A previous run's engines that outlived it go before anything is scheduled: those
+            # recorded, and any process marked by an earlier run of this state dir.
+            earlier = store.runs.on_this_boot()
+            done = await recover(store.engines, parts.ctx.probe, parts.events, earlier)
+            await store.forget_engines(done)
             await tg.start(supervisor.run)
             await tg.start(run_lag_monitor, parts.metrics)
             await tg.start(parts.alerts.run)

@@ -83,6 +83,7 @@ def build(config: Config, seams: Seams, runtime_dir: Path) -> Parts:
         base_env=seams.base_env,
         clock=seams.clock,
         versions=EngineVersions(seams.engine_version),
+        run=store.runs.current,
     )
     supervisor = Supervisor(ctx)
     metrics.count_events(events)

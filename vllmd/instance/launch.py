@@ -3,7 +3,6 @@ spawn of its session."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from vllmd.engine.process import MARKER_ENV
 from vllmd.engine.version import EngineKey, EngineVersions, GpuNaming, engine_key
 from vllmd.errors import ConfigError
 from vllmd.instance.session import Session, discard_address
+from vllmd.store.runs import engine_marker
 from vllmd.weights import weights_bytes
 
 
@@ -70,9 +70,11 @@ async def prepare(
     runtime_dir: Path,
     log: structlog.typing.FilteringBoundLogger,
     versions: EngineVersions,
+    run: str,
 ) -> tuple[Launch, EngineAddress]:
-    """A fresh address and the launch of one engine on `placement` (raises ConfigError when
-    the config cannot launch; the address is then gone)."""
+    """A fresh address and the launch of one engine on `placement`, its marker naming this
+    daemon's `run` (raises ConfigError when the config cannot launch; the address is then
+    gone)."""
     if model.memory_auto and model.memory <= 0:  # (the placer refuses such a model first)
         raise ConfigError([unsized_message(model)])
     gpu_names = await naming(model, engine, placement, base_env, versions, log)
@@ -90,7 +92,7 @@ async def prepare(
     except BaseException:
         discard_address(address)
         raise
-    env = {**launch.env, MARKER_ENV: f"{model.name}-{secrets.token_hex(6)}"}
+    env = {**launch.env, MARKER_ENV: engine_marker(run, model.name)}
     return Launch(argv=launch.argv, env=env, sleep_mode=launch.sleep_mode), address
 
 
@@ -107,7 +109,7 @@ async def spawn(
     `prepare` and `Session.spawn` do."""
     options = ctx.options
     launch, address = await prepare(
-        model, engine, placement, ctx.base_env, options.runtime_dir, log, ctx.versions
+        model, engine, placement, ctx.base_env, options.runtime_dir, log, ctx.versions, ctx.run
     )
     if not wanted():
         discard_address(address)

@@ -42,7 +42,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from vllmd.events import Event, EventBus
 from vllmd.overrides import Overrides
-from vllmd.store import records, schema
+from vllmd.store import records, runs, schema
 from vllmd.store.processes import EngineProcesses, Seen
 from vllmd.store.records import Desired, EngineRecord, Row
 
@@ -87,6 +87,7 @@ class StateStore:
         self.overheads: dict[str, records.Overhead] = {}  # GPU overheads learned, likewise
         self.host_measured: dict[str, records.HostMeasured] = {}  # level-1 sleeps' host RAM
         self.read_ok = False  # whether the previous run's records could be read at all
+        self.runs = runs.Runs()  # this run's id (listed when opened) and the earlier runs
         self._live: dict[str, EngineRecord] = {}  # this run's engines, as written
         self._processes = EngineProcesses()  # theirs beside the leader, as the daemon saw them
         self._rewrite = False  # a new file replaced a corrupt one: write everything again
@@ -114,7 +115,7 @@ class StateStore:
             await anyio.to_thread.run_sync(self._open, limiter=self._write_lock)
         except (OSError, sqlite3.Error) as exc:
             self._fail(f"cannot open {self.path}: {exc}")
-            self._ids = itertools.count(_clock_id()).__next__
+            self._ids = itertools.count(records.clock_id()).__next__
             try:
                 await anyio.to_thread.run_sync(self._read_only, limiter=self._read_lock)
             except (OSError, sqlite3.Error) as again:
@@ -127,13 +128,14 @@ class StateStore:
         self._writer, fresh = schema.connect(self.path, max_pages=self._max_pages)
         if fresh:  # the old file (and its ids) moved aside as corrupt
             self._problem_at = self._clock()
-        first = records.reserve_ids(self._writer, RESERVE, _clock_id() if fresh else 0)
+        first = records.reserve_ids(self._writer, RESERVE, records.clock_id() if fresh else 0)
         self._floor = first + RESERVE
         self._ids = itertools.count(first).__next__
         self.engines = records.engines(self._writer)
         self.desired = records.desired(self._writer)
         self.overheads = records.overheads(self._writer)
         self.host_measured = records.host_measured(self._writer)
+        self.runs.begin(self._writer)  # before any engine of this run is spawned
         self.read_ok = True
         with contextlib.suppress(sqlite3.Error):  # tried again within the hour
             self._prune()
@@ -145,6 +147,7 @@ class StateStore:
             self.desired = records.desired(conn)
             self.overheads = records.overheads(conn)
             self.host_measured = records.host_measured(conn)
+            self.runs.read(conn)
             self.read_ok = True
         finally:
             conn.close()
@@ -276,6 +279,8 @@ class StateStore:
                 aside = schema.move_aside(self.path)
                 log.error("state_db_corrupt", path=str(self.path), moved_to=str(aside))
             raise
+        if self._rewrite:
+            self.runs.keep(self._writer)
         self._rewrite = False
         self._floor = floor or self._floor
         for model, record in engines.items():
@@ -392,8 +397,3 @@ class StateStore:
         except sqlite3.Error:
             self._reader_stale = True
             raise
-
-
-def _clock_id() -> int:
-    """Where ids go on when the stored ones are lost: unix milliseconds (above any stored)."""
-    return int(time.time() * 1000)

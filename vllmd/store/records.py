@@ -125,6 +125,11 @@ def _set_floor(conn: sqlite3.Connection, floor: int) -> None:
     )
 
 
+def clock_id() -> int:
+    """Where ids go on when the stored ones are lost: unix milliseconds (above any stored)."""
+    return int(time.time() * 1000)
+
+
 def reserve_ids(conn: sqlite3.Connection, ahead: int, at_least: int = 0) -> int:
     """The first event id this run may use: past every id stored and every id a previous run
     may have handed out unwritten (its floor), and at least `at_least`. Ids up to `ahead`

@@ -14,6 +14,13 @@ number may name another program's group: then only members that show they are th
 are killed. Beside the group, the engine's other processes the record lists (as the daemon saw
 them while the engine ran) are killed where one is alive with its recorded start time: so a
 process that left the engine's group is not left behind, and a pid reused since is not touched.
+
+Processes are also found by the marker they inherited, in any group: one that names an earlier
+run of this state dir on this boot (runs.py) is killed, a recorded engine's or not. So an engine
+whose `spawned` event was never written, and a child that left the engine's group before the
+daemon first noted it, are killed too; the current run's engines and another state dir's never
+are. A process whose environment cannot be read (vLLM's renamed processes overwrite it) is
+found by the other ways alone.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from vllmd.engine.process import MARKER_ENV, boot_id
 from vllmd.errors import DeviceError
 from vllmd.events import EventBus, Kind
 from vllmd.store.records import EngineRecord
+from vllmd.store.runs import model_of, run_of
 
 if TYPE_CHECKING:  # imported where used: recovery has work only after a crash
     import psutil
@@ -54,8 +62,14 @@ class Orphans:
     pids: Mapping[int, float]
 
 
-def find(records: Iterable[EngineRecord], boot: str, window: float = WINDOW) -> list[Orphans]:
-    """The recorded engines with processes still alive on this boot (blocking: psutil)."""
+def find(
+    records: Iterable[EngineRecord],
+    boot: str,
+    window: float = WINDOW,
+    runs: frozenset[str] = frozenset(),
+) -> list[Orphans]:
+    """The recorded engines with processes still alive on this boot, and the engines of the
+    earlier `runs` (of this boot) found by their marker alone (blocking: psutil)."""
     import psutil
 
     found = []
@@ -66,14 +80,48 @@ def find(records: Iterable[EngineRecord], boot: str, window: float = WINDOW) -> 
             if proc.info["status"] != psutil.STATUS_ZOMBIE:
                 groups.setdefault(os.getpgid(proc.pid), []).append(proc)
                 running[proc.pid] = proc.info["create_time"]
-    for record in records:
-        if record.boot_id != boot:
-            continue  # another boot: those numbers name other processes now
+    here = [r for r in records if r.boot_id == boot]  # another boot's numbers name others now
+    marked = _marked(groups, runs)
+    for record in here:
         pids = _group_members(record, groups.get(record.pgid, []), window)
         pids.update(descendants_alive(record, running))
+        pids.update(marked.pop(record.marker, {}))
         if pids:
             found.append(Orphans(record, pids))
+    found.extend(_unrecorded(marker, pids, boot) for marker, pids in marked.items())
     return found
+
+
+def _marked(
+    groups: Mapping[int, list[psutil.Process]], runs: frozenset[str]
+) -> dict[str, dict[int, float]]:
+    """The processes whose marker names one of `runs`, in any group: marker -> pid -> start
+    time. One whose environment cannot be read (vLLM's renamed processes overwrite it;
+    another user's) is not among them."""
+    import psutil
+
+    found: dict[str, dict[int, float]] = {}
+    if not runs:
+        return found
+    for members in groups.values():
+        for proc in members:
+            with contextlib.suppress(psutil.Error, OSError):
+                marker = proc.environ().get(MARKER_ENV, "")
+                if run_of(marker) in runs:
+                    found.setdefault(marker, {})[proc.pid] = proc.info["create_time"]
+    return found
+
+
+def _unrecorded(marker: str, pids: Mapping[int, float], boot: str) -> Orphans:
+    """An engine of an earlier run that no record names (its `spawned` event was never
+    written), as its processes tell it: the oldest is taken for its leader."""
+    leader = min(pids, key=lambda pid: (pids[pid], pid))
+    try:
+        pgid = os.getpgid(leader)
+    except OSError:
+        pgid = leader
+    record = EngineRecord(model_of(marker), leader, pgid, pids[leader], boot, marker=marker)
+    return Orphans(record, dict(pids))
 
 
 def _group_members(
@@ -153,15 +201,19 @@ def _alive(pid: int, created: float) -> bool:
 
 
 async def recover(
-    records: list[EngineRecord], probe: DeviceProbe, events: EventBus
+    records: list[EngineRecord],
+    probe: DeviceProbe,
+    events: EventBus,
+    runs: frozenset[str] = frozenset(),
 ) -> frozenset[str]:
-    """Kill the engines a previous run left behind and verify their device memory is free.
-    Returns the models whose records are done with: all but those with a process that
+    """Kill the engines a previous run left behind (those recorded, and any process marked by
+    one of the earlier `runs` of the state dir on this boot) and verify their device memory is
+    free. Returns the models whose records are done with: all but those with a process that
     survived SIGKILL (reported; tried again at the next start)."""
-    if not records:
+    if not records and not runs:
         return frozenset()
     stuck: set[str] = set()
-    orphans = await anyio.to_thread.run_sync(find, records, boot_id())
+    orphans = await anyio.to_thread.run_sync(find, records, boot_id(), WINDOW, runs)
     if orphans:
         survivors = await anyio.to_thread.run_sync(kill, orphans)
         killed = {p for o in orphans for p in o.pids}
