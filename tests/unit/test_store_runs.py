@@ -50,8 +50,7 @@ async def test_the_next_run_sees_the_earlier_runs_of_this_boot_never_its_own(
     tmp_path: Path,
 ) -> None:
     first = _store(tmp_path)
-    await first.open()
-    await first.drain()
+    await first.open()  # and killed: never drained
     second = _store(tmp_path)
     await second.open()
     assert second.runs.on_this_boot() == {first.runs.current}
@@ -59,6 +58,22 @@ async def test_the_next_run_sees_the_earlier_runs_of_this_boot_never_its_own(
     await third.open()
     assert third.runs.on_this_boot() == {first.runs.current, second.runs.current}
     assert third.runs.current not in third.runs.on_this_boot()
+
+
+async def test_a_run_that_stopped_cleanly_is_not_scanned_for_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """Drained and closed (every event written, its engines stopped or recorded): the next
+    start reads no process's environment for it; one killed before is still looked for."""
+    killed = _store(tmp_path)
+    await killed.open()
+    clean = _store(tmp_path)
+    await clean.open()
+    await clean.drain()
+    assert _listed(tmp_path)[-1] == [clean.runs.current, boot_id(), "ended"]
+    after = _store(tmp_path)
+    await after.open()
+    assert after.runs.on_this_boot() == {killed.runs.current}
 
 
 def test_runs_of_another_boot_are_listed_but_not_on_this_boot(tmp_path: Path) -> None:
@@ -103,8 +118,7 @@ async def test_a_database_this_run_cannot_write_still_tells_the_earlier_runs(
     tmp_path: Path,
 ) -> None:
     first = _store(tmp_path)
-    await first.open()
-    await first.drain()
+    await first.open()  # and killed
     with sqlite3.connect(tmp_path / "vllmd.db") as conn:  # now a newer vllmd's
         conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     second = _store(tmp_path)

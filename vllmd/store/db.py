@@ -329,6 +329,7 @@ class StateStore:
         if clean and self._writer is not None:  # every id handed out is written: the next
             with contextlib.suppress(sqlite3.Error):  # run goes on right after the last one
                 records.write(self._writer, [], {}, None, self._issued)
+                self.runs.end(self._writer)  # its engines are all gone or recorded
         for conn in (self._writer, self._reader):
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):

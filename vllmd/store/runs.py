@@ -1,6 +1,7 @@
 """The runs of a state dir (docs/design.md "Supervision"): each start of the daemon is a run with
 an id of its own, written to the state database (`meta` key "runs": the last KEEP runs with
-their boot id) when the store opens, before any engine is spawned. Every engine's marker
+their boot id, and "ended" once one stopped cleanly) when the store opens, before any engine
+is spawned. Every engine's marker
 (MARKER_ENV, inherited by its whole tree) names the run that spawned it: `<run>.<model>.<token>`.
 
 After a crash, recovery kills every process of this boot whose marker names an earlier run of
@@ -58,6 +59,7 @@ def model_of(marker: str) -> str:
 class Run:
     id: str
     boot_id: str
+    ended: bool = False  # stopped cleanly: every engine gone, or recorded (nothing to scan for)
 
 
 class Runs:
@@ -84,13 +86,20 @@ class Runs:
             self._put(conn)
 
     def on_this_boot(self) -> frozenset[str]:
-        """The earlier runs of this boot: those whose engines may still be alive."""
+        """The earlier runs of this boot that did not end cleanly: those whose engines may
+        still be alive unrecorded (so a clean restart reads no process's environment)."""
         boot = boot_id()
-        return frozenset(r.id for r in self.earlier if r.boot_id == boot)
+        return frozenset(r.id for r in self.earlier if r.boot_id == boot and not r.ended)
 
-    def _put(self, conn: sqlite3.Connection) -> None:
-        runs = [*self.earlier, Run(self.current, self._boot or boot_id())][-KEEP:]
-        value = json.dumps([[r.id, r.boot_id] for r in runs])
+    def end(self, conn: sqlite3.Connection) -> None:
+        """This run stops cleanly: every event written, its engines stopped (or recorded)."""
+        with transaction(conn):
+            self._put(conn, ended=True)
+
+    def _put(self, conn: sqlite3.Connection, *, ended: bool = False) -> None:
+        now = Run(self.current, self._boot or boot_id(), ended)
+        runs = [*self.earlier, now][-KEEP:]
+        value = json.dumps([[r.id, r.boot_id, *(["ended"] if r.ended else [])] for r in runs])
         conn.execute(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (_KEY, value),
@@ -108,7 +117,7 @@ def listed(conn: sqlite3.Connection) -> list[Run]:
     if not isinstance(pairs, list):
         return []
     return [
-        Run(p[0], p[1])
+        Run(p[0], p[1], p[2:] == ["ended"])
         for p in pairs
-        if isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+        if isinstance(p, list) and len(p) in (2, 3) and all(isinstance(x, str) for x in p)
     ]
