@@ -95,6 +95,14 @@ BENCH_RSS_ARGS ?=
 bench-rss: $(VENV)/.bench-done bench-tools
 	$(PY) bench/rss_bursts.py $(BENCH_RSS_ARGS)
 
+# 1,000 streaming clients for 10 minutes through vllmd (bench/soak.py): every stream compared
+# byte for byte with what the engine sent, the daemon's RSS and open fds sampled each second.
+# Fails on any broken stream, RSS after > start + 50 MB or >= 150 MB, or fds after != start.
+# ~11 minutes. SOAK_ARGS="--clients 100 --seconds 30" etc.
+SOAK_ARGS ?=
+soak: $(VENV)/.bench-done
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
 # `make chaos`: faults at random (seeded) under client traffic: engines SIGKILLed and SIGSTOPped,
 # the daemon SIGKILLed mid-load, mid-eviction and mid-write, then restarted. Fails on any
 # orphan, zombie, bad state store or unanswered client. ~2-3 minutes, loopback only.
