@@ -50,6 +50,7 @@ class ControlConnection:
         request (head and body) must arrive within request_timeout of the connection's start
         or the previous answer: a silent client does not keep a slot."""
         idle = True
+        head = False  # a HEAD request: its answer has no body, refusals included
         try:
             with anyio.fail_after(self._request_timeout):
                 if not conn.trailing_data[0]:
@@ -60,6 +61,7 @@ class ControlConnection:
                 event = await _next_event(stream, conn)
                 if isinstance(event, h11.ConnectionClosed):
                     return False
+                head = isinstance(event, h11.Request) and event.method == b"HEAD"
                 request = await self._read_request(stream, conn, event, peer)
         except TimeoutError:
             if not idle and conn.our_state is h11.SEND_RESPONSE:
@@ -70,13 +72,13 @@ class ControlConnection:
                         "bad_request",
                         f"request not received within {self._request_timeout:g} s",
                     )
-                    await _send_reply(stream, conn, reply, close=True)
+                    await _send_reply(stream, conn, reply, close=True, head_only=head)
             return False
         except _TooLarge:
             reply = self._refuse(
                 413, "body_too_large", f"requests are at most {self._max_request} bytes"
             )
-            await _send_reply(stream, conn, reply, close=True)
+            await _send_reply(stream, conn, reply, close=True, head_only=head)
             return False
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
