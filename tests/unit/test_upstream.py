@@ -4,6 +4,8 @@ HTTP/1.1 server on a Unix socket whose every answer the test scripts."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -263,3 +265,33 @@ async def test_a_stray_answer_in_the_same_read_does_not_change_this_one(tmp_path
         assert (response.status_code, await response.aread()) == (200, b"{}")
         assert (b"x-stray", b"1") not in response.headers
         await response.aclose()
+
+
+async def test_a_connection_the_engine_closed_is_freed_without_the_cycle_collector(
+    tmp_path: Path,
+) -> None:
+    """Regression (make soak): each lost connection stayed in a cycle with its parser until
+    the collector's rare full passes freed it."""
+
+    async def once(r: asyncio.StreamReader, w: asyncio.StreamWriter, request: bytes) -> bool:
+        w.write(OK[: OK.index(b"\r\n\r\n")] + b"\r\nconnection: close\r\n\r\n{}")
+        await w.drain()
+        return False
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with engine(tmp_path, once) as (fake, pool):
+            refs = []
+            for _ in range(10):
+                response = await pool.post("/v1/completions", b"{}", [])
+                assert await response.aread() == b"{}"
+                await response.aclose()
+                refs.append(weakref.ref(response._conn))
+                del response
+            for _ in range(10):
+                await asyncio.sleep(0)
+            alive = sum(ref() is not None for ref in refs)
+    finally:
+        gc.enable()
+    assert fake.connections == 10 and alive == 0

@@ -111,6 +111,9 @@ class Connection(asyncio.Protocol):
         if not self.complete:
             what = "closed the connection" if exc is None else f"failed ({exc})"
             self._fail(ReadError(f"the engine {what} before the answer ended"))
+        # Its parser's callbacks refer back to it: freed at once, not by the cycle collector
+        # (the transport lets go of it by itself). Nothing is parsed after this.
+        del self._parser
 
     def pause_writing(self) -> None:  # the request is written at once; nothing to pause
         pass
