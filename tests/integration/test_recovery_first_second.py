@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-from tests.integration.harness import FAKE_ENGINE
+from tests.integration.harness import fake_model, write_fake_config
 from tests.integration.test_cli import _free_port
 from tests.integration.test_daemon_restart import VLLMCTL, Daemon
 from tests.integration.test_recovery_escaped import _alive, _recorded
@@ -22,31 +21,17 @@ from vllmd.engine.process import MARKER_ENV
 
 
 def _config(tmp_path: Path, port: int) -> Path:
-    path = tmp_path / "vllmd.toml"
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "state"
-control_socket = "ctl.sock"
-[gateway]
-listen = "127.0.0.1:{port}"
-[engine]
-command = ["{sys.executable}", "{FAKE_ENGINE}"]
-model_flag = "--model"
-stop_timeout = "3s"
-drain_timeout = "1s"
-[devices.cpu0]
-kind = "cpu"
-memory = "16GiB"
-[models.m]
-model = "fake/m"
-devices = ["cpu0"]
-memory = "3GiB"
-env = {{ FAKE_SPAWN_CHILDREN = "1", FAKE_PIDS_FILE = "{tmp_path / "pids"}", \
-FAKE_STARTUP_DELAY = "60" }}
-"""
+    env = (
+        f'env = {{ FAKE_SPAWN_CHILDREN = "1", FAKE_PIDS_FILE = "{tmp_path / "pids"}", '
+        'FAKE_STARTUP_DELAY = "60" }'
     )
-    return path
+    return write_fake_config(
+        tmp_path / "vllmd.toml",
+        fake_model("m", env, cpus=None),
+        engine='drain_timeout = "1s"',
+        listen=f"127.0.0.1:{port}",
+        cpu_memory="16GiB",
+    )
 
 
 def _pids(path: Path) -> dict[str, int]:
