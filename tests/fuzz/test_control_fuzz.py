@@ -381,3 +381,17 @@ async def test_head_refused_as_too_large_gets_its_413(daemon: Running) -> None:
                     pytest.fail(f"no answer to a HEAD with content-length {length!r}: {exc}")
         assert answer.status == 413, answer
     await _still_serves(daemon)
+
+
+async def test_head_with_a_malformed_body_gets_its_400(daemon: Running) -> None:
+    """Review of the fix above: the 400 for a malformed body sent its body to a HEAD request
+    too (h11 refused it, and the connection was dropped with no answer)."""
+    wire = b"HEAD /v1/status HTTP/1.1\r\nhost: vllmd\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+    with anyio.fail_after(ANSWER_TIMEOUT):
+        async with await anyio.connect_unix(str(daemon.control_socket)) as stream:
+            try:
+                answer = await exchange(stream, wire, head_only=True, eof=True)
+            except NoAnswer as exc:
+                pytest.fail(f"no answer to a HEAD with a malformed chunked body: {exc}")
+    assert answer.status == 400, answer
+    await _still_serves(daemon)

@@ -88,7 +88,7 @@ class ControlConnection:
                     413 if status == 431 else 400, code, f"malformed HTTP request: {exc}"
                 )
                 with contextlib.suppress(Exception):
-                    await _send_reply(stream, conn, reply, close=True)
+                    await _send_reply(stream, conn, reply, close=True, head_only=head)
             return False
 
         try:
